@@ -1,0 +1,49 @@
+# vitscope: `make install`, then `make demo` (offline, CPU) or the real thing on a GPU node:
+#   make download URLS=laion-part-00000.parquet   make cache LAYERS=2,5,8,11,14,17,20,22
+SHELL := /bin/bash
+PY := .venv/bin/python
+VITSCOPE := .venv/bin/vitscope
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+# CPU machines: the smallest torch/torchvision pair on local disk (see README "Install").
+# GPU nodes: make install TORCH="torch torchvision"
+TORCH ?= torch==2.13.0 torchvision==0.28.0
+URLS ?= data/urls.parquet
+SHARDS ?= data/shards
+CACHE ?= data/cache
+LAYERS ?= 2,5,8,11,14,17,20,22
+MODEL ?= ViT-L-14
+PRETRAINED ?= laion2b_s32b_b82k
+CACHE_FLAGS ?=
+
+.PHONY: install download cache demo test bench lint
+
+install: .venv/.installed
+
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	.venv/bin/pip install -q $(TORCH)
+	.venv/bin/pip install -q -e ".[dev]"
+	touch $@
+
+download: install
+	$(VITSCOPE) download --url-list $(URLS) --out $(SHARDS) --url-col URL --caption-col TEXT
+
+cache: install
+	$(VITSCOPE) cache --shards $(SHARDS) --out $(CACHE) --layers $(LAYERS) \
+		--model $(MODEL) --pretrained $(PRETRAINED) $(CACHE_FLAGS)
+	$(VITSCOPE) cache-info $(CACHE)
+
+demo: install
+	$(VITSCOPE) demo
+
+test: install
+	.venv/bin/pytest -q
+
+bench: install
+	$(PY) bench/cache_throughput.py
+	$(PY) bench/codecs.py
+
+lint: install
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .

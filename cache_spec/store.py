@@ -1,0 +1,364 @@
+"""Open, create and validate a cache; write a shard's chunks and commit it; read chunks and rows.
+
+Stage one writes only through `Cache.write_chunk` and `Cache.commit`; stage two reads only through
+`Cache.chunks`, `Cache.read_chunk` and `Cache.read_rows`. Everything a reader sees comes from
+committed shards, so a cache being written, or left half-written by a killed run, never exposes
+a row that is not whole in every layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import io
+import os
+import shutil
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import zarr
+
+from vitscope.cache_spec.codecs import compressors
+from vitscope.cache_spec.errors import CacheSpecError
+from vitscope.cache_spec.layout import (
+    ATTRS_KEY,
+    ROWS_SCHEMA,
+    SHARDS_DIR,
+    SPEC_VERSION,
+    CacheAttrs,
+    ShardCommit,
+    commit_path,
+    error_path,
+    layer_array_name,
+    read_json,
+    rows_path,
+    scale_array_name,
+    write_atomically,
+    write_json_atomically,
+)
+from vitscope.cache_spec.storage import ENCODINGS, Encoding
+
+COMPATIBLE_FIELDS = tuple(
+    f.name for f in dataclasses.fields(CacheAttrs) if f.name not in ("shards", "spec_version")
+)
+"""Settings every run writing into one cache must share (shards may grow; see `create_or_open`)."""
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """One stored chunk of committed rows: stage two's unit of reading."""
+
+    index: int
+    """Chunk index along the row axis (rows index*C .. index*C + C - 1)."""
+    first_row: int
+    n_rows: int
+    """Committed rows in the chunk; the tail chunk of a shard holds fewer than C."""
+    shard_index: int
+
+
+class Cache:
+    """A validated cache on disk."""
+
+    def __init__(self, path: Path, attrs: CacheAttrs) -> None:
+        self.path = path
+        self.attrs = attrs
+        self.encoding: Encoding = ENCODINGS[attrs.storage]
+        self._group = zarr.open_group(path, mode="r+")
+        self._arrays: dict[str, zarr.Array] = {}
+
+    # ----------------------------------------------------------------- state
+    def commits(self) -> dict[int, ShardCommit]:
+        """Committed shards by index, read afresh from disk (other writers may have committed)."""
+        found = {}
+        for index, shard in enumerate(self.attrs.shards):
+            path = commit_path(self.path, shard)
+            if path.exists():
+                found[index] = self._validated_commit(path, index, shard)
+        return found
+
+    @cached_property
+    def committed(self) -> dict[int, ShardCommit]:
+        """Commits as of the first look: a reader's fixed view of the cache."""
+        return self.commits()
+
+    @property
+    def n_rows(self) -> int:
+        return sum(c.n_rows for c in self.committed.values())
+
+    def uncommitted_shards(self) -> list[str]:
+        return [s for i, s in enumerate(self.attrs.shards) if i not in self.committed]
+
+    # --------------------------------------------------------------- reading
+    def chunks(self, order: str = "sequential", seed: int = 0) -> list[ChunkRef]:
+        """Chunks of committed rows, in row order or in a permutation that is a function of seed."""
+        refs = []
+        per_chunk = self.attrs.chunk_images
+        for index, commit in sorted(self.committed.items()):
+            for offset in range(0, commit.n_rows, per_chunk):
+                first = commit.first_row + offset
+                n = min(per_chunk, commit.n_rows - offset)
+                refs.append(ChunkRef(first // per_chunk, first, n, index))
+        if order == "random":
+            permutation = np.random.default_rng(seed).permutation(len(refs))
+            refs = [refs[i] for i in permutation]
+        elif order != "sequential":
+            raise ValueError(f"order must be 'sequential' or 'random', not {order!r}")
+        return refs
+
+    def read_chunk(self, layer: int, ref: ChunkRef) -> torch.Tensor:
+        """The committed rows of one chunk as float32, shape (n_rows, T, D)."""
+        stored = self._array(layer)[ref.first_row : ref.first_row + ref.n_rows]
+        scales_1D = self._scales(layer, [ref.index])
+        return self.encoding.decode(stored, scales_1D)
+
+    def read_rows(self, layer: int, rows: Sequence[int]) -> torch.Tensor:
+        """Arbitrary committed rows, in the order given, as float32 (len(rows), T, D)."""
+        rows_N = np.asarray(rows, dtype=np.int64)
+        self._check_committed(rows_N)
+        unique, inverse = np.unique(rows_N, return_inverse=True)
+        stored = self._array(layer).oindex[unique]
+        scales_ND = self._scales(layer, (unique // self.attrs.chunk_images).tolist())
+        scales_N1D = None if scales_ND is None else scales_ND[:, None, :]
+        return self.encoding.decode(stored, scales_N1D)[torch.from_numpy(inverse)]
+
+    def rows_table(self) -> pa.Table:
+        """Every committed sample (used or skipped) with its row, shard, key, url and caption."""
+        tables = [pq.read_table(rows_path(self.path, c.shard)) for c in self.committed.values()]
+        return pa.concat_tables(tables) if tables else ROWS_SCHEMA.empty_table()
+
+    # --------------------------------------------------------------- writing
+    def write_chunk(self, layer: int, chunk_index: int, acts_CTD: torch.Tensor) -> int:
+        """Encode and store one whole chunk (pad a shard's tail chunk to C rows); returns bytes."""
+        per_chunk = self.attrs.chunk_images
+        stored, scale_D = self.encoding.encode(acts_CTD)
+        first = chunk_index * per_chunk
+        self._array(layer)[first : first + per_chunk] = stored
+        if scale_D is not None:
+            self._array(layer, scale=True)[chunk_index] = scale_D
+        return stored.nbytes
+
+    def commit(self, commit: ShardCommit, rows: pa.Table) -> None:
+        """Make a shard's rows visible: its row table first, the commit record last, atomically."""
+        buffer = io.BytesIO()
+        pq.write_table(rows, buffer)
+        write_atomically(rows_path(self.path, commit.shard), buffer.getvalue())
+        write_json_atomically(commit_path(self.path, commit.shard), dataclasses.asdict(commit))
+        error_path(self.path, commit.shard).unlink(missing_ok=True)
+
+    def record_error(self, shard: str, message: str) -> None:
+        """Note why a shard was not committed; the next run retries it and removes the note."""
+        write_json_atomically(error_path(self.path, shard), {"shard": shard, "error": message})
+
+    def errors(self) -> dict[str, str]:
+        """Shards whose last attempt failed, with the reason."""
+        found = {}
+        for shard in self.uncommitted_shards():
+            path = error_path(self.path, shard)
+            if path.exists():
+                found[shard] = read_json(path).get("error", "?")
+        return found
+
+    # -------------------------------------------------------------- internals
+    def _array(self, layer: int, scale: bool = False) -> zarr.Array:
+        name = scale_array_name(layer) if scale else layer_array_name(layer)
+        if name not in self._arrays:
+            array = self._group[name]
+            assert isinstance(array, zarr.Array)
+            # Dense activations are never all-zero: skip zarr's per-chunk emptiness check (2-3x).
+            self._arrays[name] = array.with_config({"write_empty_chunks": True})
+        return self._arrays[name]
+
+    def _scales(self, layer: int, chunk_indices: list[int]) -> np.ndarray | None:
+        if not self.encoding.scaled:
+            return None
+        return self._array(layer, scale=True).oindex[chunk_indices]
+
+    def _check_committed(self, rows_N: np.ndarray) -> None:
+        valid = np.zeros(len(rows_N), dtype=bool)
+        for commit in self.committed.values():
+            valid |= (rows_N >= commit.first_row) & (rows_N < commit.first_row + commit.n_rows)
+        if not valid.all():
+            raise IndexError(
+                f"{self.path}: row {int(rows_N[~valid][0])} is not a committed row; "
+                "rows_table() lists the committed ones"
+            )
+
+    def _validated_commit(self, path: Path, index: int, shard: str) -> ShardCommit:
+        commit = ShardCommit.from_json(read_json(path), path)
+        start, stop = self.attrs.region(index)
+        if commit.shard != shard or commit.first_row != start or commit.n_rows > stop - start:
+            raise CacheSpecError(
+                path,
+                f"shard {shard!r} in rows {start}..{stop - 1}",
+                f"shard {commit.shard!r} at row {commit.first_row} with {commit.n_rows} rows",
+                fix="delete the record and re-run `vitscope cache` to rewrite the shard",
+            )
+        if not rows_path(self.path, shard).exists():
+            raise CacheSpecError(
+                rows_path(self.path, shard),
+                "the row table of a committed shard",
+                "no file",
+                fix=f"delete {path.name} and re-run `vitscope cache` to rewrite the shard",
+            )
+        return commit
+
+
+def open_cache(path: Path | str, layer: int | None = None) -> Cache:
+    """Open and validate a cache; with `layer`, also require that layer to be cached."""
+    path = Path(path)
+    attrs = _read_attrs(path)
+    cache = Cache(path, attrs)
+    for cached_layer in attrs.layers:
+        _validate_arrays(cache, cached_layer)
+    if layer is not None and layer not in attrs.layers:
+        raise CacheSpecError(
+            path,
+            f"layer {layer}",
+            f"layers {', '.join(map(str, attrs.layers))}",
+            fix=f"cache it with `vitscope cache --layers ...,{layer}` into a new --out",
+        )
+    cache.committed  # noqa: B018 - validates every commit record now, not at first read
+    return cache
+
+
+def create_or_open(path: Path | str, attrs: CacheAttrs) -> Cache:
+    """Create the cache atomically, or open an existing one that was written with the same settings.
+
+    Many writers may call this at once: the first rename wins and the others open its result.
+    Shards not yet known to an existing cache are appended under a file lock.
+    """
+    path = Path(path)
+    if not path.exists():
+        staging = path.parent / f".{path.name}.creating-{os.getpid()}"
+        _build(staging, attrs)
+        try:
+            os.rename(staging, path)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not path.exists():
+                raise
+    existing = _read_attrs(path)
+    _check_compatible(path, existing, attrs)
+    if set(attrs.shards) - set(existing.shards):
+        _append_shards(path, attrs.shards)
+    return open_cache(path)
+
+
+def writer_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _build(path: Path, attrs: CacheAttrs) -> None:
+    group = zarr.open_group(path, mode="w", attributes={ATTRS_KEY: attrs.to_json()})
+    encoding = ENCODINGS[attrs.storage]
+    for layer in attrs.layers:
+        group.create_array(
+            layer_array_name(layer),
+            shape=(attrs.capacity, attrs.n_tokens, attrs.d_model),
+            chunks=(attrs.chunk_images, attrs.n_tokens, attrs.d_model),
+            dtype=encoding.zarr_dtype,
+            compressors=compressors(attrs.codec),
+            fill_value=0,
+            dimension_names=("row", "token", "channel"),
+        )
+        if encoding.scaled:
+            group.create_array(
+                scale_array_name(layer),
+                shape=(attrs.capacity // attrs.chunk_images, attrs.d_model),
+                chunks=(1, attrs.d_model),
+                dtype="float32",
+                compressors=None,
+                fill_value=0,
+                dimension_names=("chunk", "channel"),
+            )
+    group.create_group(SHARDS_DIR, attributes={"about": "row tables and commit records, SPEC.md"})
+
+
+def _read_attrs(path: Path) -> CacheAttrs:
+    meta = path / "zarr.json"
+    if not meta.exists():
+        what = "no zarr.json" if path.exists() else "no such directory"
+        raise CacheSpecError(
+            path, "a vitscope cache", what, fix="create one with `vitscope cache --out PATH`"
+        )
+    data = read_json(meta).get("attributes", {}).get(ATTRS_KEY)
+    if data is None:
+        raise CacheSpecError(meta, f"attributes[{ATTRS_KEY!r}]", "none: not a vitscope cache")
+    version = str(data.get("spec_version", "?"))
+    if version.split(".")[0] != SPEC_VERSION.split(".")[0]:
+        raise CacheSpecError(
+            meta,
+            f"spec version {SPEC_VERSION.split('.')[0]}.x",
+            f"spec version {version}",
+            fix="use the vitscope release that wrote it",
+        )
+    return CacheAttrs.from_json(data, meta)
+
+
+def _validate_arrays(cache: Cache, layer: int) -> None:
+    attrs = cache.attrs
+    name = layer_array_name(layer)
+    try:
+        array = cache._array(layer)
+    except KeyError:
+        raise CacheSpecError(
+            cache.path / name, f"the array of cached layer {layer}", "nothing"
+        ) from None
+    expected = (
+        (attrs.capacity, attrs.n_tokens, attrs.d_model),
+        (attrs.chunk_images, attrs.n_tokens, attrs.d_model),
+        np.dtype(cache.encoding.zarr_dtype),
+    )
+    found = (array.shape, array.chunks, array.dtype)
+    if found != expected:
+        raise CacheSpecError(
+            cache.path / name,
+            "shape {}, chunks {}, dtype {}".format(*expected),
+            "shape {}, chunks {}, dtype {}".format(*found),
+        )
+
+
+def _check_compatible(path: Path, existing: CacheAttrs, wanted: CacheAttrs) -> None:
+    diffs = [
+        f"{name}={getattr(existing, name)!r} (this run: {getattr(wanted, name)!r})"
+        for name in COMPATIBLE_FIELDS
+        if getattr(existing, name) != getattr(wanted, name)
+    ]
+    if diffs:
+        raise CacheSpecError(
+            path,
+            "a cache written with this run's settings",
+            "one written with " + ", ".join(diffs),
+            fix="use a new --out, or this cache's settings",
+        )
+
+
+def _append_shards(path: Path, shards: Sequence[str]) -> None:
+    """Grow every array by R rows per new shard; serialised by a lock so writers may race here."""
+    with open(path / ".append.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        attrs = _read_attrs(path)
+        new = [s for s in shards if s not in attrs.shards]
+        if not new:
+            return
+        grown = dataclasses.replace(attrs, shards=attrs.shards + tuple(new))
+        group = zarr.open_group(path, mode="r+")
+        for layer in attrs.layers:
+            group[layer_array_name(layer)].resize((grown.capacity, attrs.n_tokens, attrs.d_model))
+            if ENCODINGS[attrs.storage].scaled:
+                group[scale_array_name(layer)].resize(
+                    (grown.capacity // attrs.chunk_images, attrs.d_model)
+                )
+        group.attrs.update({ATTRS_KEY: grown.to_json()})

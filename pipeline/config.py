@@ -1,0 +1,87 @@
+"""Settings of stage one's two jobs: downloading shards and caching activations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from vitscope.cache_spec.codecs import CODECS, DEFAULT_CODEC
+from vitscope.cache_spec.layout import CLIP_SCOPE_LAYERS, Storage
+from vitscope.pipeline.model import ModelDtype
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """img2dataset settings that suit CLIP: 224 px center crops as jpg, captions and json kept."""
+
+    url_list: str
+    """Parquet, CSV, TSV or TXT file (or folder of them) of image URLs, e.g. a LAION metadata part."""
+    out: str = "data/shards"
+    """Folder for the webdataset shards (NNNNN.tar with .parquet and _stats.json beside each)."""
+    url_col: str = "url"
+    """Column holding the URL (LAION's parquet files call it URL)."""
+    caption_col: str = "caption"
+    """Column holding the caption (LAION's parquet files call it TEXT)."""
+    image_size: int = 224
+    """Side of the stored images; the model's preprocessing resizes again if it differs."""
+    resize_mode: Literal["center_crop", "border", "keep_ratio", "no"] = "center_crop"
+    """How img2dataset fits images to image_size; center_crop matches CLIP's own preprocessing."""
+    samples_per_shard: int = 10000
+    """Samples per output shard; a cache reserves this many rows per shard."""
+    processes: int = 1
+    """Download processes."""
+    threads: int = 64
+    """Download threads per process."""
+    timeout: int = 10
+    """Seconds before a download is given up."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """One pass of a vision tower over shards, writing the residual stream of several layers."""
+
+    shards: str = "data/shards"
+    """Folder of img2dataset webdataset shards (*.tar)."""
+    out: str = "data/cache"
+    """Cache to create, or to resume and extend (a Zarr v3 group)."""
+    layers: tuple[int, ...] = CLIP_SCOPE_LAYERS
+    """Blocks whose output to cache, comma-separated: layer L = residual stream after block L."""
+    model: str = "ViT-L-14"
+    """open_clip model name."""
+    pretrained: str = "laion2b_s32b_b82k"
+    """open_clip pretrained tag, a local weights file, or 'none' for seeded random weights."""
+    seed: int = 0
+    """Seed of the random weights when pretrained is 'none'."""
+    device: str = "auto"
+    """Torch device: 'auto' picks cuda when present, else cpu."""
+    model_dtype: ModelDtype = "auto"
+    """Dtype of the forward pass; auto = bfloat16 on GPU, float32 on CPU."""
+    batch_size: int = 64
+    """Images per forward pass."""
+    num_workers: int = 4
+    """DataLoader workers decoding and preprocessing images (each reads whole shards)."""
+    write_threads: int = 4
+    """Threads encoding, compressing and writing chunks while the model runs."""
+    storage: Storage = "float16"
+    """Stored value type: float16, float32, or 8-bit int8 / float8_e4m3 with per-chunk scales."""
+    codec: str = DEFAULT_CODEC
+    """Compression preset (cache_spec/codecs.py)."""
+    chunk_images: int = 16
+    """Images per chunk: the unit of compression and of stage two's reads."""
+    rows_per_shard: int = 10000
+    """Rows reserved per input shard; at least img2dataset's samples per shard."""
+    part: int = 0
+    """This writer's part (0 .. parts-1): it takes the shards whose index % parts == part."""
+    parts: int = 1
+    """Number of writers sharing the cache (GPUs, nodes); each runs with its own --part."""
+
+    def __post_init__(self) -> None:
+        if self.codec not in CODECS:
+            raise ValueError(f"codec must be one of {', '.join(CODECS)}, not {self.codec!r}")
+        if not 0 <= self.part < self.parts:
+            raise ValueError(f"part must be in 0..{self.parts - 1}, not {self.part}")
+        if not self.layers:
+            raise ValueError("layers must name at least one layer")
+        for name in ("batch_size", "chunk_images", "rows_per_shard", "write_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")

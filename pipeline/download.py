@@ -1,0 +1,48 @@
+"""`vitscope download`: img2dataset with settings that suit CLIP, writing webdataset shards."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vitscope.pipeline.config import DownloadConfig
+
+INPUT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".txt": "txt"}
+
+
+def input_format(url_list: Path) -> str:
+    """img2dataset's input_format from the file's (or the folder's first file's) extension."""
+    files = sorted(url_list.iterdir()) if url_list.is_dir() else [url_list]
+    for file in files:
+        if file.suffix in INPUT_FORMATS:
+            return INPUT_FORMATS[file.suffix]
+    raise ValueError(f"{url_list}: no URL list with a known extension ({', '.join(INPUT_FORMATS)})")
+
+
+def download(config: DownloadConfig) -> Path:
+    """Fetch every URL into shards of `samples_per_shard`; re-running skips finished shards."""
+    url_list = Path(config.url_list)
+    if not url_list.exists():
+        raise FileNotFoundError(f"{url_list}: no such URL list")
+    # albumentations, imported by img2dataset, phones home for updates unless told not to.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from img2dataset import download as img2dataset_download
+
+    img2dataset_download(
+        url_list=str(url_list),
+        output_folder=config.out,
+        input_format=input_format(url_list),
+        url_col=config.url_col,
+        caption_col=config.caption_col,
+        output_format="webdataset",
+        image_size=config.image_size,
+        resize_mode=config.resize_mode,
+        encode_format="jpg",
+        number_sample_per_shard=config.samples_per_shard,
+        processes_count=config.processes,
+        thread_count=config.threads,
+        timeout=config.timeout,
+        enable_wandb=False,
+        incremental_mode="incremental",
+    )
+    return Path(config.out)

@@ -1,0 +1,159 @@
+"""Load an open_clip vision tower and read its residual stream after chosen blocks, in one pass.
+
+Layer L is the output of transformer block L (0-indexed), every token, CLS at index 0: the
+convention of CLIP-Scope's published SAEs. The forward pass stops after the deepest requested
+block, so caching layers 2..22 of ViT-L-14 never runs blocks 23, ln_post or the projection.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_torchvision_stub_ops: torch.library.Library | None = None
+
+
+def import_open_clip():  # noqa: ANN201 - returns the module
+    """Import open_clip, working around one known torchvision/torch mismatch.
+
+    `make install` on a CPU machine pairs torch 2.13.0 (a CPU build) with torchvision 0.28.0 (a CUDA
+    build), the smallest pair that installs from local disk. That torchvision cannot load its
+    native ops, and its import then dies registering fake kernels for `nms` and `qnms`. open_clip
+    needs only torchvision's Python transforms, never those ops, so declaring the two schemas lets
+    the import finish; calling nms would still fail loudly. On a matched pair this does nothing.
+    """
+    global _torchvision_stub_ops
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError as err:
+        if "torchvision::nms" not in str(err):
+            raise
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        _torchvision_stub_ops = torch.library.Library("torchvision", "DEF")
+        _torchvision_stub_ops.define(
+            "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
+        )
+        _torchvision_stub_ops.define(
+            "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
+        )
+        import torchvision  # noqa: F401
+    import open_clip
+
+    return open_clip
+
+
+@dataclass
+class VisionTower:
+    """A vision tower ready to run, with what the cache spec records about it."""
+
+    visual: nn.Module
+    preprocess: nn.Module
+    model: str
+    pretrained: str
+    """The tag or file the weights came from, or 'none:seed=S' for seeded random weights."""
+    dtype: torch.dtype
+    device: torch.device
+    n_blocks: int
+    n_tokens: int
+    d_model: int
+    image_size: int
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.visual.transformer.resblocks
+
+
+def resolve_dtype(dtype: ModelDtype, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on a GPU and float32 on the CPU, where bfloat16 is often emulated."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _TORCH_DTYPES[dtype]
+
+
+def load_vision_tower(
+    model: str, pretrained: str, device: str = "cpu", dtype: ModelDtype = "auto", seed: int = 0
+) -> VisionTower:
+    """Build `model` with `pretrained` weights ('none' for random ones seeded by `seed`).
+
+    `pretrained` is an open_clip tag (fetched from the hub when online), a local weights file,
+    or 'none'.
+    """
+    open_clip = import_open_clip()
+    if model not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model!r}; see open_clip.list_models()")
+    random_weights = pretrained == "none"
+    if not random_weights and not os.path.exists(pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        if pretrained not in tags:
+            raise ValueError(
+                f"{pretrained!r} is neither a weights file nor a pretrained tag of {model} "
+                f"({', '.join(tags) or 'none'}); pass 'none' for random weights"
+            )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip, _, preprocess = open_clip.create_model_and_transforms(
+            model, pretrained=None if random_weights else pretrained
+        )
+    visual = clip.visual
+    if not hasattr(visual, "transformer") or not hasattr(visual.transformer, "resblocks"):
+        raise ValueError(f"{model}'s vision tower has no transformer.resblocks: not a ViT")
+    torch_device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    visual = visual.to(device=torch_device, dtype=torch_dtype).eval().requires_grad_(False)
+    size = visual.image_size
+    tower = VisionTower(
+        visual=visual,
+        preprocess=preprocess,
+        model=model,
+        pretrained=f"none:seed={seed}" if random_weights else pretrained,
+        dtype=torch_dtype,
+        device=torch_device,
+        n_blocks=len(visual.transformer.resblocks),
+        n_tokens=0,
+        d_model=visual.transformer.width,
+        image_size=size[0] if isinstance(size, tuple) else size,
+    )
+    probe = torch.zeros(1, 3, tower.image_size, tower.image_size)
+    tower.n_tokens = residual_stream(tower, probe, [0])[0].shape[1]
+    return tower
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the deepest requested block: nothing after it is needed."""
+
+
+@torch.inference_mode()
+def residual_stream(
+    tower: VisionTower, images_BCHW: torch.Tensor, layers: list[int]
+) -> dict[int, torch.Tensor]:
+    """Residual stream after each block in `layers`: {layer: (B, T, D)} in the model's dtype."""
+    batch_first = getattr(tower.visual.transformer, "batch_first", True)
+    captured: dict[int, torch.Tensor] = {}
+    deepest = max(layers)
+
+    def capture(layer: int):  # noqa: ANN202
+        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            captured[layer] = output if batch_first else output.transpose(0, 1)
+            if layer == deepest:
+                raise _StopForward
+
+        return hook
+
+    handles = [tower.blocks[layer].register_forward_hook(capture(layer)) for layer in layers]
+    try:
+        tower.visual(images_BCHW.to(device=tower.device, dtype=tower.dtype, non_blocking=True))
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: captured[layer] for layer in layers}

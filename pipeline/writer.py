@@ -1,0 +1,151 @@
+"""Turn one shard's stream of activations into whole chunks, written in the background, then commit.
+
+Memory stays bounded: at most C - 1 rows per layer wait for their chunk, and `WriteQueue` blocks the
+forward loop once `max_pending` chunks are queued for compression and writing.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pyarrow as pa
+import torch
+
+from vitscope.cache_spec.layout import ROWS_SCHEMA
+from vitscope.cache_spec.store import Cache, ShardCommit, utc_now, writer_id
+from vitscope.pipeline.shards import SampleRecord
+
+
+class CacheWriteError(Exception):
+    """Writing failed (a full disk, say): the shard in hand stays uncommitted, the rest is kept."""
+
+
+class ShardTooLargeError(Exception):
+    """A shard holds more images than the rows the cache reserves per shard."""
+
+
+class WriteQueue:
+    """A thread pool with a cap on queued work, so the model never runs far ahead of the disk."""
+
+    def __init__(self, threads: int, max_pending: int) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="chunk-writer")
+        self._pending: deque[Future] = deque()
+        self._max_pending = max_pending
+
+    def submit(self, fn: Callable[[], object]) -> Future:
+        while len(self._pending) >= self._max_pending:
+            self._pending.popleft().result()
+        future = self._pool.submit(fn)
+        self._pending.append(future)
+        return future
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class ShardWriter:
+    """Rows of one shard go to its region in order: row i of the shard is row first_row + i."""
+
+    def __init__(self, cache: Cache, shard_index: int, queue: WriteQueue) -> None:
+        self.cache = cache
+        self.shard_index = shard_index
+        self.shard = cache.attrs.shards[shard_index]
+        self.first_row, self.stop_row = cache.attrs.region(shard_index)
+        self.queue = queue
+        self.n_rows = 0
+        self.records: list[tuple[int | None, SampleRecord]] = []
+        self._waiting: dict[int, list[torch.Tensor]] = {layer: [] for layer in cache.attrs.layers}
+        self._waiting_rows = 0
+        self._written_rows = 0
+        self._futures: list[Future] = []
+
+    def add(self, acts: dict[int, torch.Tensor], records: list[SampleRecord]) -> None:
+        """Append a batch: activations of the usable images and the records of all samples."""
+        n_new = next(iter(acts.values())).shape[0] if acts else 0
+        if self.n_rows + n_new > self.stop_row - self.first_row:
+            raise ShardTooLargeError(
+                f"{self.shard} holds more than rows_per_shard="
+                f"{self.stop_row - self.first_row} images; cache it into a new --out with a "
+                "larger --rows-per-shard"
+            )
+        for record in records:
+            row = None if record.error else self.first_row + self.n_rows
+            self.n_rows += record.error is None
+            self.records.append((row, record))
+        if n_new:
+            for layer, tensor in acts.items():
+                self._waiting[layer].append(tensor)
+            self._waiting_rows += n_new
+        while self._waiting_rows >= self.cache.attrs.chunk_images:
+            self._write_chunk()
+
+    def commit(self, source_bytes: int) -> ShardCommit:
+        """Write the tail chunk, wait for all of this shard's chunks, then commit the shard."""
+        if self._waiting_rows:
+            self._write_chunk()
+        try:
+            for future in self._futures:
+                future.result()
+        except OSError as err:
+            raise self._write_error(err) from None
+        commit = ShardCommit(
+            shard=self.shard,
+            index=self.shard_index,
+            first_row=self.first_row,
+            n_rows=self.n_rows,
+            n_skipped=sum(record.error is not None for _, record in self.records),
+            source_bytes=source_bytes,
+            written_by=writer_id(),
+            committed_at=utc_now(),
+        )
+        try:
+            self.cache.commit(commit, self._rows_table())
+        except OSError as err:
+            raise self._write_error(err) from None
+        return commit
+
+    def _write_chunk(self) -> None:
+        """Take up to C waiting rows per layer, pad them to a whole chunk, queue the write."""
+        per_chunk = self.cache.attrs.chunk_images
+        chunk_index = (self.first_row + self._written_rows) // per_chunk
+        for layer, parts in self._waiting.items():
+            rows = torch.cat(parts) if len(parts) > 1 else parts[0]
+            chunk, rest = rows[:per_chunk], rows[per_chunk:]
+            self._waiting[layer] = [rest] if len(rest) else []
+            if len(chunk) < per_chunk:
+                padding = chunk.new_zeros((per_chunk - len(chunk), *chunk.shape[1:]))
+                chunk = torch.cat([chunk, padding])
+            self._futures.append(self._submit(layer, chunk_index, chunk))
+        taken = min(per_chunk, self._waiting_rows)
+        self._waiting_rows -= taken
+        self._written_rows += taken
+
+    def _submit(self, layer: int, chunk_index: int, chunk: torch.Tensor) -> Future:
+        try:
+            return self.queue.submit(lambda: self.cache.write_chunk(layer, chunk_index, chunk))
+        except OSError as err:
+            raise self._write_error(err) from None
+
+    def _rows_table(self) -> pa.Table:
+        return pa.table(
+            {
+                "row": pa.array([row for row, _ in self.records], pa.int64()),
+                "shard": pa.array([self.shard] * len(self.records), pa.string()),
+                "key": pa.array([r.key for _, r in self.records], pa.string()),
+                "url": pa.array([r.url for _, r in self.records], pa.string()),
+                "caption": pa.array([r.caption for _, r in self.records], pa.string()),
+                "status": pa.array(["skipped" if r.error else "ok" for _, r in self.records]),
+                "error": pa.array([r.error for _, r in self.records], pa.string()),
+            },
+            schema=ROWS_SCHEMA,
+        )
+
+    def _write_error(self, err: OSError) -> CacheWriteError:
+        what = "disk full" if err.errno == errno.ENOSPC else f"write failed ({err})"
+        return CacheWriteError(
+            f"{self.cache.path}: {what} while writing shard {self.shard}, which stays uncommitted "
+            "(committed shards are kept); free space and re-run the same command to resume"
+        )

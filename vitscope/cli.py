@@ -1,0 +1,104 @@
+"""The `vitscope` command: each subcommand builds its config and calls one library function."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from vitscope.cache_spec.errors import CacheSpecError
+from vitscope.cache_spec.storage import StorageRangeError
+from vitscope.configs import add_config_command
+from vitscope.pipeline.config import CacheConfig, DownloadConfig
+from vitscope.pipeline.writer import CacheWriteError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Cache ViT activations once into Zarr; train TopK SAEs on them.",
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+USER_ERRORS = (
+    CacheSpecError,
+    CacheWriteError,
+    StorageRangeError,
+    FileNotFoundError,
+    ValueError,
+)
+"""Errors caused by input or environment: printed as one line, exit status 1, no traceback."""
+
+
+def one_line_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@one_line_errors
+def run_download(config: DownloadConfig) -> None:
+    from vitscope.pipeline.download import download
+
+    out = download(config)
+    print(f"shards in {out}: {len(list(out.glob('*.tar')))}")
+
+
+@one_line_errors
+def run_cache(config: CacheConfig) -> None:
+    from vitscope.pipeline.run import cache
+
+    summary = cache(config)
+    print("\n".join(summary.lines()))
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+add_config_command(
+    app,
+    "download",
+    DownloadConfig,
+    run_download,
+    help="Download a URL list into webdataset shards with img2dataset.",
+)
+add_config_command(
+    app,
+    "cache",
+    CacheConfig,
+    run_cache,
+    help="Run the vision tower once over shards; write chosen layers into a Zarr cache.",
+)
+
+
+@app.command("cache-info")
+@one_line_errors
+def cache_info(path: Annotated[Path, typer.Argument(help="The cache folder.")]) -> None:
+    """Print what a cache holds, how complete it is and its size on disk."""
+    from vitscope.cache_spec.info import summary_lines
+    from vitscope.cache_spec.store import open_cache
+
+    print("\n".join(summary_lines(open_cache(path))))
+
+
+@app.command("demo")
+@one_line_errors
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Folder for the demo's shards and cache.")] = Path(
+        "data/demo"
+    ),
+    model: Annotated[str, typer.Option(help="open_clip model for the demo.")] = "ViT-B-32",
+) -> None:
+    """Offline end to end: bundled photos on 127.0.0.1 -> img2dataset -> cache -> summary."""
+    from vitscope.demo import run_demo
+
+    run_demo(workdir, model)

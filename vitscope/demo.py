@@ -1,0 +1,141 @@
+"""The embedded default: real photos served on 127.0.0.1, fetched by img2dataset, cached, summarised.
+
+The photos are the sample images scikit-image ships, so `make demo` needs no internet. With
+internet the same commands run on LAION URL lists (see README.md). Tests use the same photos and
+server, so the demo is what the tests exercise.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from importlib.resources import files
+from pathlib import Path
+
+PHOTO_CAPTIONS = {
+    "astronaut.png": "an astronaut in a spacesuit holding a helmet",
+    "brick.png": "a grey brick wall",
+    "camera.png": "a man with a camera on a tripod",
+    "cell.png": "cells under a microscope",
+    "chelsea.png": "a tabby cat",
+    "clock_motion.png": "a wall clock blurred by motion",
+    "coffee.png": "a cup of coffee on a saucer",
+    "coins.png": "old coins on a table",
+    "color.png": "a colour wheel",
+    "grass.png": "a patch of grass",
+    "gravel.png": "gravel on the ground",
+    "horse.png": "the silhouette of a horse",
+    "hubble_deep_field.jpg": "galaxies in the Hubble deep field",
+    "ihc.png": "a stained tissue sample",
+    "logo.png": "the scikit-image logo",
+    "microaneurysms.png": "a retina scan with microaneurysms",
+    "moon.png": "the surface of the moon",
+    "motorcycle_left.png": "a motorcycle in a workshop",
+    "motorcycle_right.png": "a motorcycle seen from the right",
+    "page.png": "a page of printed text",
+    "phantom.png": "a Shepp-Logan phantom",
+    "retina.jpg": "a photograph of a human retina",
+    "rocket.jpg": "a rocket on a launch pad",
+    "text.png": "handwritten text on paper",
+}
+"""scikit-image's bundled sample images with a caption each: the demo's and the tests' photos."""
+
+
+def photo_dir() -> Path:
+    """The folder of scikit-image's bundled sample data (installed with the package)."""
+    return Path(str(files("skimage.data")))
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib's name
+        pass
+
+
+@contextmanager
+def serve_folder(folder: Path) -> Iterator[str]:
+    """Serve a folder over HTTP on 127.0.0.1 (a free port) while the block runs; yields the URL."""
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def write_url_list(path: Path, base_url: str, names: list[str], extra: dict[str, str]) -> Path:
+    """A CSV URL list (url, caption) in the shape of LAION's metadata, for img2dataset."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["url", "caption"])
+        for name in names:
+            writer.writerow([f"{base_url}/{name}", PHOTO_CAPTIONS.get(name, name)])
+        for name, caption in extra.items():
+            writer.writerow([f"{base_url}/{name}", caption])
+    return path
+
+
+def demo_weights(model: str, tag: str) -> str:
+    """`tag` if its weights are already in the local hub cache, else 'none' (random weights)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from vitscope.pipeline.model import import_open_clip
+
+    hub = import_open_clip().get_pretrained_cfg(model, tag).get("hf_hub", "").rstrip("/")
+    for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        if hub and isinstance(try_to_load_from_cache(hub, filename), str):
+            return tag
+    return "none"
+
+
+DEMO_PRETRAINED = {"ViT-B-32": "laion2b_s34b_b79k", "ViT-L-14": "laion2b_s32b_b82k"}
+
+
+def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
+    """Photos -> 127.0.0.1 -> img2dataset shards -> cache of 4 layers -> cache-info, from scratch."""
+    import shutil
+
+    from vitscope.cache_spec.info import summary_lines
+    from vitscope.cache_spec.store import open_cache
+    from vitscope.pipeline.config import CacheConfig, DownloadConfig
+    from vitscope.pipeline.download import download
+    from vitscope.pipeline.run import cache
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    weights = demo_weights(model, DEMO_PRETRAINED.get(model, ""))
+    print(f"demo: {len(PHOTO_CAPTIONS)} photos from scikit-image, {model} with weights '{weights}'")
+    with serve_folder(photo_dir()) as base_url:
+        urls = write_url_list(
+            workdir / "urls.csv",
+            base_url,
+            sorted(PHOTO_CAPTIONS),
+            extra={"missing.png": "a photo the server does not have"},
+        )
+        shards = download(
+            DownloadConfig(
+                url_list=str(urls), out=str(workdir / "shards"), samples_per_shard=16, threads=8
+            )
+        )
+    summary = cache(
+        CacheConfig(
+            shards=str(shards),
+            out=str(workdir / "cache"),
+            layers=(2, 5, 8, 11),
+            model=model,
+            pretrained=weights,
+            batch_size=8,
+            num_workers=2,
+            write_threads=2,
+            chunk_images=8,
+            rows_per_shard=16,
+        )
+    )
+    print("\n".join(summary.lines()))
+    print("\n".join(summary_lines(open_cache(summary.cache))))
