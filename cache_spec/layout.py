@@ -1,4 +1,4 @@
-"""The cache's names and records, declared once for the writer (stage one) and the reader (stage two).
+"""The cache's names and records, declared once for the writer (stage one) and reader (stage two).
 
 SPEC.md is the prose of this module; a test keeps the two in step.
 """
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import pyarrow as pa
-
 from vitscope.cache_spec.errors import CacheSpecError
 
 SPEC_VERSION = "1.0"
@@ -39,7 +38,7 @@ ROWS_SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
-"""Columns of a shard's row table: every sample of the shard, used (row set) or skipped (error set)."""
+"""Columns of a shard's row table: every sample, used (row set) or skipped (error set)."""
 
 
 def layer_array_name(layer: int) -> str:

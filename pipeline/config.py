@@ -15,7 +15,7 @@ class DownloadConfig:
     """img2dataset settings that suit CLIP: 224 px center crops as jpg, captions and json kept."""
 
     url_list: str
-    """Parquet, CSV, TSV or TXT file (or folder of them) of image URLs, e.g. a LAION metadata part."""
+    """Parquet, CSV, TSV or TXT file (or a folder of them) of image URLs, e.g. LAION metadata."""
     out: str = "data/shards"
     """Folder for the webdataset shards (NNNNN.tar with .parquet and _stats.json beside each)."""
     url_col: str = "url"

@@ -21,7 +21,7 @@ _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 _torchvision_stub_ops: torch.library.Library | None = None
 
 
-def import_open_clip():  # noqa: ANN201 - returns the module
+def import_open_clip():
     """Import open_clip, working around one known torchvision/torch mismatch.
 
     `make install` on a CPU machine pairs torch 2.13.0 (a CPU build) with torchvision 0.28.0 (a CUDA
@@ -32,7 +32,7 @@ def import_open_clip():  # noqa: ANN201 - returns the module
     """
     global _torchvision_stub_ops
     try:
-        import torchvision  # noqa: F401
+        import torchvision
     except RuntimeError as err:
         if "torchvision::nms" not in str(err):
             raise
@@ -140,7 +140,7 @@ def residual_stream(
     captured: dict[int, torch.Tensor] = {}
     deepest = max(layers)
 
-    def capture(layer: int):  # noqa: ANN202
+    def capture(layer: int):
         def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
             captured[layer] = output if batch_first else output.transpose(0, 1)
             if layer == deepest:

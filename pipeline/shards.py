@@ -1,4 +1,4 @@
-"""Read img2dataset's webdataset shards: samples grouped by key, images decoded or rejected with why.
+"""Read img2dataset's webdataset shards: samples grouped by key, images decoded or rejected.
 
 A plain `tarfile` stream rather than webdataset's pipeline: a truncated or corrupt tar must fail
 its own shard with the tar's own message, and a bad image must be skipped and named, never

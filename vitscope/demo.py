@@ -1,4 +1,4 @@
-"""The embedded default: real photos served on 127.0.0.1, fetched by img2dataset, cached, summarised.
+"""The embedded default: real photos served on 127.0.0.1, fetched by img2dataset, then cached.
 
 The photos are the sample images scikit-image ships, so `make demo` needs no internet. With
 internet the same commands run on LAION URL lists (see README.md). Tests use the same photos and
@@ -51,7 +51,7 @@ def photo_dir() -> Path:
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib's name
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
@@ -98,7 +98,7 @@ DEMO_PRETRAINED = {"ViT-B-32": "laion2b_s34b_b79k", "ViT-L-14": "laion2b_s32b_b8
 
 
 def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
-    """Photos -> 127.0.0.1 -> img2dataset shards -> cache of 4 layers -> cache-info, from scratch."""
+    """Photos -> 127.0.0.1 -> img2dataset shards -> a cache of 4 layers -> its summary."""
     import shutil
 
     from vitscope.cache_spec.info import summary_lines
