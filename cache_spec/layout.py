@@ -176,9 +176,8 @@ def _parse_record(cls: type, data: Any, where: Path, what: str) -> Any:
         if isinstance(value, list):
             value = tuple(value)
         if not _has_type(value, hints[field.name]):
-            raise CacheSpecError(
-                where, f"{what} field {field.name!r} of type {hints[field.name]}", repr(value)
-            )
+            expected = f"{what} field {field.name!r} to be {_type_name(hints[field.name])}"
+            raise CacheSpecError(where, expected, repr(value))
         values[field.name] = value
     try:
         return cls(**values)
@@ -197,6 +196,15 @@ def _has_type(value: Any, hint: Any) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    origin = get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, get_args(hint)))
+    if origin is tuple:
+        return f"a list of {_type_name(get_args(hint)[0])}"
+    return hint.__name__
 
 
 def read_json(path: Path) -> Any:

@@ -1,0 +1,141 @@
+"""Stage one against an independent forward pass, and the reader API on a real cache."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TEST_LAYERS, TEST_MODEL, cache_config
+from PIL import Image
+
+from vitscope.cache_spec import open_cache
+from vitscope.pipeline.model import import_open_clip, load_vision_tower, residual_stream
+from vitscope.pipeline.run import cache
+
+
+def tar_images(shard: Path) -> dict[str, bytes]:
+    with tarfile.open(shard) as tar:
+        return {
+            m.name.split(".")[0]: tar.extractfile(m).read()  # type: ignore[union-attr]
+            for m in tar.getmembers()
+            if m.name.endswith(".jpg")
+        }
+
+
+def hooked_forward(images: torch.Tensor, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    """A full forward of a freshly built model with plain hooks: independent of pipeline/model.py."""
+    open_clip = import_open_clip()
+    torch.manual_seed(0)
+    model, _, _ = open_clip.create_model_and_transforms(TEST_MODEL, pretrained=None)
+    model.eval()
+    outputs: dict[int, torch.Tensor] = {}
+    blocks = model.visual.transformer.resblocks
+    handles = [
+        blocks[layer].register_forward_hook(
+            lambda _m, _i, out, layer=layer: outputs.__setitem__(layer, out.detach().clone())
+        )
+        for layer in layers
+    ]
+    with torch.no_grad():
+        model.encode_image(images)
+    for handle in handles:
+        handle.remove()
+    return outputs
+
+
+def test_cached_activations_equal_a_direct_forward_pass(reference_cache: Path, shards: Path, tower):
+    store = open_cache(reference_cache)
+    rows = store.rows_table().to_pylist()
+    used = [r for r in rows if r["status"] == "ok"]
+    assert len(used) == store.n_rows == 23
+    jpgs = {}
+    for shard in sorted(shards.glob("*.tar")):
+        jpgs.update(tar_images(shard))
+    picked = used[::4]
+    images = torch.stack(
+        [tower.preprocess(Image.open(io.BytesIO(jpgs[r["key"]])).convert("RGB")) for r in picked]
+    )
+    expected = hooked_forward(images, TEST_LAYERS)
+    for layer in TEST_LAYERS:
+        cached = store.read_rows(layer, [r["row"] for r in picked])
+        assert cached.shape == (len(picked), 50, 384)
+        torch.testing.assert_close(cached, expected[layer], rtol=2e-3, atol=2e-3)
+
+
+def test_rows_trace_back_to_shard_key_url_and_caption(reference_cache: Path, shards: Path):
+    store = open_cache(reference_cache)
+    table = store.rows_table()
+    assert table.num_rows == 23  # the missing URL never reached a tar (img2dataset counts it)
+    for record in table.to_pylist():
+        assert record["status"] == "ok"
+        assert record["url"].endswith(".png") or record["url"].endswith(".jpg")
+        assert record["caption"]
+        assert record["key"] in tar_images(shards / record["shard"])
+    rows = [r for r in table["row"].to_pylist() if r is not None]
+    assert len(set(rows)) == len(rows)
+    for commit in store.committed.values():
+        in_region = [r for r in rows if commit.first_row <= r < commit.first_row + 8]
+        assert in_region == list(range(commit.first_row, commit.first_row + commit.n_rows))
+
+
+def test_vit_l14_gives_257_tokens_of_1024(tmp_path: Path):
+    tower = load_vision_tower("ViT-L-14", "none", "cpu", "float32", seed=0)
+    acts = residual_stream(tower, torch.randn(1, 3, 224, 224), [2, 22])
+    assert tower.n_tokens == 257 and tower.n_blocks == 24
+    assert acts[2].shape == acts[22].shape == (1, 257, 1024)
+
+
+def test_chunks_cover_committed_rows_in_seeded_orders(reference_cache: Path):
+    store = open_cache(reference_cache, layer=5)
+    sequential = store.chunks()
+    rows = [r for c in sequential for r in range(c.first_row, c.first_row + c.n_rows)]
+    assert sorted(rows) == sorted(r for r in store.rows_table()["row"].to_pylist() if r is not None)
+    assert [c.n_rows for c in sequential] == [4, 4, 4, 4, 4, 3]
+    shuffled = store.chunks(order="random", seed=1)
+    assert shuffled == store.chunks(order="random", seed=1)
+    assert shuffled != store.chunks(order="random", seed=2)
+    assert sorted(shuffled, key=lambda c: c.index) == sequential
+    for ref in shuffled[:2]:
+        chunk = store.read_chunk(5, ref)
+        expected = store.read_rows(5, range(ref.first_row, ref.first_row + ref.n_rows))
+        assert torch.equal(chunk, expected)
+
+
+def test_reading_an_uncommitted_row_is_refused(reference_cache: Path):
+    store = open_cache(reference_cache)
+    last = max(c.first_row + c.n_rows for c in store.committed.values())
+    with pytest.raises(IndexError, match="not a committed row"):
+        store.read_rows(2, [0, last])
+
+
+@pytest.fixture(scope="module")
+def float32_cache(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = cache_config(shards, tmp_path_factory.mktemp("f32") / "cache", storage="float32")
+    cache(config)
+    return Path(config.out)
+
+
+@pytest.mark.parametrize(
+    ("storage", "bytes_per_value", "tolerance"),
+    [("float16", 2, 1e-3), ("int8", 1, 0.01), ("float8_e4m3", 1, 0.04)],
+)
+def test_storages_round_trip_within_their_precision(
+    shards: Path,
+    float32_cache: Path,
+    tmp_path: Path,
+    storage: str,
+    bytes_per_value: int,
+    tolerance: float,
+):
+    config = cache_config(shards, tmp_path / "cache", storage=storage, layers=(5, 11))
+    cache(config)
+    exact_store, store = open_cache(float32_cache), open_cache(config.out)
+    assert store.encoding.bytes_per_value == bytes_per_value
+    for layer in (5, 11):
+        for ref in store.chunks():
+            exact = exact_store.read_chunk(layer, ref)
+            error = float((store.read_chunk(layer, ref) - exact).norm() / exact.norm())
+            assert error < tolerance, (layer, ref, error)
