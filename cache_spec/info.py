@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.compute as pc
+
 from vitscope.cache_spec.layout import layer_array_name
 from vitscope.cache_spec.store import Cache
 

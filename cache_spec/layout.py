@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import pyarrow as pa
+
 from vitscope.cache_spec.errors import CacheSpecError
 
 SPEC_VERSION = "1.0"

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import zarr
+
 from vitscope.cache_spec.codecs import compressors
 from vitscope.cache_spec.errors import CacheSpecError
 from vitscope.cache_spec.layout import (

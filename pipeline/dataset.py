@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
 from vitscope.pipeline.shards import SampleRecord, ShardReadError, decode_sample, read_samples
 
 

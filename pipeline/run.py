@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
 from vitscope.cache_spec.layout import CacheAttrs
 from vitscope.cache_spec.storage import ENCODINGS
 from vitscope.cache_spec.store import Cache, create_or_open

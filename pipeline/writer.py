@@ -13,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import pyarrow as pa
 import torch
+
 from vitscope.cache_spec.layout import ROWS_SCHEMA
 from vitscope.cache_spec.store import Cache, ShardCommit, utc_now, writer_id
 from vitscope.pipeline.shards import SampleRecord

@@ -1,9 +1,8 @@
-"""Fixtures built from real parts: photos from scikit-image, img2dataset on 127.0.0.1, a seeded open_clip
-ViT, and caches on disk. Expensive ones are made once per session and copied where a test mutates."""
+"""Fixtures built from real parts: scikit-image's photos, img2dataset on 127.0.0.1, a seeded
+open_clip ViT, caches on disk. Expensive ones are made once per session; copy them to mutate."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -11,13 +10,11 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-from vitscope.demo import PHOTO_CAPTIONS, photo_dir, serve_folder, write_url_list  # noqa: E402
-from vitscope.pipeline.config import CacheConfig, DownloadConfig  # noqa: E402
-from vitscope.pipeline.download import download  # noqa: E402
-from vitscope.pipeline.model import VisionTower, load_vision_tower  # noqa: E402
-from vitscope.pipeline.run import cache  # noqa: E402
+from vitscope.demo import PHOTO_CAPTIONS, photo_dir, serve_folder, write_url_list
+from vitscope.pipeline.config import CacheConfig, DownloadConfig
+from vitscope.pipeline.download import download
+from vitscope.pipeline.model import VisionTower, load_vision_tower
+from vitscope.pipeline.run import cache
 
 TEST_MODEL = "ViT-S-32"
 TEST_LAYERS = (2, 5, 11)

@@ -9,9 +9,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import cache_config, cli_args, run_vitscope
 from PIL import Image
 
+from conftest import cache_config, cli_args, run_vitscope
 from vitscope.cache_spec import CacheSpecError, open_cache
 from vitscope.cache_spec.info import summary_lines
 from vitscope.cache_spec.layout import commit_path, error_path, rows_path
@@ -97,9 +97,8 @@ def test_empty_shard_is_committed_with_no_rows(tmp_path: Path):
 def test_no_shards_is_one_line(tmp_path: Path):
     result = run_vitscope("cache", "--shards", str(tmp_path), "--out", str(tmp_path / "c"))
     assert result.returncode == 1
-    assert (
-        result.stderr.strip() == f"error: {tmp_path}: no .tar shards in it; run `vitscope download`"
-    )
+    expected = f"error: {tmp_path}: no .tar shards in it; run `vitscope download`"
+    assert result.stderr.strip() == expected
 
 
 def test_layer_beyond_the_model_is_refused_before_any_work(shards: Path, tmp_path: Path):
@@ -150,7 +149,7 @@ def test_full_disk_fails_cleanly_and_keeps_committed_shards(shards: Path, tmp_pa
     store.read_rows(11, range(store.chunks()[-1].first_row + 1))
 
 
-def run_vitscope_in_namespace(script: str):  # noqa: ANN201
+def run_vitscope_in_namespace(script: str):
     import subprocess
     import sys
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEST_LAYERS, TEST_MODEL, cache_config
 from PIL import Image
 
+from conftest import TEST_LAYERS, TEST_MODEL, cache_config
 from vitscope.cache_spec import open_cache
 from vitscope.pipeline.model import import_open_clip, load_vision_tower, residual_stream
 from vitscope.pipeline.run import cache
@@ -26,7 +26,7 @@ def tar_images(shard: Path) -> dict[str, bytes]:
 
 
 def hooked_forward(images: torch.Tensor, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
-    """A full forward of a freshly built model with plain hooks: independent of pipeline/model.py."""
+    """A full forward of a freshly built model with plain hooks: no code from pipeline/model.py."""
     open_clip = import_open_clip()
     torch.manual_seed(0)
     model, _, _ = open_clip.create_model_and_transforms(TEST_MODEL, pretrained=None)

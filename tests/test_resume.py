@@ -1,4 +1,4 @@
-"""A cache run killed with SIGKILL in the middle of a shard, then re-run, equals an uninterrupted run.
+"""A cache run killed by SIGKILL in the middle of a shard, then re-run, equals an uninterrupted run.
 
 The third shard is a named pipe that the test fills half-way: the real `vitscope cache` process
 writes that shard's first chunk and then waits for bytes that never come, so the kill lands
@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import torch
-from conftest import TEST_LAYERS, cache_config, cli_args
 
+from conftest import TEST_LAYERS, cache_config, cli_args
 from vitscope.cache_spec import open_cache
 from vitscope.cache_spec.layout import layer_array_name
 from vitscope.pipeline.run import cache
 
 
-def wait_for(condition, what: str, timeout: float = 120.0) -> None:  # noqa: ANN001
+def wait_for(condition, what: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -53,7 +53,7 @@ def open_fifo_for_writing(path: Path, proc: subprocess.Popen) -> int:
     return fd
 
 
-def rows_by_key(path: Path):  # noqa: ANN201
+def rows_by_key(path: Path):
     table = open_cache(path).rows_table()
     return table.sort_by("key").select(["row", "shard", "key", "url", "caption", "status"])
 
