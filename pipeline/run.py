@@ -11,12 +11,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from vitscope.cache_spec.layout import CacheAttrs
 from vitscope.cache_spec.storage import ENCODINGS
 from vitscope.cache_spec.store import Cache, create_or_open
+from vitscope.configs import resolve_device
 from vitscope.pipeline.config import CacheConfig
 from vitscope.pipeline.dataset import ShardBatch, ShardImages, shard_loader
 from vitscope.pipeline.model import VisionTower, load_vision_tower, residual_stream
@@ -50,12 +50,6 @@ class CacheRunSummary:
         out += [f"empty shard (committed with 0 rows): {shard}" for shard in self.empty]
         out += [f"FAILED {shard}: {error}" for shard, error in self.failed.items()]
         return out
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def cache_attrs(config: CacheConfig, tower: VisionTower, shards: list[str]) -> CacheAttrs:

@@ -15,6 +15,7 @@ from vitscope.cache_spec.storage import StorageRangeError
 from vitscope.configs import add_config_command
 from vitscope.pipeline.config import CacheConfig, DownloadConfig
 from vitscope.pipeline.writer import CacheWriteError
+from vitscope.train.config import TrainConfig
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -78,6 +79,37 @@ add_config_command(
     run_cache,
     help="Run the vision tower once over shards; write chosen layers into a Zarr cache.",
 )
+
+
+@one_line_errors
+def run_train(config: TrainConfig) -> None:
+    from vitscope.train.run import train
+
+    for run_dir in train([config]):
+        print(f"SAE in {run_dir} (cfg.json, sae.safetensors, log.jsonl, report.png)")
+
+
+add_config_command(
+    app,
+    "train",
+    TrainConfig,
+    run_train,
+    help="Train a TopK SAE on one layer of a cache (defaults: CLIP-Scope's configuration).",
+)
+
+
+@app.command("sweep")
+@one_line_errors
+def sweep(
+    path: Annotated[Path, typer.Argument(help="Sweep TOML: shared settings, one [[sae]] each.")],
+    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoints.")] = False,
+) -> None:
+    """Train several SAEs (k, width, lr, seed) on one pass over the cache, sharing every batch."""
+    from vitscope.train.config import sweep_configs
+    from vitscope.train.run import train
+
+    for run_dir in train(sweep_configs(path, resume=resume or None)):
+        print(f"SAE in {run_dir}")
 
 
 @app.command("cache-info")

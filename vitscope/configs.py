@@ -139,6 +139,15 @@ def _cli_type(hint: Any) -> Any:
     return str
 
 
+def resolve_device(device: str) -> str:
+    """'auto' means the GPU when there is one."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def config_dict(config: Any) -> dict[str, Any]:
     """A config as plain JSON-able values (tuples become lists), for attrs and cfg.json."""
     return {

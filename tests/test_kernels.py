@@ -1,0 +1,74 @@
+"""The sparse paths equal the dense computation: selections, values and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vitscope.train.kernels import (
+    dense_preacts,
+    gather_dot,
+    gather_sum,
+    scatter_outer,
+    topk_preacts,
+)
+from vitscope.train.sae import TopKSAE, losses
+
+
+def random_problem(n_tokens: int, d: int, n_latents: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_tokens, d, generator=generator) * 3 + 1
+    w = torch.randn(n_latents, d, generator=generator) / d**0.5
+    b = torch.randn(n_latents, generator=generator) * 0.1
+    return x, w, b
+
+
+@pytest.mark.parametrize("n_candidates", [16, 9, 0])
+@pytest.mark.parametrize("n_latents", [1024, 1000])
+def test_topk_preacts_equal_the_dense_selection(n_candidates: int, n_latents: int):
+    """16: certified bfloat16 candidates; 9: K' = K + 1, so many tokens take the dense fallback."""
+    for seed in range(3):
+        x, w, b = random_problem(300, 64, n_latents, seed)
+        values, idx = topk_preacts(x, w, b, k=8, n_candidates=n_candidates)
+        dense_values, dense_idx = dense_preacts(x, w, b).topk(8, dim=1)
+        dense_idx, order = dense_idx.sort(dim=1)
+        assert torch.equal(idx, dense_idx)
+        torch.testing.assert_close(values, dense_values.gather(1, order), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_primitives_equal_their_dense_formulas():
+    x, w, _ = random_problem(50, 16, 40, 0)
+    idx = torch.rand(50, 40).argsort(dim=1)[:, :5].sort(dim=1).values
+    values = torch.randn(50, 5)
+    dense_selection = torch.zeros(50, 40).scatter(1, idx, values)
+    torch.testing.assert_close(gather_sum(idx, values, w), dense_selection @ w)
+    torch.testing.assert_close(scatter_outer(idx, values, x, 40), dense_selection.T @ x)
+    torch.testing.assert_close(gather_dot(idx, x, w), (x @ w.T).gather(1, idx))
+
+
+@pytest.mark.parametrize("n_latents", [512, 500])
+def test_sparse_sae_has_the_dense_loss_and_gradients(n_latents: int):
+    x, _, _ = random_problem(128, 32, 1, 1)
+    grads = {}
+    outputs = {}
+    for dense in (True, False):
+        sae = TopKSAE(32, n_latents, k=8, k_aux=16, seed=3)
+        with torch.no_grad():
+            sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
+            sae.b_pre.fill_(0.5)
+        dead = torch.zeros(n_latents, dtype=torch.bool)
+        dead[::3] = True
+        out = sae(x, dead_F=dead, dense=dense)
+        terms = losses(out, x)
+        terms["loss"].backward()
+        outputs[dense] = (out, terms)
+        grads[dense] = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    (dense_out, dense_terms), (sparse_out, sparse_terms) = outputs[True], outputs[False]
+    assert torch.equal(dense_out.idx_BK, sparse_out.idx_BK)
+    torch.testing.assert_close(sparse_out.recon_BD, dense_out.recon_BD, rtol=1e-5, atol=1e-5)
+    for name in ("mse", "aux", "loss"):
+        torch.testing.assert_close(sparse_terms[name], dense_terms[name], rtol=1e-5, atol=1e-6)
+        assert sparse_terms[name] > 0
+    for name, grad in grads[True].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[False][name], grad, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,137 @@
+"""Every knob of stage two in one typed config; a sweep is a base config plus per-SAE overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import tomllib
+
+from vitscope.configs import load_config, parse_field
+from vitscope.train.loader import TokenChoice
+
+SWEEPABLE = ("k", "n_latents", "k_aux", "lr", "seed")
+"""Settings that may differ between the SAEs of one sweep; all others are shared, because every
+batch is shared: the data (cache, layer, token set, batch, order) and the schedule."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One TopK SAE on one layer of a cache; the defaults are CLIP-Scope's configuration."""
+
+    cache: str
+    """The activation cache written by `vitscope cache`."""
+    layer: int = 20
+    """Cached layer to train on (residual stream after this block)."""
+    out: str = ""
+    """Run folder (SAE, checkpoints, log, report); empty = runs/layerLL."""
+    token_set: TokenChoice = "all"
+    """Which tokens of each image: all (CLS and patches, as CLIP-Scope), cls, or patches."""
+    tokens: int = 1_200_000_000
+    """Training tokens in all (CLIP-Scope: 1.2 billion)."""
+    k: int = 32
+    """Active latents per token."""
+    n_latents: int = 65536
+    """Dictionary size (16 x 1024 for ViT-L/14)."""
+    k_aux: int = 512
+    """Dead latents used by the AuxK loss (Gao et al.: a power of two near d_in / 2)."""
+    batch_size: int = 4096
+    """Tokens per step."""
+    lr: float = 1e-4
+    """Adam learning rate: Gao et al.'s 2e-4 / sqrt(n_latents / 2^14) at 65,536 latents."""
+    adam_eps: float = 6.25e-10
+    """Adam epsilon, as in Gao et al."""
+    warmup_fraction: float = 0.01
+    """Share of training with a linear learning-rate warm-up from 0."""
+    decay_fraction: float = 0.2
+    """Share of training, at the end, with a linear decay of the learning rate to 0."""
+    dead_tokens: int = 10_000_000
+    """A latent that has not fired for this many tokens is dead (and trained by AuxK)."""
+    buffer_tokens: int = 2**19
+    """Tokens shuffled together (a window of whole chunks); 2^19 mixes ~2,000 images."""
+    read_threads: int = 4
+    """Threads reading and decompressing chunks ahead of training."""
+    heldout_fraction: float = 0.01
+    """Share of chunks (whole images) held out for evaluation."""
+    eval_images: int = 64
+    """Held-out images evaluated at every log (all their tokens)."""
+    log_every: int = 4_194_304
+    """Tokens between log lines (and held-out evaluations)."""
+    checkpoint_every: int = 100_000_000
+    """Tokens between checkpoints."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (the newest)."""
+    seed: int = 0
+    """Seed of the SAE's initial weights."""
+    data_seed: int = 0
+    """Seed of the held-out split and the token order."""
+    device: str = "auto"
+    """Torch device: auto = cuda when present, else cpu."""
+    n_candidates: int = 0
+    """Candidates per token for the certified top-k search; 0 = automatic (see kernels.py)."""
+    d_in: int = 0
+    """Expected activation width; 0 = take it from the cache, else it must match."""
+    allow_partial: bool = False
+    """Train on the committed rows of a cache that is still being written."""
+    resume: bool = False
+    """Continue from the run folder's newest checkpoint."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.k <= self.n_latents:
+            raise ValueError(f"k must be in 1..n_latents, not {self.k}")
+        if self.tokens < self.batch_size:
+            raise ValueError(f"tokens ({self.tokens}) must be at least batch_size")
+        if not 0 <= self.warmup_fraction + self.decay_fraction <= 1:
+            raise ValueError("warmup_fraction + decay_fraction must be within 0..1")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / f"layer{self.layer:02d}"
+
+    def lr_at(self, tokens_done: int) -> float:
+        """Linear warm-up, constant, then linear decay to zero."""
+        progress = tokens_done / self.tokens
+        scale = 1.0
+        if self.warmup_fraction and progress < self.warmup_fraction:
+            scale = progress / self.warmup_fraction
+        if self.decay_fraction and progress > 1 - self.decay_fraction:
+            scale = min(scale, (1 - progress) / self.decay_fraction)
+        return self.lr * max(scale, 0.0)
+
+
+def sweep_configs(path: str | Path, **overrides: Any) -> list[TrainConfig]:
+    """A sweep file: shared settings at the top, one [[sae]] table per SAE (SWEEPABLE keys only).
+
+    Each SAE gets its own run folder inside `out`, named after what it changes.
+    """
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    members = data.pop("sae", None)
+    if not members:
+        raise ValueError(f"{path}: no [[sae]] tables; add one per SAE to train")
+    for member in members:
+        unknown = sorted(set(member) - set(SWEEPABLE))
+        if unknown:
+            raise ValueError(
+                f"{path}: [[sae]] may only set {', '.join(SWEEPABLE)}, not {', '.join(unknown)}"
+                " (all SAEs of a sweep share every batch)"
+            )
+    base = load_config(TrainConfig, None, **{**data, **overrides})
+    names = [member_name(member) or f"sae{i}" for i, member in enumerate(members)]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: two [[sae]] tables are identical")
+    hints = get_type_hints(TrainConfig)
+    return [
+        dataclasses.replace(
+            base,
+            **{key: parse_field(hints[key], value, key) for key, value in member.items()},
+            out=str(base.run_dir / name),
+        )
+        for member, name in zip(members, names, strict=True)
+    ]
+
+
+def member_name(member: dict[str, Any]) -> str:
+    return "_".join(f"{key}{member[key]}" for key in SWEEPABLE if key in member)

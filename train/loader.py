@@ -1,0 +1,213 @@
+"""Stream shuffled training tokens from a cache at the speed of the disk, resumable by one number.
+
+The order of tokens is a pure function of (seed, epoch, chunk list): each epoch permutes the
+training chunks, groups them into windows of `buffer_tokens` tokens, and permutes the tokens of
+each window. Batches are consecutive slices of that stream, so the position of a run is the number
+of tokens it has consumed, and resuming is a seek: load the window holding that position and skip
+into it. Every training token is used exactly once per epoch.
+
+Whole chunks are read and decoded by background threads, a window ahead of the trainer, so that
+reading overlaps training. Held-out images are whole chunks set aside by the same seed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vitscope.cache_spec.store import Cache, ChunkRef
+
+TokenChoice = Literal["all", "cls", "patches"]
+
+
+@dataclass
+class Batch:
+    acts_BD: Tensor
+    """float32 activations (unscaled, as cached)."""
+    rows_B: Tensor
+    """The cache row (image) each token came from."""
+    position: int
+    """Tokens of the stream consumed once this batch is used: save it to resume after it."""
+
+
+@dataclass
+class _Window:
+    start: int
+    """Stream position of the window's first token."""
+    acts_ND: Tensor
+    rows_N: Tensor
+
+
+class ActivationStream:
+    """Shuffled batches of one layer's tokens, and the held-out images, from a cache."""
+
+    def __init__(
+        self,
+        cache: Cache,
+        layer: int,
+        tokens: TokenChoice = "all",
+        batch_size: int = 4096,
+        buffer_tokens: int = 2**19,
+        seed: int = 0,
+        heldout_fraction: float = 0.01,
+        read_threads: int = 4,
+    ) -> None:
+        self.cache, self.layer, self.tokens = cache, layer, tokens
+        self.batch_size, self.seed, self.read_threads = batch_size, seed, read_threads
+        chunks = cache.chunks()
+        order = np.random.default_rng([seed, 2**31]).permutation(len(chunks))
+        n_heldout = min(len(chunks) - 1, int(np.ceil(heldout_fraction * len(chunks))))
+        self.heldout_chunks = sorted((chunks[i] for i in order[:n_heldout]), key=_row_order)
+        self.train_chunks = sorted((chunks[i] for i in order[n_heldout:]), key=_row_order)
+        n_tokens = cache.attrs.n_tokens
+        self.tokens_per_image = len(range(n_tokens)[token_slice(tokens, n_tokens)])
+        full_chunk_tokens = cache.attrs.chunk_images * self.tokens_per_image
+        self.chunks_per_window = max(1, -(-buffer_tokens // full_chunk_tokens))
+        self.epoch_tokens = sum(c.n_rows for c in self.train_chunks) * self.tokens_per_image
+        if self.epoch_tokens == 0:
+            raise ValueError(f"{cache.path}: no training tokens (is the cache empty?)")
+        self.window_dtype = torch.float32 if cache.attrs.storage == "float32" else torch.float16
+
+    # ------------------------------------------------------------------ the order
+    def epoch_windows(self, epoch: int) -> list[list[ChunkRef]]:
+        """The training chunks of one epoch in their seeded order, grouped into windows."""
+        permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.train_chunks))
+        ordered = [self.train_chunks[i] for i in permutation]
+        size = self.chunks_per_window
+        return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+    def batches(self, position: int = 0) -> Iterator[Batch]:
+        """Batches from stream position `position` on, forever (epoch after epoch)."""
+        windows: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+        producer = threading.Thread(
+            target=self._produce, args=(position, windows, stop), daemon=True
+        )
+        producer.start()
+        try:
+            yield from self._slice(position, windows)
+        finally:
+            stop.set()
+            while producer.is_alive():
+                try:
+                    windows.get_nowait()
+                except queue.Empty:
+                    producer.join(timeout=0.05)
+
+    def _slice(self, position: int, windows: queue.Queue) -> Iterator[Batch]:
+        pending_acts: list[Tensor] = []
+        pending_rows: list[Tensor] = []
+        pending = 0
+        while True:
+            window = windows.get()
+            if isinstance(window, BaseException):
+                raise window
+            skip = max(0, position - window.start)
+            acts, rows = window.acts_ND[skip:], window.rows_N[skip:]
+            while len(acts):
+                take = min(self.batch_size - pending, len(acts))
+                pending_acts.append(acts[:take])
+                pending_rows.append(rows[:take])
+                acts, rows = acts[take:], rows[take:]
+                pending += take
+                if pending == self.batch_size:
+                    position += pending
+                    yield Batch(torch.cat(pending_acts).float(), torch.cat(pending_rows), position)
+                    pending_acts, pending_rows, pending = [], [], 0
+
+    def _produce(self, position: int, windows: queue.Queue, stop: threading.Event) -> None:
+        """Build windows in stream order from the one holding `position`, a window ahead."""
+        try:
+            epoch = position // self.epoch_tokens
+            with ThreadPoolExecutor(self.read_threads, thread_name_prefix="chunk-reader") as pool:
+                while not stop.is_set():
+                    start = epoch * self.epoch_tokens
+                    for index, chunk_refs in enumerate(self.epoch_windows(epoch)):
+                        size = sum(c.n_rows for c in chunk_refs) * self.tokens_per_image
+                        if start + size <= position:
+                            start += size
+                            continue
+                        window = self._window(pool, chunk_refs, start, (epoch, index))
+                        while not stop.is_set():
+                            try:
+                                windows.put(window, timeout=0.1)
+                                break
+                            except queue.Full:
+                                continue
+                        if stop.is_set():
+                            return
+                        start += size
+                    epoch += 1
+        except BaseException as err:  # handed to the consumer, which raises it
+            windows.put(err)
+
+    def _window(
+        self, pool: ThreadPoolExecutor, chunk_refs: list[ChunkRef], start: int, key: tuple
+    ) -> _Window:
+        parts = list(pool.map(self._read_tokens, chunk_refs))
+        acts = torch.cat([p[0] for p in parts])
+        rows = torch.cat([p[1] for p in parts])
+        permutation = torch.from_numpy(
+            np.random.default_rng([self.seed, *key, 2**30]).permutation(len(acts))
+        )
+        return _Window(start, acts[permutation], rows[permutation])
+
+    def _read_tokens(self, ref: ChunkRef) -> tuple[Tensor, Tensor]:
+        chunk_NTD = self.cache.read_chunk(self.layer, ref)
+        if not bool(torch.isfinite(chunk_NTD).all()):
+            raise ValueError(
+                f"{self.cache.path}: layer {self.layer}, rows {ref.first_row}.."
+                f"{ref.first_row + ref.n_rows - 1} hold NaN or inf activations; re-cache shard "
+                f"{self.cache.attrs.shards[ref.shard_index]} or write a new cache"
+            )
+        tokens = chunk_NTD[:, token_slice(self.tokens, chunk_NTD.shape[1])]
+        rows = torch.arange(ref.first_row, ref.first_row + ref.n_rows)
+        n, t, d = tokens.shape
+        return tokens.reshape(n * t, d).to(self.window_dtype), rows.repeat_interleave(t)
+
+    # ---------------------------------------------------------------- held out
+    def heldout_images(self, max_images: int) -> tuple[Tensor, Tensor]:
+        """Up to `max_images` held-out images with all their tokens: (N, T, D) and their rows."""
+        acts, rows = [], []
+        for ref in self.heldout_chunks:
+            acts.append(self.cache.read_chunk(self.layer, ref))
+            rows.append(torch.arange(ref.first_row, ref.first_row + ref.n_rows))
+            if sum(len(a) for a in acts) >= max_images:
+                break
+        if not acts:
+            raise ValueError(f"{self.cache.path}: no held-out chunks; raise heldout_fraction")
+        return torch.cat(acts)[:max_images], torch.cat(rows)[:max_images]
+
+
+def token_slice(tokens: TokenChoice, n_tokens: int) -> slice:
+    return {"all": slice(0, n_tokens), "cls": slice(0, 1), "patches": slice(1, n_tokens)}[tokens]
+
+
+def _row_order(ref: ChunkRef) -> int:
+    return ref.first_row
+
+
+def distinct_images(batch: Batch) -> int:
+    """How many different images the tokens of a batch come from (a measure of the shuffle)."""
+    return int(batch.rows_B.unique().numel())
+
+
+def tensor_batches(acts_ND: Tensor, batch_size: int, seed: int = 0) -> Iterator[Batch]:
+    """Batches from activations already in memory, reshuffled every epoch: for tests, benchmarks
+    and small experiments. Row ids are token indices."""
+    position = 0
+    for epoch in itertools.count():
+        order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(len(acts_ND)))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            position += batch_size
+            rows = order[start : start + batch_size]
+            yield Batch(acts_ND[rows].float(), rows, position)

@@ -1,0 +1,73 @@
+"""What the log reports: training averages per window, and held-out reconstruction quality.
+
+Held-out numbers are in the SAE's scaled units (E‖x‖² = 1 on training data). FVU (fraction of
+variance unexplained) = Σ‖x̂ − x‖² / Σ‖x − mean(x)‖²; explained variance = 1 − FVU. The
+reconstruction MSE of every token position (CLS first) is reported too, since where an SAE fails
+inside the image is a finding of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vitscope.train.sae import SAEOutput, TopKSAE
+
+
+@dataclass
+class WindowStats:
+    """Running sums over the steps of one logging window, kept on the device (no sync per step)."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    steps: int = 0
+    dead_fraction: float = 0.0
+
+    def add(self, terms: dict[str, torch.Tensor], out: SAEOutput, dead_F: torch.Tensor) -> None:
+        values = {
+            "mse": terms["mse"].detach(),
+            "aux_loss": terms["aux"].detach(),
+            "l0": (out.z_BK > 0).sum(dim=1).float().mean(),
+            "dead": dead_F.float().mean(),
+        }
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0) + value
+        self.steps += 1
+
+    def summary(self) -> dict[str, float]:
+        means = {name: float(total) / max(self.steps, 1) for name, total in self.sums.items()}
+        return {
+            "mse": means.get("mse", 0.0),
+            "aux_loss": means.get("aux_loss", 0.0),
+            "l0": means.get("l0", 0.0),
+            "dead_fraction": means.get("dead", 0.0),
+        }
+
+
+@torch.no_grad()
+def heldout_metrics(
+    sae: TopKSAE, acts_NTD: torch.Tensor, token_slice: slice, batch_size: int
+) -> dict[str, Any]:
+    """MSE, FVU, explained variance and L0 on the chosen tokens; MSE at every token position."""
+    device = sae.b_pre.device
+    n_images, n_tokens, d = acts_NTD.shape
+    x_ND = acts_NTD.reshape(-1, d)
+    errors, l0 = [], []
+    for start in range(0, len(x_ND), batch_size):
+        x = x_ND[start : start + batch_size].to(device) * sae.input_scale
+        out = sae(x)
+        errors.append((out.recon_BD - x).pow(2).sum(dim=1).cpu())
+        l0.append((out.z_BK > 0).sum(dim=1).cpu())
+    error_NT = torch.cat(errors).view(n_images, n_tokens)
+    l0_NT = torch.cat(l0).view(n_images, n_tokens).float()
+    chosen = (acts_NTD[:, token_slice].reshape(-1, d) * sae.input_scale.cpu()).double()
+    variance = (chosen - chosen.mean(dim=0)).pow(2).sum()
+    fvu = float(error_NT[:, token_slice].double().sum() / variance)
+    return {
+        "mse": float(error_NT[:, token_slice].mean()),
+        "fvu": fvu,
+        "explained_variance": 1 - fvu,
+        "l0": float(l0_NT[:, token_slice].mean()),
+        "mse_by_token": [round(v, 6) for v in error_NT.mean(dim=0).tolist()],
+    }

@@ -1,0 +1,117 @@
+"""Stage two's entry: check the cache and config, build or resume the SAEs, fit, report.
+
+`train([cfg])` trains one SAE; `train(sweep_configs(path))` trains a sweep on one pass.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from vitscope.cache_spec.store import Cache, open_cache
+from vitscope.configs import resolve_device
+from vitscope.train.checkpoint import checkpoint_dirs, load_checkpoint
+from vitscope.train.config import TrainConfig
+from vitscope.train.loader import ActivationStream, token_slice
+from vitscope.train.report import plot_run
+from vitscope.train.trainer import Member, fit, new_member
+
+INIT_SAMPLE_TOKENS = 65536
+"""Tokens used to set the input scale and b_pre (geometric median) of a new SAE."""
+
+
+def train(configs: list[TrainConfig]) -> list[Path]:
+    """Train the SAEs of `configs` (one, or a sweep sharing every batch); returns run folders."""
+    base = configs[0]
+    cache = open_cache(base.cache, layer=base.layer)
+    _check_ready(cache, base)
+    device = torch.device(resolve_device(base.device))
+    stream = ActivationStream(
+        cache,
+        base.layer,
+        tokens=base.token_set,
+        batch_size=base.batch_size,
+        buffer_tokens=base.buffer_tokens,
+        seed=base.data_seed,
+        heldout_fraction=base.heldout_fraction,
+        read_threads=base.read_threads,
+    )
+    heldout_NTD, _ = stream.heldout_images(base.eval_images)
+    d_in = cache.attrs.d_model
+    if base.resume:
+        members = [resume_member(cfg, d_in, device) for cfg in configs]
+        positions = {m.state.tokens for m in members}
+        if len(positions) > 1:
+            raise ValueError(f"the sweep's newest checkpoints are at different tokens: {positions}")
+    else:
+        for cfg in configs:
+            if checkpoint_dirs(cfg.run_dir):
+                raise ValueError(
+                    f"{cfg.run_dir} already has checkpoints; pass --resume to continue it, "
+                    "or choose a new --out"
+                )
+        sample = _init_sample(stream)
+        members = [new_member(cfg, d_in, sample, device) for cfg in configs]
+    batches = stream.batches(members[0].state.tokens)
+    fit(members, batches, heldout_NTD, token_slice(base.token_set, cache.attrs.n_tokens))
+    for member in members:
+        plot_run(member.run_dir)
+    return [member.run_dir for member in members]
+
+
+def resume_member(cfg: TrainConfig, d_in: int, device: torch.device) -> Member:
+    """Rebuild a member from the newest checkpoint of its run folder."""
+    found = checkpoint_dirs(cfg.run_dir)
+    if not found:
+        raise ValueError(f"{cfg.run_dir}: no checkpoint to resume from; start without --resume")
+    saved = json.loads((found[-1] / "cfg.json").read_text())
+    if saved["d_in"] != d_in:
+        raise ValueError(
+            f"{found[-1]}: the SAE has d_in {saved['d_in']} but the cache's layer has {d_in}; "
+            "resume it on the cache it was trained on"
+        )
+    member = new_member(cfg, d_in, torch.zeros(1, d_in), device)
+    member.state = load_checkpoint(found[-1], member.sae, member.optimizer, device)
+    _drop_log_after(cfg.run_dir, member.state.tokens)
+    return member
+
+
+def _drop_log_after(run_dir: Path, tokens: int) -> None:
+    """Log lines written after the checkpoint (by the run that was killed) will be written anew."""
+    log = run_dir / "log.jsonl"
+    if log.exists():
+        kept = [
+            line for line in log.read_text().splitlines() if json.loads(line)["tokens"] <= tokens
+        ]
+        log.write_text("".join(line + "\n" for line in kept))
+
+
+def _check_ready(cache: Cache, cfg: TrainConfig) -> None:
+    missing = cache.uncommitted_shards()
+    if missing and not cfg.allow_partial:
+        raise ValueError(
+            f"{cache.path}: {len(missing)} of {len(cache.attrs.shards)} shards are not committed "
+            "(still being written, or failed: see `vitscope cache-info`); wait for `vitscope "
+            "cache` to finish, or pass --allow-partial to train on the committed rows"
+        )
+    if cfg.d_in and cfg.d_in != cache.attrs.d_model:
+        raise ValueError(
+            f"{cache.path}: layer {cfg.layer} has d_model {cache.attrs.d_model}, but the config "
+            f"says d_in = {cfg.d_in}; fix d_in or pick the cache it was meant for"
+        )
+
+
+def _init_sample(stream: ActivationStream) -> torch.Tensor:
+    """The stream's first tokens (the same ones training starts with)."""
+    parts, total = [], 0
+    batches = stream.batches(0)
+    while total < INIT_SAMPLE_TOKENS:
+        batch = next(batches)
+        parts.append(batch.acts_BD)
+        total += len(batch.acts_BD)
+        if batch.position >= stream.epoch_tokens:
+            break
+    batches.close()
+    return torch.cat(parts)

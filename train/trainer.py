@@ -1,0 +1,166 @@
+"""Train one or several TopK SAEs on one stream of batches; every batch is shared by all of them.
+
+`fit(members, batches, heldout)` is one loop: batch -> each SAE's step -> every `log_every` tokens
+a log line with a held-out evaluation -> every `checkpoint_every` tokens a checkpoint. The data is
+any iterator of `Batch`: the cache loader in real runs, tensors in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from vitscope.configs import config_dict
+from vitscope.train.checkpoint import TrainState, save_checkpoint
+from vitscope.train.config import TrainConfig
+from vitscope.train.loader import Batch, distinct_images
+from vitscope.train.metrics import WindowStats, heldout_metrics
+from vitscope.train.sae import TopKSAE, losses
+
+
+@dataclass
+class Member:
+    """One SAE of a run or sweep, with its optimizer, its state and its run folder."""
+
+    cfg: TrainConfig
+    sae: TopKSAE
+    optimizer: torch.optim.Optimizer
+    state: TrainState
+    stats: WindowStats = field(default_factory=WindowStats)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir
+
+    def cfg_json(self) -> dict[str, Any]:
+        return {**config_dict(self.cfg), "input_scale": float(self.sae.input_scale)}
+
+
+def new_member(
+    cfg: TrainConfig, d_in: int, sample_ND: torch.Tensor, device: torch.device
+) -> Member:
+    """A fresh SAE initialised on a sample of the training data (input scale, b_pre)."""
+    sae = TopKSAE(d_in, cfg.n_latents, cfg.k, cfg.k_aux, seed=cfg.seed)
+    sae.initialise_from(sample_ND)
+    sae.to(device)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+    since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=device)
+    return Member(cfg, sae, optimizer, TrainState(since_fired_F=since_fired))
+
+
+def train_step(member: Member, x_BD: torch.Tensor) -> None:
+    """One optimizer step of the recipe on a batch of scaled activations."""
+    cfg, sae, state = member.cfg, member.sae, member.state
+    assert state.since_fired_F is not None
+    dead_F = state.since_fired_F > cfg.dead_tokens
+    out = sae(x_BD, dead_F=dead_F)
+    terms = losses(out, x_BD)
+    member.optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    sae.remove_parallel_decoder_grad()
+    for group in member.optimizer.param_groups:
+        group["lr"] = cfg.lr_at(state.tokens)
+    member.optimizer.step()
+    sae.normalize_decoder()
+    with torch.no_grad():
+        state.since_fired_F += len(x_BD)
+        state.since_fired_F[out.idx_BK[out.z_BK > 0]] = 0
+    state.step += 1
+    state.tokens += len(x_BD)
+    member.stats.add(terms, out, dead_F)
+
+
+def fit(
+    members: list[Member],
+    batches: Iterator[Batch],
+    heldout_NTD: torch.Tensor,
+    token_slice: slice,
+) -> None:
+    """Train every member to its cfg.tokens on the same batches."""
+    cfg = members[0].cfg
+    device = members[0].sae.b_pre.device
+    tokens = members[0].state.tokens
+    progress = tqdm(total=cfg.tokens, initial=tokens, unit="tok", unit_scale=True, desc="train")
+    window = _Clock()
+    while tokens < cfg.tokens:
+        waited = time.perf_counter()
+        batch = next(batches)
+        window.wait += time.perf_counter() - waited
+        x_BD = batch.acts_BD.to(device, non_blocking=True)
+        for member in members:
+            train_step(member, x_BD * member.sae.input_scale)
+        tokens += len(x_BD)
+        window.tokens += len(x_BD)
+        window.distinct.append(distinct_images(batch))
+        progress.update(len(x_BD))
+        done = tokens >= cfg.tokens
+        if done or _crossed(tokens, len(x_BD), cfg.log_every):
+            for member in members:
+                record = _log_record(member, heldout_NTD, token_slice, window)
+                _append_log(member.run_dir, record)
+            progress.set_postfix_str(_postfix(record))
+            window = _Clock()
+        if not done and _crossed(tokens, len(x_BD), cfg.checkpoint_every):
+            for member in members:
+                save_checkpoint(
+                    member.run_dir,
+                    member.sae,
+                    member.optimizer,
+                    member.state,
+                    member.cfg_json(),
+                    member.cfg.keep_checkpoints,
+                )
+    progress.close()
+    for member in members:
+        member.sae.save(member.run_dir, member.cfg_json())
+
+
+@dataclass
+class _Clock:
+    start: float = field(default_factory=time.perf_counter)
+    wait: float = 0.0
+    tokens: int = 0
+    distinct: list[int] = field(default_factory=list)
+
+
+def _crossed(tokens: int, step: int, every: int) -> bool:
+    return tokens // every != (tokens - step) // every
+
+
+def _log_record(
+    member: Member, heldout_NTD: torch.Tensor, token_slice: slice, window: _Clock
+) -> dict[str, Any]:
+    elapsed = time.perf_counter() - window.start
+    record = {
+        "tokens": member.state.tokens,
+        "step": member.state.step,
+        "lr": member.cfg.lr_at(member.state.tokens),
+        **member.stats.summary(),
+        "tokens_per_s": window.tokens / elapsed,
+        "loader_wait_fraction": window.wait / elapsed,
+        "distinct_images_per_batch": sum(window.distinct) / len(window.distinct),
+        "distinct_images_per_batch_min": min(window.distinct),
+        "heldout": heldout_metrics(member.sae, heldout_NTD, token_slice, member.cfg.batch_size),
+    }
+    member.stats = WindowStats()
+    return record
+
+
+def _append_log(run_dir: Path, record: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _postfix(record: dict[str, Any]) -> str:
+    return (
+        f"fvu {record['heldout']['fvu']:.3f} L0 {record['l0']:.1f} "
+        f"dead {record['dead_fraction']:.1%} wait {record['loader_wait_fraction']:.0%}"
+    )
