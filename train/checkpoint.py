@@ -1,4 +1,4 @@
-"""Checkpoints that a killed run resumes from exactly: SAE, Adam state, dead-latent counters, position.
+"""Checkpoints a killed run resumes from exactly: SAE, Adam state, dead-latent counters, position.
 
 A checkpoint is a folder `checkpoints/tokens_NNNNNNNNNNNN/` with the SAE in its usual form
 (cfg.json + sae.safetensors), the optimizer's tensors (optimizer.safetensors), and state.json

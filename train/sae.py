@@ -96,7 +96,7 @@ class TopKSAE(nn.Module):
     # ------------------------------------------------------------ the recipe's rules
     @torch.no_grad()
     def initialise_from(self, sample_ND: Tensor) -> None:
-        """Input scale to unit mean squared norm; b_pre at the geometric median (both on a sample)."""
+        """Input scale to unit mean squared norm; b_pre at the geometric median of a sample."""
         self.input_scale.fill_(float(sample_ND.pow(2).sum(dim=1).mean().rsqrt()))
         self.b_pre.copy_(geometric_median(sample_ND * self.input_scale))
 
