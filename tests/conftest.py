@@ -8,8 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
+import torch
 
+from vitscope.cache_spec import CacheAttrs, ShardCommit, create_or_open
+from vitscope.cache_spec.layout import ROWS_SCHEMA
 from vitscope.demo import PHOTO_CAPTIONS, photo_dir, serve_folder, write_url_list
 from vitscope.pipeline.config import CacheConfig, DownloadConfig
 from vitscope.pipeline.download import download
@@ -94,3 +98,65 @@ def reference_cache(tmp_path_factory: pytest.TempPathFactory, shards: Path) -> P
     summary = cache(cache_config(shards, out))
     assert summary.committed == 3 and not summary.failed
     return out
+
+
+def synthetic_cache(
+    path: Path,
+    n_images: int,
+    n_tokens: int = 5,
+    d_model: int = 8,
+    chunk_images: int = 4,
+    rows_per_shard: int = 16,
+    uncommitted_shards: int = 0,
+    seed: int = 0,
+) -> Path:
+    """A cache written through the real cache_spec API without a model: float32 random activations
+    whose channels 0 and 1 name the token (its row and its position), so tests can tell tokens
+    apart. The last `uncommitted_shards` shards are written but not committed."""
+    n_shards = -(-n_images // rows_per_shard)
+    attrs = CacheAttrs(
+        model="synthetic",
+        pretrained="none:seed=0",
+        image_size=8,
+        n_tokens=n_tokens,
+        d_model=d_model,
+        n_blocks=4,
+        layers=(3,),
+        storage="float32",
+        codec="zstd-1",
+        chunk_images=chunk_images,
+        rows_per_shard=rows_per_shard,
+        shards=tuple(f"{i:05d}.tar" for i in range(n_shards)),
+        model_dtype="float32",
+        preprocess="",
+    )
+    store = create_or_open(path, attrs)
+    generator = torch.Generator().manual_seed(seed)
+    for index, shard in enumerate(attrs.shards):
+        first = index * rows_per_shard
+        n = min(rows_per_shard, n_images - first)
+        acts = torch.randn(n, n_tokens, d_model, generator=generator) + 0.5
+        acts[:, :, 0] = torch.arange(first, first + n)[:, None].float()
+        acts[:, :, 1] = torch.arange(n_tokens).float()
+        for offset in range(0, n, chunk_images):
+            chunk = torch.zeros(chunk_images, n_tokens, d_model)
+            part = acts[offset : offset + chunk_images]
+            chunk[: len(part)] = part
+            store.write_chunk(3, (first + offset) // chunk_images, chunk)
+        if index >= n_shards - uncommitted_shards:
+            continue
+        rows = pa.table(
+            {
+                "row": list(range(first, first + n)),
+                "shard": [shard] * n,
+                "key": [f"{first + i:09d}" for i in range(n)],
+                "url": [None] * n,
+                "caption": [None] * n,
+                "status": ["ok"] * n,
+                "error": [None] * n,
+            },
+            schema=ROWS_SCHEMA,
+        )
+        commit = ShardCommit(shard, index, first, n, 0, 0, "synthetic", "2026-11-25T00:00:00+00:00")
+        store.commit(commit, rows)
+    return path

@@ -1,0 +1,107 @@
+"""The training stream: each token once per epoch, a seeded order, resume by seeking, a real mix."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import zarr
+
+from conftest import synthetic_cache
+from vitscope.cache_spec import open_cache
+from vitscope.train.loader import ActivationStream, distinct_images
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory):
+    return open_cache(synthetic_cache(tmp_path_factory.mktemp("loader") / "cache", n_images=90))
+
+
+def token_ids(acts_BD: torch.Tensor) -> list[tuple[int, int]]:
+    return [(int(row), int(pos)) for row, pos in acts_BD[:, :2].tolist()]
+
+
+def one_epoch(stream: ActivationStream, position: int = 0) -> list[tuple[int, int]]:
+    """Exactly one epoch's worth of the stream from `position` (batches may straddle epochs)."""
+    seen: list[tuple[int, int]] = []
+    for batch in stream.batches(position):
+        seen += token_ids(batch.acts_BD)
+        if len(seen) >= stream.epoch_tokens:
+            return seen[: stream.epoch_tokens]
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("token_set", "positions"), [("all", range(5)), ("cls", [0]), ("patches", range(1, 5))]
+)
+def test_every_training_token_once_per_epoch(cache, token_set: str, positions: range):
+    stream = ActivationStream(
+        cache, 3, tokens=token_set, batch_size=10, buffer_tokens=40, heldout_fraction=0.1
+    )
+    heldout_rows = {
+        r for ref in stream.heldout_chunks for r in range(ref.first_row, ref.first_row + ref.n_rows)
+    }
+    train_rows = set(range(90)) - heldout_rows
+    assert 0 < len(heldout_rows) < 90
+    expected = {(row, pos) for row in train_rows for pos in positions}
+    assert stream.epoch_tokens == len(expected)
+    counts = Counter(one_epoch(stream))
+    assert set(counts) == expected and set(counts.values()) == {1}
+    second_epoch = one_epoch(stream, stream.epoch_tokens)
+    assert Counter(second_epoch) == counts and second_epoch != list(counts)
+
+
+def test_order_is_a_function_of_the_seed_and_resume_is_a_seek(cache):
+    def stream(seed: int) -> ActivationStream:
+        return ActivationStream(cache, 3, batch_size=16, buffer_tokens=60, seed=seed)
+
+    def first(s: ActivationStream, n: int, position: int = 0) -> list[torch.Tensor]:
+        out = []
+        for batch in s.batches(position):
+            out.append(batch.acts_BD)
+            if len(out) == n:
+                return out
+        return out
+
+    reference = first(stream(7), 60)
+    assert all(torch.equal(a, b) for a, b in zip(reference, first(stream(7), 60), strict=True))
+    assert not torch.equal(reference[0], first(stream(8), 1)[0])
+    for skip in (1, 13, 27, 41):  # inside a window, at window edges, across an epoch boundary
+        resumed = first(stream(7), 60 - skip, position=16 * skip)
+        assert all(torch.equal(a, b) for a, b in zip(reference[skip:], resumed, strict=True))
+
+
+def test_default_buffer_mixes_over_a_thousand_images_per_batch(tmp_path: Path):
+    """At ViT-L/14's 257 tokens per image, the default window of 2^19 tokens spans ~2,000 images."""
+    path = synthetic_cache(
+        tmp_path / "cache",
+        n_images=2200,
+        n_tokens=257,
+        d_model=2,
+        chunk_images=16,
+        rows_per_shard=1104,
+    )
+    stream = ActivationStream(open_cache(path), 3, batch_size=4096, heldout_fraction=0.0)
+    counts = []
+    for batch in stream.batches(0):
+        counts.append(distinct_images(batch))
+        assert distinct_images(batch) == len(set(batch.acts_BD[:, 0].tolist()))
+        if len(counts) == 20:
+            break
+    assert min(counts) >= 1000
+    narrow = ActivationStream(
+        open_cache(path), 3, batch_size=4096, buffer_tokens=4096, heldout_fraction=0.0
+    )
+    assert distinct_images(next(narrow.batches(0))) <= 32
+
+
+def test_nan_activations_stop_training_with_the_rows_named(tmp_path: Path):
+    """The writer refuses NaN, so plant one behind its back, as a bad disk or tool would."""
+    path = synthetic_cache(tmp_path / "cache", n_images=8)
+    zarr.open_array(path / "layer_03", mode="r+")[5, 2, 3] = float("nan")
+    stream = ActivationStream(open_cache(path), 3, batch_size=8, heldout_fraction=0.0)
+    with pytest.raises(ValueError, match=r"layer 3, rows 4..7 hold NaN or inf activations"):
+        for _ in stream.batches(0):
+            pass

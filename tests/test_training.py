@@ -1,0 +1,184 @@
+"""Stage two end to end: it finds planted features, resumes a killed run exactly, sweeps share
+batches without changing results, and bad input stops it in one line before any work."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_vitscope, synthetic_cache
+from vitscope.train.config import TrainConfig, sweep_configs
+from vitscope.train.loader import tensor_batches
+from vitscope.train.report import read_log
+from vitscope.train.run import train
+from vitscope.train.trainer import fit, new_member
+
+
+def planted_features(n_tokens: int, seed: int, d: int = 64, n_features: int = 128):
+    """Sparse sums of known unit directions with power-law frequencies, plus noise and an offset."""
+    generator = torch.Generator().manual_seed(0)
+    directions = torch.randn(n_features, d, generator=generator)
+    directions /= directions.norm(dim=1, keepdim=True)
+    offset = 2.0 * torch.randn(d, generator=generator)
+    frequency = torch.arange(1, n_features + 1).float().pow(-0.6)
+    frequency *= 4 / frequency.sum()  # four features per token on average
+    generator.manual_seed(seed)
+    active = torch.rand(n_tokens, n_features, generator=generator) < frequency
+    magnitude = 1 + 2 * torch.rand(n_tokens, n_features, generator=generator)
+    noise = 0.02 * torch.randn(n_tokens, d, generator=generator)
+    return (active * magnitude) @ directions + noise + offset, directions
+
+
+def test_training_recovers_planted_features(tmp_path: Path):
+    x, directions = planted_features(120_000, seed=1)
+    heldout, _ = planted_features(4096, seed=2)
+    cfg = TrainConfig(
+        cache="in-memory",
+        out=str(tmp_path / "run"),
+        tokens=240_000,
+        batch_size=1024,
+        n_latents=256,
+        k=8,
+        k_aux=32,
+        lr=3e-3,
+        dead_tokens=20_000,
+        log_every=60_000,
+    )
+    member = new_member(cfg, 64, x[:8192], torch.device("cpu"))
+    fit([member], tensor_batches(x, 1024), heldout.view(64, 64, 64), slice(0, 64))
+    best_cosine = (directions @ member.sae.w_dec.T).max(dim=1).values
+    assert (best_cosine > 0.9).float().mean() >= 0.9
+    assert read_log(cfg.run_dir)[-1]["heldout"]["fvu"] < 0.1
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthetic_cache(tmp_path_factory.mktemp("train") / "cache", n_images=400, d_model=16)
+
+
+def small_config(cache: Path, out: Path, **changes: object) -> TrainConfig:
+    settings: dict = dict(
+        cache=str(cache),
+        layer=3,
+        out=str(out),
+        tokens=30_720,
+        batch_size=128,
+        n_latents=64,
+        k=4,
+        k_aux=8,
+        lr=1e-3,
+        dead_tokens=2_048,
+        buffer_tokens=500,
+        heldout_fraction=0.1,
+        eval_images=8,
+        log_every=1_024,
+        checkpoint_every=4_096,
+        device="cpu",
+    )
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+def comparable(record: dict) -> list[float]:
+    """The numbers of a log line that must not depend on timing."""
+    keys = ("tokens", "step", "lr", "mse", "aux_loss", "l0", "dead_fraction")
+    heldout = record["heldout"]
+    return [record[k] for k in keys] + [heldout["fvu"], *heldout["mse_by_token"]]
+
+
+def cli_flags(cfg: TrainConfig) -> list[str]:
+    return [
+        f"--{name.replace('_', '-')}={value}"
+        for name, value in dataclasses.asdict(cfg).items()
+        if not isinstance(value, bool)
+    ]
+
+
+def test_killed_training_resumes_with_the_same_losses(small_cache: Path, tmp_path: Path):
+    uninterrupted = small_config(small_cache, tmp_path / "whole", tokens=81_920)
+    killed = dataclasses.replace(uninterrupted, out=str(tmp_path / "killed"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vitscope", "train", *cli_flags(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    second_checkpoint = killed.run_dir / "checkpoints" / f"tokens_{2 * 4096:012d}"
+    deadline = time.monotonic() + 120
+    while not second_checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert second_checkpoint.exists() and not (killed.run_dir / "sae.safetensors").exists()
+    log_before = read_log(killed.run_dir)
+    assert log_before[-1]["tokens"] < uninterrupted.tokens
+
+    train([dataclasses.replace(killed, resume=True)])
+    train([uninterrupted])
+    resumed, whole = read_log(killed.run_dir), read_log(uninterrupted.run_dir)
+    assert [r["tokens"] for r in resumed] == [r["tokens"] for r in whole]
+    for got, expected in zip(resumed, whole, strict=True):
+        torch.testing.assert_close(comparable(got), comparable(expected), rtol=1e-4, atol=1e-6)
+    final = {}
+    for run in (killed, uninterrupted):
+        final[run.out] = json.loads((run.run_dir / "cfg.json").read_text())
+        assert (run.run_dir / "sae.safetensors").exists() and (run.run_dir / "report.png").exists()
+    assert final[killed.out]["input_scale"] == final[uninterrupted.out]["input_scale"]
+
+
+def test_sweep_shares_batches_without_changing_any_sae(small_cache: Path, tmp_path: Path):
+    sweep_file = tmp_path / "sweep.toml"
+    sweep_file.write_text(
+        f'cache = "{small_cache}"\nlayer = 3\nout = "{tmp_path / "sweep"}"\ntokens = 8192\n'
+        "batch_size = 128\nn_latents = 64\nk_aux = 8\nbuffer_tokens = 500\nheldout_fraction = 0.1\n"
+        "eval_images = 8\nlog_every = 2048\ndevice = 'cpu'\n"
+        "[[sae]]\nk = 4\nlr = 1e-3\n\n[[sae]]\nk = 8\nlr = 3e-4\n"
+    )
+    members = sweep_configs(sweep_file)
+    assert [m.run_dir.name for m in members] == ["k4_lr0.001", "k8_lr0.0003"]
+    train(members)
+    alone = dataclasses.replace(members[1], out=str(tmp_path / "alone"))
+    train([alone])
+    together, solo = read_log(members[1].run_dir), read_log(alone.run_dir)
+    for got, expected in zip(together, solo, strict=True):
+        torch.testing.assert_close(comparable(got), comparable(expected), rtol=1e-4, atol=1e-6)
+    assert read_log(members[0].run_dir)[-1]["l0"] <= 4
+
+
+def test_sweep_refuses_settings_that_cannot_differ(tmp_path: Path):
+    sweep_file = tmp_path / "sweep.toml"
+    sweep_file.write_text('cache = "c"\n[[sae]]\nk = 4\n[[sae]]\nlayer = 5\n')
+    with pytest.raises(ValueError, match=r"may only set k, n_latents, k_aux, lr, seed, not layer"):
+        sweep_configs(sweep_file)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"layer": 7}, "expected layer 7, found layers 3"),
+        ({"d_in": 1024}, "layer 3 has d_model 16, but the config says d_in = 1024"),
+        ({"resume": True}, "no checkpoint to resume from; start without --resume"),
+    ],
+)
+def test_bad_training_input_is_one_line(small_cache: Path, tmp_path: Path, changes, message):
+    with pytest.raises(Exception, match=message) as err:
+        train([small_config(small_cache, tmp_path / "run", **changes)])
+    assert "\n" not in str(err.value)
+
+
+def test_cache_still_being_written_is_refused(tmp_path: Path):
+    path = synthetic_cache(tmp_path / "cache", n_images=40, uncommitted_shards=1)
+    result = run_vitscope("train", "--cache", str(path), "--layer", "3", "--tokens", "4096")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"error: {path}: 1 of 3 shards are not committed (still being written, or failed: see "
+        "`vitscope cache-info`); wait for `vitscope cache` to finish, or pass --allow-partial to "
+        "train on the committed rows"
+    )
