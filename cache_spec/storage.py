@@ -53,16 +53,21 @@ class Encoding:
             stored = scaled.to(torch.float8_e4m3fn).view(torch.uint8)
         return stored.cpu().numpy(), scale_D.cpu().numpy()
 
-    def decode(self, stored: np.ndarray, scale: np.ndarray | None) -> torch.Tensor:
-        """Stored numbers -> float32 activations; `scale` broadcasts against them (…, D)."""
+    def decode(
+        self, stored: np.ndarray, scale: np.ndarray | None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Stored numbers -> activations in `dtype`; `scale` broadcasts against them (…, D).
+
+        float16 storage decoded to float16 is the stored array itself: no copy, no conversion.
+        """
         values = torch.from_numpy(np.ascontiguousarray(stored))
         if not self.scaled:
-            return values.float()
+            return values.to(dtype)
         if self.name == "float8_e4m3":
             values = values.view(torch.float8_e4m3fn)
         if scale is None:
             raise ValueError(f"{self.name} storage needs its per-chunk scales to decode")
-        return values.float().mul_(torch.from_numpy(scale))
+        return values.to(dtype).mul_(torch.from_numpy(scale).to(dtype))
 
 
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}

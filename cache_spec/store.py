@@ -113,11 +113,13 @@ class Cache:
             raise ValueError(f"order must be 'sequential' or 'random', not {order!r}")
         return refs
 
-    def read_chunk(self, layer: int, ref: ChunkRef) -> torch.Tensor:
-        """The committed rows of one chunk as float32, shape (n_rows, T, D)."""
+    def read_chunk(
+        self, layer: int, ref: ChunkRef, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """The committed rows of one chunk, shape (n_rows, T, D), float32 unless asked otherwise."""
         stored = self._array(layer)[ref.first_row : ref.first_row + ref.n_rows]
         scales_1D = self._scales(layer, [ref.index])
-        return self.encoding.decode(stored, scales_1D)
+        return self.encoding.decode(stored, scales_1D, dtype)
 
     def read_rows(self, layer: int, rows: Sequence[int]) -> torch.Tensor:
         """Arbitrary committed rows, in the order given, as float32 (len(rows), T, D)."""
