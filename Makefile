@@ -15,8 +15,12 @@ LAYERS ?= 2,5,8,11,14,17,20,22
 MODEL ?= ViT-L-14
 PRETRAINED ?= laion2b_s32b_b82k
 CACHE_FLAGS ?=
+LAYER ?= 20
+RUN ?= runs/layer$(LAYER)
+TRAIN_FLAGS ?=
+SWEEP ?= sweep.toml
 
-.PHONY: install download cache demo test bench lint
+.PHONY: install download cache train sweep demo test bench lint
 
 install: .venv/.installed
 
@@ -35,6 +39,12 @@ cache: install
 		--model $(MODEL) --pretrained $(PRETRAINED) $(CACHE_FLAGS)
 	$(VITSCOPE) cache-info $(CACHE)
 
+train: install
+	$(VITSCOPE) train --cache $(CACHE) --layer $(LAYER) --out $(RUN) $(TRAIN_FLAGS)
+
+sweep: install
+	$(VITSCOPE) sweep $(SWEEP)
+
 demo: install
 	$(VITSCOPE) demo
 
@@ -44,6 +54,8 @@ test: install
 bench: install
 	$(PY) bench/cache_throughput.py
 	$(PY) bench/codecs.py
+	$(PY) bench/train_step.py
+	$(PY) bench/train_throughput.py
 
 lint: install
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

@@ -98,7 +98,7 @@ DEMO_PRETRAINED = {"ViT-B-32": "laion2b_s34b_b79k", "ViT-L-14": "laion2b_s32b_b8
 
 
 def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
-    """Photos -> 127.0.0.1 -> img2dataset shards -> a cache of 4 layers -> its summary."""
+    """Photos -> 127.0.0.1 -> img2dataset shards -> a cache of 4 layers -> an SAE on layer 8."""
     import shutil
 
     from vitscope.cache_spec.info import summary_lines
@@ -106,6 +106,8 @@ def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
     from vitscope.pipeline.config import CacheConfig, DownloadConfig
     from vitscope.pipeline.download import download
     from vitscope.pipeline.run import cache
+    from vitscope.train.config import TrainConfig
+    from vitscope.train.run import train
 
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
@@ -139,3 +141,26 @@ def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
     )
     print("\n".join(summary.lines()))
     print("\n".join(summary_lines(open_cache(summary.cache))))
+    width = open_cache(summary.cache).attrs.d_model
+    (run,) = train(
+        [
+            TrainConfig(
+                cache=str(summary.cache),
+                layer=8,
+                out=str(workdir / "sae-layer08"),
+                tokens=65_536,
+                batch_size=256,
+                n_latents=2 * width,
+                k=16,
+                k_aux=64,
+                lr=1e-3,
+                dead_tokens=8_192,
+                buffer_tokens=4_096,
+                heldout_fraction=0.3,
+                eval_images=8,
+                log_every=4_096,
+                checkpoint_every=32_768,
+            )
+        ]
+    )
+    print(f"SAE trained on layer 8: {run}/sae.safetensors; curves and MSE by patch: {run}/report.png")
