@@ -1,0 +1,115 @@
+"""Judge 8-bit storage by the SAE it trains: the same images cached as float16, int8 and float8
+e4m3, one SAE per cache with the same seed and tokens, held-out FVU side by side.
+
+Each SAE is evaluated on the float16 cache's held-out images (the same rows in every cache: same
+chunking, same split seed), so the comparison measures what storage does to training, not to the
+evaluation data.
+
+    .venv/bin/python bench/storage_quality.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from photo_shards import write_photo_shards
+from train_step import machine
+
+from vitscope.cache_spec import open_cache
+from vitscope.pipeline.config import CacheConfig
+from vitscope.pipeline.run import cache
+from vitscope.train.config import TrainConfig
+from vitscope.train.loader import ActivationStream
+from vitscope.train.metrics import heldout_metrics
+from vitscope.train.run import train
+from vitscope.train.sae import TopKSAE
+
+STORAGES = ("float16", "int8", "float8_e4m3")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--layer", type=int, default=8)
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=400_000)
+    parser.add_argument("--latents", type=int, default=4096)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/storage_quality.md"))
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="vitscope-storage-bench-"))
+    shards = write_photo_shards(workdir / "shards", n_images=args.images, shard_size=256)
+    results = {}
+    for storage in STORAGES:
+        cache(
+            CacheConfig(
+                shards=str(shards),
+                out=str(workdir / storage),
+                layers=(args.layer,),
+                model=args.model,
+                pretrained="none",
+                device="cpu",
+                batch_size=32,
+                num_workers=2,
+                storage=storage,
+                chunk_images=16,
+                rows_per_shard=256,
+            )
+        )
+        (run,) = train(
+            [
+                TrainConfig(
+                    cache=str(workdir / storage),
+                    layer=args.layer,
+                    out=str(workdir / f"sae-{storage}"),
+                    tokens=args.tokens,
+                    batch_size=1024,
+                    n_latents=args.latents,
+                    k=32,
+                    k_aux=256,
+                    lr=5e-4,
+                    dead_tokens=100_000,
+                    buffer_tokens=2**15,
+                    heldout_fraction=0.1,
+                    eval_images=64,
+                    log_every=args.tokens,
+                    device="cpu",
+                )
+            ]
+        )
+        results[storage] = TopKSAE.load(run)
+    reference = open_cache(workdir / "float16", layer=args.layer)
+    stream = ActivationStream(reference, args.layer, heldout_fraction=0.1)
+    heldout, _ = stream.heldout_images(64)
+    rows = []
+    for storage, sae in results.items():
+        own = open_cache(workdir / storage, layer=args.layer)
+        own_heldout, _ = ActivationStream(own, args.layer, heldout_fraction=0.1).heldout_images(64)
+        error = float((own_heldout - heldout).norm() / heldout.norm())
+        fvu = heldout_metrics(sae, heldout, slice(None), 1024)["fvu"]
+        rows.append(f"| {storage} | {own.encoding.bytes_per_value} | {error:.2e} | {fvu:.4f} |")
+    lines = [
+        f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine(torch.device('cpu'))}",
+        "",
+        f"`python bench/storage_quality.py --model {args.model} --layer {args.layer} --images "
+        f"{args.images} --tokens {args.tokens} --latents {args.latents}` (random-weight "
+        f"{args.model}: no CLIP weights can be downloaded here; scikit-image photos, varied)",
+        "",
+        "| storage | bytes/value | cache error vs float16 (rel.) | held-out FVU on float16 data |",
+        "| --- | --- | --- | --- |",
+        *rows,
+        "",
+    ]
+    print("\n".join(lines))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        f.write("\n".join(lines) + "\n")
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
