@@ -56,8 +56,16 @@ def gather_dot(idx_BK: Tensor, a_BD: Tensor, m_FD: Tensor) -> Tensor:
 
 
 def scatter_outer(idx_BK: Tensor, values_BK: Tensor, a_BD: Tensor, n_latents: int) -> Tensor:
-    """out[f] = Σ_{b,j: idx[b,j] = f} values[b, j] · a[b], as a dense (F, D) gradient."""
-    return selection_matrix(idx_BK, values_BK, n_latents).t() @ a_BD
+    """out[f] = Σ_{b,j: idx[b,j] = f} values[b, j] · a[b], as a dense (F, D) gradient.
+
+    On the CPU a transposed sparse product is fastest (0.12 s against 0.20 s for index_add at
+    the full configuration); CUDA has no kernel for it, and index_add is fast there.
+    """
+    if a_BD.device.type == "cpu":
+        return selection_matrix(idx_BK, values_BK, n_latents).t() @ a_BD
+    rows = (values_BK[:, :, None] * a_BD[:, None, :]).flatten(0, 1)
+    out = torch.zeros(n_latents, a_BD.shape[1], device=a_BD.device, dtype=a_BD.dtype)
+    return out.index_add_(0, idx_BK.flatten(), rows)
 
 
 def gather_sum(idx_BK: Tensor, values_BK: Tensor, m_FD: Tensor) -> Tensor:
