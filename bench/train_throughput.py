@@ -21,6 +21,7 @@ import torch
 from train_step import machine
 
 from vitscope.cache_spec import CacheAttrs, ShardCommit, create_or_open, open_cache
+from vitscope.cache_spec.codecs import DEFAULT_CODEC
 from vitscope.cache_spec.layout import ROWS_SCHEMA, layer_array_name
 from vitscope.train.config import TrainConfig
 from vitscope.train.loader import ActivationStream, tensor_batches
@@ -42,7 +43,7 @@ def write_random_cache(path: Path, n_images: int, chunk_images: int) -> Path:
         n_blocks=24,
         layers=(LAYER,),
         storage="float16",
-        codec="blosc-zstd1-shuffle",
+        codec=DEFAULT_CODEC,
         chunk_images=chunk_images,
         rows_per_shard=n_images,
         shards=("00000.tar",),
