@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
@@ -131,7 +133,8 @@ def _bf16_candidates(
     x_BD: Tensor, w_enc_FD: Tensor, b_enc_F: Tensor, k: int, n_candidates: int
 ) -> _Candidates:
     x_bf, w_bf, b_bf = x_BD.bfloat16(), w_enc_FD.bfloat16(), b_enc_F.bfloat16()
-    estimate_BF = torch.addmm(b_bf, x_bf, w_bf.T)
+    with _float32_accumulation():
+        estimate_BF = torch.addmm(b_bf, x_bf, w_bf.T)
     estimate, idx = estimate_BF.topk(n_candidates, dim=1, sorted=False)
     del estimate_BF
     # |exact - estimate| <= ‖x-x̃‖‖w‖ + ‖x̃‖‖w-w̃‖ + |b-b̃| + u·|estimate| + slack (Cauchy-Schwarz
@@ -152,6 +155,19 @@ def _bf16_candidates(
         + ACCUMULATION_SLACK * x_norm * w_norm_max
     )
     return _Candidates(idx.sort(dim=1).values, bound)
+
+
+@contextmanager
+def _float32_accumulation() -> Iterator[None]:
+    """cuBLAS may reduce bfloat16 products in bfloat16 unless told not to; the bound assumes float32
+    accumulation (as CPU kernels do), so turn that off for the candidate product."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_bf16_reduced_precision_reduction
+    matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction = saved
 
 
 def _sorted_by_latent(values: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:

@@ -32,7 +32,8 @@ TokenChoice = Literal["all", "cls", "patches"]
 @dataclass
 class Batch:
     acts_BD: Tensor
-    """float32 activations (unscaled, as cached)."""
+    """Activations as cached (unscaled), float16 unless the cache stores float32: the trainer
+    moves half the bytes to its device and converts there."""
     rows_B: Tensor
     """The cache row (image) each token came from."""
     position: int
@@ -121,7 +122,7 @@ class ActivationStream:
                 pending += take
                 if pending == self.batch_size:
                     position += pending
-                    yield Batch(torch.cat(pending_acts).float(), torch.cat(pending_rows), position)
+                    yield Batch(_joined(pending_acts), _joined(pending_rows), position)
                     pending_acts, pending_rows, pending = [], [], 0
 
     def _produce(self, position: int, windows: queue.Queue, stop: threading.Event) -> None:
@@ -197,6 +198,11 @@ class ActivationStream:
         return torch.cat(acts)[:max_images], torch.cat(rows)[:max_images]
 
 
+def _joined(parts: list[Tensor]) -> Tensor:
+    """One tensor from the parts of a batch; a batch inside one window is a view, not a copy."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def token_slice(tokens: TokenChoice, n_tokens: int) -> slice:
     return {"all": slice(0, n_tokens), "cls": slice(0, 1), "patches": slice(1, n_tokens)}[tokens]
 
@@ -219,4 +225,4 @@ def tensor_batches(acts_ND: Tensor, batch_size: int, seed: int = 0) -> Iterator[
         for start in range(0, len(order) - batch_size + 1, batch_size):
             position += batch_size
             rows = order[start : start + batch_size]
-            yield Batch(acts_ND[rows].float(), rows, position)
+            yield Batch(acts_ND[rows], rows, position)

@@ -114,4 +114,4 @@ def _init_sample(stream: ActivationStream) -> torch.Tensor:
         if batch.position >= stream.epoch_tokens:
             break
     batches.close()
-    return torch.cat(parts)
+    return torch.cat(parts).float()

@@ -93,7 +93,7 @@ def fit(
         waited = time.perf_counter()
         batch = next(batches)
         window.wait += time.perf_counter() - waited
-        x_BD = batch.acts_BD.to(device, non_blocking=True)
+        x_BD = batch.acts_BD.to(device, non_blocking=True).float()
         for member in members:
             train_step(member, x_BD * member.sae.input_scale)
         tokens += len(x_BD)
