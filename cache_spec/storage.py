@@ -39,10 +39,8 @@ class Encoding:
 
     def encode(self, acts_NTD: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """Float activations (any device) -> (stored array on the host, scales_D or None)."""
-        _check_finite(acts_NTD)
+        _check_range(acts_NTD, FLOAT16_MAX if self.name == "float16" else float("inf"))
         if not self.scaled:
-            if self.name == "float16":
-                _check_float16_range(acts_NTD)
             return acts_NTD.to(_TORCH_DTYPES[self.name]).cpu().numpy(), None
         absmax_D = acts_NTD.abs().amax(dim=(0, 1)).float()
         scale_D = torch.where(absmax_D > 0, absmax_D / self.levels, torch.ones_like(absmax_D))
@@ -80,16 +78,14 @@ ENCODINGS: dict[str, Encoding] = {
 }
 
 
-def _check_finite(acts: torch.Tensor) -> None:
-    if not bool(torch.isfinite(acts).all()):
+def _check_range(acts: torch.Tensor, limit: float) -> None:
+    """One reduction, so one device sync: the peak is NaN if any value is (max propagates NaN)."""
+    peak = float(acts.abs().amax())
+    if peak != peak or peak == float("inf"):
         bad = int((~torch.isfinite(acts)).sum())
         raise StorageRangeError(f"{bad} activation values are NaN or infinite")
-
-
-def _check_float16_range(acts: torch.Tensor) -> None:
-    peak = float(acts.abs().max())
-    if peak > FLOAT16_MAX:
+    if peak > limit:
         raise StorageRangeError(
-            f"activations reach {peak:.4g}, beyond float16's {FLOAT16_MAX:.0f}; "
+            f"activations reach {peak:.4g}, beyond float16's {limit:.0f}; "
             "cache with --storage float32 or int8"
         )

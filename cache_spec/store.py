@@ -139,10 +139,14 @@ class Cache:
     # --------------------------------------------------------------- writing
     def write_chunk(self, layer: int, chunk_index: int, acts_CTD: torch.Tensor) -> int:
         """Encode and store one whole chunk (pad a shard's tail chunk to C rows); returns bytes."""
-        per_chunk = self.attrs.chunk_images
-        stored, scale_D = self.encoding.encode(acts_CTD)
-        first = chunk_index * per_chunk
-        self._array(layer)[first : first + per_chunk] = stored
+        return self.write_encoded(layer, chunk_index, *self.encoding.encode(acts_CTD))
+
+    def write_encoded(
+        self, layer: int, chunk_index: int, stored: np.ndarray, scale_D: np.ndarray | None
+    ) -> int:
+        """Store a chunk already encoded (`encoding.encode`): the part that may run in a thread."""
+        first = chunk_index * self.attrs.chunk_images
+        self._array(layer)[first : first + self.attrs.chunk_images] = stored
         if scale_D is not None:
             self._array(layer, scale=True)[chunk_index] = scale_D
         return stored.nbytes

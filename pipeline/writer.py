@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -118,14 +119,21 @@ class ShardWriter:
             if len(chunk) < per_chunk:
                 padding = chunk.new_zeros((per_chunk - len(chunk), *chunk.shape[1:]))
                 chunk = torch.cat([chunk, padding])
-            self._futures.append(self._submit(layer, chunk_index, chunk))
+            # Encoding runs here, where the activations are (the GPU, one sync per chunk); worker
+            # threads only compress and write, so they never queue syncs behind the forward pass.
+            stored, scale_D = self.cache.encoding.encode(chunk)
+            self._futures.append(self._submit(layer, chunk_index, stored, scale_D))
         taken = min(per_chunk, self._waiting_rows)
         self._waiting_rows -= taken
         self._written_rows += taken
 
-    def _submit(self, layer: int, chunk_index: int, chunk: torch.Tensor) -> Future:
+    def _submit(
+        self, layer: int, chunk_index: int, stored: np.ndarray, scale_D: np.ndarray | None
+    ) -> Future:
         try:
-            return self.queue.submit(lambda: self.cache.write_chunk(layer, chunk_index, chunk))
+            return self.queue.submit(
+                lambda: self.cache.write_encoded(layer, chunk_index, stored, scale_D)
+            )
         except OSError as err:
             raise self._write_error(err) from None
 
