@@ -152,10 +152,11 @@ def _bf16_candidates(
     # |exact - estimate| <= ‖x-x̃‖‖w‖ + ‖x̃‖‖w-w̃‖ + |b-b̃| + u·|estimate| + slack (Cauchy-Schwarz
     # on the rounded inputs, one output rounding); a non-candidate's estimate is at most the
     # smallest candidate's, and v + u|v| grows with v, so one bound per token covers them all.
+    # (‖w - w̃‖ <= u‖w‖ row by row: rounding W's residuals exactly would cost a pass over W.)
     x_norm = x_BD.norm(dim=1)
     w_norm_max = w_enc_FD.norm(dim=1).max()
     input_error = (x_BD - x_bf.float()).norm(dim=1) * w_norm_max + x_bf.float().norm(dim=1) * (
-        (w_enc_FD - w_bf.float()).norm(dim=1).max()
+        BF16_UNIT_ROUNDOFF * w_norm_max
     )
     bias_error = (b_enc_F - b_bf.float()).abs().max()
     floor = estimate.float().amin(dim=1)
