@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from common import publish
 from photo_shards import write_photo_shards
-from train_step import machine
 
 from vitscope.cache_spec import open_cache
 from vitscope.pipeline.config import CacheConfig
@@ -92,22 +91,19 @@ def main() -> None:
         error = float((own_heldout - heldout).norm() / heldout.norm())
         fvu = heldout_metrics(sae, heldout, slice(None), 1024)["fvu"]
         rows.append(f"| {storage} | {own.encoding.bytes_per_value} | {error:.2e} | {fvu:.4f} |")
-    lines = [
-        f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine(torch.device('cpu'))}",
-        "",
-        f"`python bench/storage_quality.py --model {args.model} --layer {args.layer} --images "
-        f"{args.images} --tokens {args.tokens} --latents {args.latents}` (random-weight "
-        f"{args.model}: no CLIP weights can be downloaded here; scikit-image photos, varied)",
+    command = (
+        f"python bench/storage_quality.py --model {args.model} --layer {args.layer} --images "
+        f"{args.images} --tokens {args.tokens} --latents {args.latents}"
+    )
+    body = [
+        f"Random-weight {args.model} (no CLIP weights can be downloaded here) on scikit-image's "
+        "photos, varied; one SAE per storage, same seed and tokens, evaluated on float16 data.",
         "",
         "| storage | bytes/value | cache error vs float16 (rel.) | held-out FVU on float16 data |",
         "| --- | --- | --- | --- |",
         *rows,
-        "",
     ]
-    print("\n".join(lines))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write("\n".join(lines) + "\n")
+    publish(args.out, torch.device("cpu"), command, body)
     shutil.rmtree(workdir, ignore_errors=True)
 
 

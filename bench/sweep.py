@@ -13,12 +13,10 @@ import dataclasses
 import shutil
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from train_step import machine
-from train_throughput import write_random_cache
+from common import publish, write_random_cache
 
 from vitscope.train.config import TrainConfig
 from vitscope.train.run import train
@@ -68,13 +66,12 @@ def main() -> None:
         seconds, read = timed_train([dataclasses.replace(member, out=member.out + "-alone")])
         separate_seconds += seconds
         separate_bytes += read
-    when = datetime.now(timezone.utc)
-    lines = [
-        f"### {when:%Y-%m-%d %H:%M} UTC, {machine(torch.device(args.device))}",
-        "",
-        f"`python bench/sweep.py --images {args.images} --latents {args.latents} "
-        f"--tokens {args.tokens} --device {args.device}` (random float16 cache, T=257, D=1024; "
-        "4 SAEs: k 16/32 x lr 1e-4/3e-4)",
+    command = (
+        f"python bench/sweep.py --images {args.images} --latents {args.latents} "
+        f"--tokens {args.tokens} --device {args.device}"
+    )
+    body = [
+        "Random float16 cache (T=257, D=1024); 4 SAEs: k 16/32 x lr 1e-4/3e-4.",
         "",
         "| how | wall time (s) | bytes read (MB) |",
         "| --- | --- | --- |",
@@ -84,12 +81,8 @@ def main() -> None:
         "",
         f"The sweep took {sweep_seconds / separate_seconds:.2f} of the separate runs' time and "
         f"read {sweep_bytes / separate_bytes:.2f} of their bytes.",
-        "",
     ]
-    print("\n".join(lines))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write("\n".join(lines) + "\n")
+    publish(args.out, torch.device(args.device), command, body)
     shutil.rmtree(workdir, ignore_errors=True)
 
 

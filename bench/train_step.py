@@ -12,14 +12,12 @@ PyTorch version: dense top-k scattered into a (B, F) matrix, dense decoder produ
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import subprocess
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from common import publish
 
 from vitscope.train.sae import TopKSAE, losses
 
@@ -70,21 +68,6 @@ def gradient_agreement(args: argparse.Namespace, x_BD: torch.Tensor, dead_F) -> 
     )
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in cpu.splitlines()
-            if line.startswith("Model name")
-        ),
-        platform.processor(),
-    )
-    return f"{model}, {torch.get_num_threads()} threads"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -114,11 +97,7 @@ def main() -> None:
     command = "python bench/train_step.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"
     )
-    lines = [
-        f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine(device)}",
-        "",
-        f"`{command}` (torch {torch.__version__})",
-        "",
+    body = [
         "| path | median step (s) | tokens/s | all timings (s) |",
         "| --- | --- | --- | --- |",
         *(
@@ -129,12 +108,8 @@ def main() -> None:
         "",
         f"Speed-up sparse over dense: **{dense / sparse:.1f}x**; largest relative gradient "
         f"difference between the paths: {error:.1e}.",
-        "",
     ]
-    print("\n".join(lines))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write("\n".join(lines) + "\n")
+    publish(args.out, device, command, body)
 
 
 if __name__ == "__main__":

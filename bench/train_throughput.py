@@ -14,60 +14,18 @@ import argparse
 import shutil
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from train_step import machine
+from common import publish, write_random_cache
 
-from vitscope.cache_spec import CacheAttrs, ShardCommit, create_or_open, open_cache
-from vitscope.cache_spec.codecs import DEFAULT_CODEC
-from vitscope.cache_spec.layout import ROWS_SCHEMA, layer_array_name
+from vitscope.cache_spec import open_cache
+from vitscope.cache_spec.layout import layer_array_name
 from vitscope.train.config import TrainConfig
 from vitscope.train.loader import ActivationStream, tensor_batches
 from vitscope.train.trainer import fit, new_member
 
 LAYER = 20
-
-
-def write_random_cache(path: Path, n_images: int, chunk_images: int) -> Path:
-    """float16 activations of ViT-L/14's shape through the real writer, one shard."""
-    import pyarrow as pa
-
-    attrs = CacheAttrs(
-        model="random",
-        pretrained="none:seed=0",
-        image_size=224,
-        n_tokens=257,
-        d_model=1024,
-        n_blocks=24,
-        layers=(LAYER,),
-        storage="float16",
-        codec=DEFAULT_CODEC,
-        chunk_images=chunk_images,
-        rows_per_shard=n_images,
-        shards=("00000.tar",),
-        model_dtype="float32",
-        preprocess="",
-    )
-    store = create_or_open(path, attrs)
-    generator = torch.Generator().manual_seed(0)
-    for index in range(n_images // chunk_images):
-        store.write_chunk(LAYER, index, torch.randn(chunk_images, 257, 1024, generator=generator))
-    rows = pa.table(
-        {
-            "row": list(range(n_images)),
-            "shard": ["00000.tar"] * n_images,
-            "key": [str(i) for i in range(n_images)],
-            "url": [None] * n_images,
-            "caption": [None] * n_images,
-            "status": ["ok"] * n_images,
-            "error": [None] * n_images,
-        },
-        schema=ROWS_SCHEMA,
-    )
-    store.commit(ShardCommit("00000.tar", 0, 0, n_images, 0, 0, "bench", "now"), rows)
-    return path
 
 
 def sequential_read(folder: Path) -> tuple[int, float]:
@@ -111,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     workdir = Path(tempfile.mkdtemp(prefix="vitscope-train-bench-"))
-    cache_path = args.cache or write_random_cache(workdir / "cache", args.images, 16)
+    cache_path = args.cache or write_random_cache(workdir / "cache", args.images, 16, args.layer)
     cache = open_cache(cache_path, layer=args.layer)
     stream = ActivationStream(
         cache,
@@ -144,13 +102,12 @@ def main() -> None:
         batches = tensor_batches(in_ram, args.batch) if name == "ram" else stream.batches(0)
         rates.setdefault(name, []).append(train_rate(cfg, batches, sample, heldout, device))
     best = {name: max(values) for name, values in rates.items()}
-    lines = [
-        f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine(device)}",
-        "",
-        f"`python bench/train_throughput.py --device {args.device} --latents {args.latents} "
-        f"--tokens {args.tokens} --batch {args.batch} --images {args.images}`"
-        + (f" on `{args.cache}`" if args.cache else " (random float16 cache, T=257, D=1024)"),
-        "",
+    command = (
+        f"python bench/train_throughput.py --device {args.device} --latents {args.latents} "
+        f"--tokens {args.tokens} --batch {args.batch} --images {args.images} "
+        f"--read-threads {args.read_threads}" + (f" --cache {args.cache}" if args.cache else "")
+    )
+    body = [
         "| what | rate |",
         "| --- | --- |",
         f"| plain sequential read of the layer's files | {disk_bytes / disk_seconds / 1e9:.2f} "
@@ -166,12 +123,8 @@ def main() -> None:
         "",
         f"Training from Zarr reaches **{best['zarr'] / best['ram']:.2f}** of the in-RAM rate "
         f"(best of two each). Files were likely in the page cache for both reads.",
-        "",
     ]
-    print("\n".join(lines))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write("\n".join(lines) + "\n")
+    publish(args.out, device, command, body)
     shutil.rmtree(workdir, ignore_errors=True)
 
 

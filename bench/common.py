@@ -1,0 +1,85 @@
+"""What the stage-two benchmarks share: the machine's name, a results section, a random cache."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from vitscope.cache_spec import CacheAttrs, ShardCommit, create_or_open
+from vitscope.cache_spec.codecs import DEFAULT_CODEC
+from vitscope.cache_spec.layout import ROWS_SCHEMA
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in cpu.splitlines()
+            if line.startswith("Model name")
+        ),
+        platform.processor(),
+    )
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def publish(out: Path, device: torch.device, command: str, body: list[str]) -> None:
+    """Print a results section (date, machine, exact command, body) and append it to `out`."""
+    lines = [
+        f"### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine(device)}",
+        "",
+        f"`{command}` (torch {torch.__version__})",
+        "",
+        *body,
+        "",
+    ]
+    print("\n".join(lines))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_random_cache(path: Path, n_images: int, chunk_images: int, layer: int = 20) -> Path:
+    """float16 activations of ViT-L/14's shape (T=257, D=1024) through the real writer, one shard:
+    loader and training speed do not depend on the values."""
+    attrs = CacheAttrs(
+        model="random",
+        pretrained="none:seed=0",
+        image_size=224,
+        n_tokens=257,
+        d_model=1024,
+        n_blocks=24,
+        layers=(layer,),
+        storage="float16",
+        codec=DEFAULT_CODEC,
+        chunk_images=chunk_images,
+        rows_per_shard=n_images,
+        shards=("00000.tar",),
+        model_dtype="float32",
+        preprocess="",
+    )
+    store = create_or_open(path, attrs)
+    generator = torch.Generator().manual_seed(0)
+    for index in range(n_images // chunk_images):
+        store.write_chunk(layer, index, torch.randn(chunk_images, 257, 1024, generator=generator))
+    rows = pa.table(
+        {
+            "row": list(range(n_images)),
+            "shard": ["00000.tar"] * n_images,
+            "key": [str(i) for i in range(n_images)],
+            "url": [None] * n_images,
+            "caption": [None] * n_images,
+            "status": ["ok"] * n_images,
+            "error": [None] * n_images,
+        },
+        schema=ROWS_SCHEMA,
+    )
+    store.commit(ShardCommit("00000.tar", 0, 0, n_images, 0, 0, "bench", "now"), rows)
+    return path
