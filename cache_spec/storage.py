@@ -39,9 +39,18 @@ class Encoding:
 
     def encode(self, acts_NTD: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """Float activations (any device) -> (stored array on the host, scales_D or None)."""
-        _check_range(acts_NTD, FLOAT16_MAX if self.name == "float16" else float("inf"))
+        stored, scale_D, peak = self.encode_on_device(acts_NTD)
+        self.check_peak(float(peak))
+        return stored.cpu().numpy(), None if scale_D is None else scale_D.cpu().numpy()
+
+    def encode_on_device(
+        self, acts_NTD: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(stored values, scales_D or None, peak |value|) where the activations are, without
+        waiting for the device: the caller checks the peak once it has it (`check_peak`)."""
+        peak = acts_NTD.abs().amax()
         if not self.scaled:
-            return acts_NTD.to(_TORCH_DTYPES[self.name]).cpu().numpy(), None
+            return acts_NTD.to(_TORCH_DTYPES[self.name]), None, peak
         absmax_D = acts_NTD.abs().amax(dim=(0, 1)).float()
         scale_D = torch.where(absmax_D > 0, absmax_D / self.levels, torch.ones_like(absmax_D))
         scaled = acts_NTD.float() / scale_D
@@ -49,7 +58,17 @@ class Encoding:
             stored = scaled.round_().clamp_(-127, 127).to(torch.int8)
         else:
             stored = scaled.to(torch.float8_e4m3fn).view(torch.uint8)
-        return stored.cpu().numpy(), scale_D.cpu().numpy()
+        return stored, scale_D, peak
+
+    def check_peak(self, peak: float) -> None:
+        """The chunk's largest |value| (NaN if any value is NaN: max propagates it)."""
+        if peak != peak or peak == float("inf"):
+            raise StorageRangeError("activation values are NaN or infinite")
+        if self.name == "float16" and peak > FLOAT16_MAX:
+            raise StorageRangeError(
+                f"activations reach {peak:.4g}, beyond float16's {FLOAT16_MAX:.0f}; "
+                "cache with --storage float32 or int8"
+            )
 
     def decode(
         self, stored: np.ndarray, scale: np.ndarray | None, dtype: torch.dtype = torch.float32
@@ -76,16 +95,3 @@ ENCODINGS: dict[str, Encoding] = {
     "int8": Encoding("int8", "int8", levels=127.0),
     "float8_e4m3": Encoding("float8_e4m3", "uint8", levels=448.0),
 }
-
-
-def _check_range(acts: torch.Tensor, limit: float) -> None:
-    """One reduction, so one device sync: the peak is NaN if any value is (max propagates NaN)."""
-    peak = float(acts.abs().amax())
-    if peak != peak or peak == float("inf"):
-        bad = int((~torch.isfinite(acts)).sum())
-        raise StorageRangeError(f"{bad} activation values are NaN or infinite")
-    if peak > limit:
-        raise StorageRangeError(
-            f"activations reach {peak:.4g}, beyond float16's {limit:.0f}; "
-            "cache with --storage float32 or int8"
-        )

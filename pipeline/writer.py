@@ -11,7 +11,6 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import numpy as np
 import pyarrow as pa
 import torch
 
@@ -45,6 +44,23 @@ class WriteQueue:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A host copy of a device tensor, in page-locked memory so that the copy is asynchronous."""
+    if t is None or t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
+def _copy_event(device: torch.device) -> torch.cuda.Event | None:
+    """An event after the copies just queued; a writer thread waits on it, not the main thread."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 class ShardWriter:
@@ -119,21 +135,28 @@ class ShardWriter:
             if len(chunk) < per_chunk:
                 padding = chunk.new_zeros((per_chunk - len(chunk), *chunk.shape[1:]))
                 chunk = torch.cat([chunk, padding])
-            # Encoding runs here, where the activations are (the GPU, one sync per chunk); worker
-            # threads only compress and write, so they never queue syncs behind the forward pass.
-            stored, scale_D = self.cache.encoding.encode(chunk)
-            self._futures.append(self._submit(layer, chunk_index, stored, scale_D))
+            self._futures.append(self._submit(layer, chunk_index, chunk))
         taken = min(per_chunk, self._waiting_rows)
         self._waiting_rows -= taken
         self._written_rows += taken
 
-    def _submit(
-        self, layer: int, chunk_index: int, stored: np.ndarray, scale_D: np.ndarray | None
-    ) -> Future:
+    def _submit(self, layer: int, chunk_index: int, chunk: torch.Tensor) -> Future:
+        """Encode where the activations are, start the copy to the host without waiting for the
+        device, and leave the check, compression and write to a thread: on a GPU the main
+        thread never stalls behind the forward pass."""
+        encoding = self.cache.encoding
+        stored, scale_D, peak = (_to_host(t) for t in encoding.encode_on_device(chunk))
+        copied = _copy_event(chunk.device)
+
+        def write() -> int:
+            if copied is not None:
+                copied.synchronize()
+            encoding.check_peak(float(peak))
+            scales = None if scale_D is None else scale_D.numpy()
+            return self.cache.write_encoded(layer, chunk_index, stored.numpy(), scales)
+
         try:
-            return self.queue.submit(
-                lambda: self.cache.write_encoded(layer, chunk_index, stored, scale_D)
-            )
+            return self.queue.submit(write)
         except OSError as err:
             raise self._write_error(err) from None
 
