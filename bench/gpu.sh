@@ -16,10 +16,11 @@ python3 -c "import torch, zarr, open_clip; print(torch.__version__, zarr.__versi
 timeout 80 python3 bench/train_step.py --device cuda --repeats 10 --out "$OUT/train_step_gpu.md"
 timeout 100 python3 bench/train_throughput.py --device cuda --latents 65536 --tokens 1048576 \
     --images 1024 --read-threads 12 --out "$OUT/train_throughput_gpu.md"
-for codec in zstd-1 none; do
-  timeout 90 python3 bench/cache_throughput.py --model ViT-L-14 --device cuda --images 1024 \
-      --batch-size 128 --num-workers 12 --write-threads 12 --shard-size 64 --repeats 2 \
-      --max-repeats 2 --quiet-wait 0 --codec "$codec" --append --out "$OUT/cache_throughput_gpu.md" \
+timeout 100 python3 bench/gradcheck.py --device cuda
+for codec in none zstd-1; do
+  timeout 75 python3 bench/cache_throughput.py --model ViT-L-14 --device cuda --images 512 \
+      --batch-size 128 --num-workers 12 --write-threads 12 --shard-size 32 --repeats 1 \
+      --max-repeats 1 --quiet-wait 0 --codec "$codec" --append --out "$OUT/cache_throughput_gpu.md" \
       --workdir "/tmp/cache-bench-$codec"
 done
 ls -la "$OUT"
