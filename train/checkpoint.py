@@ -1,9 +1,10 @@
 """Checkpoints a killed run resumes from exactly: SAE, Adam state, dead-latent counters, position.
 
 A checkpoint is a folder `checkpoints/tokens_NNNNNNNNNNNN/` with the SAE in its usual form
-(cfg.json + sae.safetensors), the optimizer's tensors (optimizer.safetensors), and state.json
-(step, tokens, loader position, optimizer scalars). It is written into a hidden folder and renamed
-into place, so a checkpoint on disk is always whole.
+(cfg.json + sae.safetensors), the optimizer's tensors, dead-latent counters and the CPU random
+generator's state (optimizer.safetensors), and state.json (step, tokens = the loader's position,
+optimizer scalars). The loader needs nothing more: its order is a function of seed and position.
+A checkpoint is written into a hidden folder and renamed into place, so one on disk is whole.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def save_checkpoint(
     tensors, scalars = _optimizer_parts(optimizer)
     assert state.since_fired_F is not None
     tensors["since_fired"] = state.since_fired_F.cpu()
+    tensors["cpu_rng_state"] = torch.get_rng_state()
     save_file(tensors, staging / "optimizer.safetensors")
     (staging / "state.json").write_text(
         json.dumps({"step": state.step, "tokens": state.tokens, "optimizer": scalars}, indent=2)
@@ -74,6 +76,7 @@ def load_checkpoint(
     tensors = load_file(folder / "optimizer.safetensors", device=str(device))
     meta = json.loads((folder / "state.json").read_text())
     since_fired = tensors.pop("since_fired")
+    torch.set_rng_state(tensors.pop("cpu_rng_state").cpu())
     params = list(sae.parameters())
     for i, param in enumerate(params):
         slot = {name.split(".", 1)[1]: t for name, t in tensors.items() if name.startswith(f"{i}.")}
