@@ -139,3 +139,17 @@ def test_storages_round_trip_within_their_precision(
             exact = exact_store.read_chunk(layer, ref)
             error = float((store.read_chunk(layer, ref) - exact).norm() / exact.norm())
             assert error < tolerance, (layer, ref, error)
+
+
+def test_weights_from_a_local_file(tmp_path: Path, tower):
+    """`--pretrained FILE` loads a checkpoint from disk: here the seeded random model's own."""
+    open_clip = import_open_clip()
+    torch.manual_seed(0)
+    model, _, _ = open_clip.create_model_and_transforms(TEST_MODEL, pretrained=None)
+    weights = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), weights)
+    from_file = load_vision_tower(TEST_MODEL, str(weights), "cpu", "float32")
+    assert from_file.pretrained == str(weights)
+    images = torch.randn(2, 3, 224, 224)
+    expected = residual_stream(tower, images, [5])[5]
+    assert torch.equal(residual_stream(from_file, images, [5])[5], expected)
