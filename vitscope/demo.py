@@ -163,4 +163,6 @@ def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
             )
         ]
     )
-    print(f"SAE trained on layer 8: {run}/sae.safetensors; curves and MSE by patch: {run}/report.png")
+    print(
+        f"SAE trained on layer 8: {run}/sae.safetensors; curves and MSE by patch: {run}/report.png"
+    )
