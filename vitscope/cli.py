@@ -130,7 +130,7 @@ def demo(
     ),
     model: Annotated[str, typer.Option(help="open_clip model for the demo.")] = "ViT-B-32",
 ) -> None:
-    """Offline end to end: bundled photos on 127.0.0.1 -> img2dataset -> cache -> summary."""
+    """Offline end to end: photos on 127.0.0.1 -> img2dataset -> cache -> SAE and its report."""
     from vitscope.demo import run_demo
 
     run_demo(workdir, model)
