@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -14,7 +16,7 @@ from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.configs import resolve_device
 from vitscope.train.checkpoint import checkpoint_dirs, load_checkpoint
 from vitscope.train.config import TrainConfig
-from vitscope.train.loader import ActivationStream, token_slice
+from vitscope.train.loader import ActivationStream, Batch, token_slice
 from vitscope.train.report import plot_run
 from vitscope.train.trainer import Member, fit, new_member
 
@@ -45,6 +47,7 @@ def train(configs: list[TrainConfig]) -> list[Path]:
         positions = {m.state.tokens for m in members}
         if len(positions) > 1:
             raise ValueError(f"the sweep's newest checkpoints are at different tokens: {positions}")
+        batches = stream.batches(positions.pop())
     else:
         for cfg in configs:
             if checkpoint_dirs(cfg.run_dir):
@@ -52,9 +55,11 @@ def train(configs: list[TrainConfig]) -> list[Path]:
                     f"{cfg.run_dir} already has checkpoints; pass --resume to continue it, "
                     "or choose a new --out"
                 )
-        sample = _init_sample(stream)
+        batches = stream.batches(0)
+        first = _first_batches(batches, min(INIT_SAMPLE_TOKENS, stream.epoch_tokens))
+        sample = torch.cat([batch.acts_BD for batch in first]).float()
         members = [new_member(cfg, d_in, sample, device) for cfg in configs]
-    batches = stream.batches(members[0].state.tokens)
+        batches = itertools.chain(first, batches)
     fit(members, batches, heldout_NTD, token_slice(base.token_set, cache.attrs.n_tokens))
     for member in members:
         plot_run(member.run_dir)
@@ -103,15 +108,10 @@ def _check_ready(cache: Cache, cfg: TrainConfig) -> None:
         )
 
 
-def _init_sample(stream: ActivationStream) -> torch.Tensor:
-    """The stream's first tokens (the same ones training starts with)."""
-    parts, total = [], 0
-    batches = stream.batches(0)
-    while total < INIT_SAMPLE_TOKENS:
-        batch = next(batches)
-        parts.append(batch.acts_BD)
-        total += len(batch.acts_BD)
-        if batch.position >= stream.epoch_tokens:
-            break
-    batches.close()
-    return torch.cat(parts).float()
+def _first_batches(batches: Iterator[Batch], n_tokens: int) -> list[Batch]:
+    """Enough of the stream's first batches to hold `n_tokens` tokens; training starts with them
+    too, so they are read once."""
+    taken: list[Batch] = []
+    while sum(len(batch.acts_BD) for batch in taken) < n_tokens:
+        taken.append(next(batches))
+    return taken
