@@ -153,3 +153,14 @@ def test_weights_from_a_local_file(tmp_path: Path, tower):
     images = torch.randn(2, 3, 224, 224)
     expected = residual_stream(tower, images, [5])[5]
     assert torch.equal(residual_stream(from_file, images, [5])[5], expected)
+
+
+def test_cache_picture_shows_every_layer(reference_cache: Path, tmp_path: Path):
+    from vitscope.cache_plot import plot_cache, token_norms
+
+    store = open_cache(reference_cache)
+    norms = token_norms(store, 11, max_chunks=2)
+    expected = store.read_rows(11, range(8)).norm(dim=2).mean(dim=0)
+    torch.testing.assert_close(torch.tensor(norms), expected, rtol=1e-5, atol=1e-5)
+    picture = plot_cache(store, tmp_path / "cache.png")
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000

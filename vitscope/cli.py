@@ -114,12 +114,22 @@ def sweep(
 
 @app.command("cache-info")
 @one_line_errors
-def cache_info(path: Annotated[Path, typer.Argument(help="The cache folder.")]) -> None:
+def cache_info(
+    path: Annotated[Path, typer.Argument(help="The cache folder.")],
+    plot: Annotated[
+        Path | None, typer.Option(help="Also draw activation norms by token position (PNG).")
+    ] = None,
+) -> None:
     """Print what a cache holds, how complete it is and its size on disk."""
     from vitscope.cache_spec.info import summary_lines
     from vitscope.cache_spec.store import open_cache
 
-    print("\n".join(summary_lines(open_cache(path))))
+    cache = open_cache(path)
+    print("\n".join(summary_lines(cache)))
+    if plot is not None:
+        from vitscope.cache_plot import plot_cache
+
+        print(f"picture: {plot_cache(cache, plot)}")
 
 
 @app.command("demo")

@@ -101,6 +101,7 @@ def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
     """Photos -> 127.0.0.1 -> img2dataset shards -> a cache of 4 layers -> an SAE on layer 8."""
     import shutil
 
+    from vitscope.cache_plot import plot_cache
     from vitscope.cache_spec.info import summary_lines
     from vitscope.cache_spec.store import open_cache
     from vitscope.pipeline.config import CacheConfig, DownloadConfig
@@ -141,6 +142,8 @@ def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
     )
     print("\n".join(summary.lines()))
     print("\n".join(summary_lines(open_cache(summary.cache))))
+    picture = plot_cache(open_cache(summary.cache), workdir / "cache.png")
+    print(f"activation norms by token position: {picture}")
     width = open_cache(summary.cache).attrs.d_model
     (run,) = train(
         [
