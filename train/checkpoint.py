@@ -28,11 +28,11 @@ CHECKPOINTS = "checkpoints"
 class TrainState:
     """Where a run is: everything besides the weights that an exact resume needs."""
 
+    since_fired_F: torch.Tensor
+    """Tokens since each latent last fired (dead when above dead_tokens)."""
     step: int = 0
     tokens: int = 0
     """Tokens trained on; also the loader's stream position."""
-    since_fired_F: torch.Tensor | None = None
-    """Tokens since each latent last fired (dead when above dead_tokens)."""
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -54,7 +54,6 @@ def save_checkpoint(
     shutil.rmtree(staging, ignore_errors=True)
     sae.save(staging, cfg)
     tensors, scalars = _optimizer_parts(optimizer)
-    assert state.since_fired_F is not None
     tensors["since_fired"] = state.since_fired_F.cpu()
     tensors["cpu_rng_state"] = torch.get_rng_state()
     save_file(tensors, staging / "optimizer.safetensors")

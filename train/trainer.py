@@ -58,7 +58,6 @@ def new_member(
 def train_step(member: Member, x_BD: torch.Tensor) -> None:
     """One optimizer step of the recipe on a batch of scaled activations."""
     cfg, sae, state = member.cfg, member.sae, member.state
-    assert state.since_fired_F is not None
     dead_F = state.since_fired_F > cfg.dead_tokens
     out = sae(x_BD, dead_F=dead_F)
     terms = losses(out, x_BD)
