@@ -81,7 +81,8 @@ from vitscope.pipeline.model import (
     load_vision_tower,
     residual_stream,
 )
-from vitscope.pipeline.run import cache, cache_attrs, resolve_device
+from vitscope.pipeline.run import cache, cache_attrs
+from vitscope.support.devices import resolve_device
 
 LIMIT = 1.10
 """The requirement: the cache may take at most 10% longer than the bare forward pass."""

@@ -29,7 +29,7 @@ def main() -> None:
         ("sparse float32", False, torch.float32),
     ):
         sae = TopKSAE(d, n_latents, k, 512, seed=0).to(args.device, dtype)
-        losses(sae(x.to(dtype), dense=dense), x.to(dtype))["loss"].backward()
+        losses(sae.autoencode(x.to(dtype), dense=dense), x.to(dtype))["loss"].backward()
         grads[name] = {n: p.grad.double() for n, p in sae.named_parameters()}
     reference = grads.pop("dense float64")
     for name, found in grads.items():

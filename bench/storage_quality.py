@@ -26,7 +26,7 @@ from vitscope.train.config import TrainConfig
 from vitscope.train.loader import ActivationStream
 from vitscope.train.metrics import heldout_metrics
 from vitscope.train.run import train
-from vitscope.train.sae import TopKSAE
+from vitscope.train.sae_folder import load_sae_folder
 
 STORAGES = ("float16", "int8", "float8_e4m3")
 
@@ -80,7 +80,7 @@ def main() -> None:
                 )
             ]
         )
-        results[storage] = TopKSAE.load(run)
+        results[storage] = load_sae_folder(run)
     reference = open_cache(workdir / "float16", layer=args.layer)
     stream = ActivationStream(reference, args.layer, heldout_fraction=0.1)
     heldout, _ = stream.heldout_images(64)

@@ -6,16 +6,15 @@ SPEC.md is the prose of this module; a test keeps the two in step.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args
 
 import pyarrow as pa
 
 from vitscope.cache_spec.errors import CacheSpecError
+from vitscope.support import records
+from vitscope.support.records import parse_record
 
 SPEC_VERSION = "1.0"
 ATTRS_KEY = "vitscope_cache"
@@ -133,7 +132,7 @@ class CacheAttrs:
 
     @classmethod
     def from_json(cls, data: Any, where: Path) -> CacheAttrs:
-        return _parse_record(cls, data, where, "cache attributes")
+        return parse_record(cls, data, where, "cache attributes", CacheSpecError)
 
 
 @dataclass(frozen=True)
@@ -159,77 +158,8 @@ class ShardCommit:
 
     @classmethod
     def from_json(cls, data: Any, where: Path) -> ShardCommit:
-        return _parse_record(cls, data, where, "shard commit")
-
-
-def _parse_record(cls: type, data: Any, where: Path, what: str) -> Any:
-    """Build a record field by field, so a bad file gets an error naming the field."""
-    if not isinstance(data, dict):
-        raise CacheSpecError(where, f"a JSON object with the {what}", type(data).__name__)
-    hints = get_type_hints(cls)
-    values = {}
-    for field in dataclasses.fields(cls):
-        if field.name not in data:
-            if field.default is not dataclasses.MISSING:
-                continue
-            raise CacheSpecError(where, f"{what} field {field.name!r}", "no such field")
-        value = data[field.name]
-        if isinstance(value, list):
-            value = tuple(value)
-        if not _has_type(value, hints[field.name]):
-            expected = f"{what} field {field.name!r} to be {_type_name(hints[field.name])}"
-            raise CacheSpecError(where, expected, repr(value))
-        values[field.name] = value
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as err:
-        raise CacheSpecError(where, f"valid {what}", str(err)) from None
-
-
-def _has_type(value: Any, hint: Any) -> bool:
-    """isinstance for the few annotations records use: str, int, Literal and tuple[T, ...]."""
-    origin = get_origin(hint)
-    if origin is Literal:
-        return value in get_args(hint)
-    if origin is tuple:
-        item = get_args(hint)[0]
-        return isinstance(value, tuple) and all(_has_type(v, item) for v in value)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _type_name(hint: Any) -> str:
-    origin = get_origin(hint)
-    if origin is Literal:
-        return "one of " + ", ".join(map(repr, get_args(hint)))
-    if origin is tuple:
-        return f"a list of {_type_name(get_args(hint)[0])}"
-    return hint.__name__
+        return parse_record(cls, data, where, "shard commit", CacheSpecError)
 
 
 def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CacheSpecError(path, "a file", "nothing") from None
-    except json.JSONDecodeError as err:
-        raise CacheSpecError(path, "JSON", f"unparseable text ({err})") from None
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename: readers see all or nothing."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomically(path: Path, data: Any) -> None:
-    write_atomically(path, json.dumps(data, indent=2).encode())
+    return records.read_json(path, CacheSpecError)

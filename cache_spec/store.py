@@ -41,10 +41,9 @@ from vitscope.cache_spec.layout import (
     read_json,
     rows_path,
     scale_array_name,
-    write_atomically,
-    write_json_atomically,
 )
 from vitscope.cache_spec.storage import ENCODINGS, Encoding
+from vitscope.support.records import write_atomically, write_json_atomically
 
 COMPATIBLE_FIELDS = tuple(
     f.name for f in dataclasses.fields(CacheAttrs) if f.name not in ("shards", "spec_version")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from vitscope.cache_spec.codecs import CODECS, DEFAULT_CODEC
 from vitscope.cache_spec.layout import CLIP_SCOPE_LAYERS, Storage
 from vitscope.pipeline.model import ModelDtype
+from vitscope.support.configs import AtLeast, check_bounds
 
 
 @dataclass(frozen=True)
@@ -22,18 +23,21 @@ class DownloadConfig:
     """Column holding the URL (LAION's parquet files call it URL)."""
     caption_col: str = "caption"
     """Column holding the caption (LAION's parquet files call it TEXT)."""
-    image_size: int = 224
+    image_size: Annotated[int, AtLeast(1)] = 224
     """Side of the stored images; the model's preprocessing resizes again if it differs."""
     resize_mode: Literal["center_crop", "border", "keep_ratio", "no"] = "center_crop"
     """How img2dataset fits images to image_size; center_crop matches CLIP's own preprocessing."""
-    samples_per_shard: int = 10000
+    samples_per_shard: Annotated[int, AtLeast(1)] = 10000
     """Samples per output shard; a cache reserves this many rows per shard."""
-    processes: int = 1
+    processes: Annotated[int, AtLeast(1)] = 1
     """Download processes."""
-    threads: int = 64
+    threads: Annotated[int, AtLeast(1)] = 64
     """Download threads per process."""
-    timeout: int = 10
+    timeout: Annotated[int, AtLeast(1)] = 10
     """Seconds before a download is given up."""
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 @dataclass(frozen=True)
@@ -50,38 +54,38 @@ class CacheConfig:
     """open_clip model name."""
     pretrained: str = "laion2b_s32b_b82k"
     """open_clip pretrained tag, a local weights file, or 'none' for seeded random weights."""
-    seed: int = 0
+    seed: Annotated[int, AtLeast(0)] = 0
     """Seed of the random weights when pretrained is 'none'."""
     device: str = "auto"
     """Torch device: 'auto' picks cuda when present, else cpu."""
     model_dtype: ModelDtype = "auto"
     """Dtype of the forward pass; auto = bfloat16 on GPU, float32 on CPU."""
-    batch_size: int = 64
+    batch_size: Annotated[int, AtLeast(1)] = 64
     """Images per forward pass."""
-    num_workers: int = 4
+    num_workers: Annotated[int, AtLeast(0)] = 4
     """DataLoader workers decoding and preprocessing images (each reads whole shards)."""
-    write_threads: int = 4
+    write_threads: Annotated[int, AtLeast(1)] = 4
     """Threads encoding, compressing and writing chunks while the model runs."""
     storage: Storage = "float16"
     """Stored value type: float16, float32, or 8-bit int8 / float8_e4m3 with per-chunk scales."""
     codec: str = DEFAULT_CODEC
     """Compression preset (cache_spec/codecs.py)."""
-    chunk_images: int = 16
+    chunk_images: Annotated[int, AtLeast(1)] = 16
     """Images per chunk: the unit of compression and of stage two's reads."""
-    rows_per_shard: int = 10000
+    rows_per_shard: Annotated[int, AtLeast(1)] = 10000
     """Rows reserved per input shard; at least img2dataset's samples per shard."""
-    part: int = 0
+    part: Annotated[int, AtLeast(0)] = 0
     """This writer's part (0 .. parts-1): it takes the shards whose index % parts == part."""
-    parts: int = 1
+    parts: Annotated[int, AtLeast(1)] = 1
     """Number of writers sharing the cache (GPUs, nodes); each runs with its own --part."""
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if self.codec not in CODECS:
             raise ValueError(f"codec must be one of {', '.join(CODECS)}, not {self.codec!r}")
         if not 0 <= self.part < self.parts:
             raise ValueError(f"part must be in 0..{self.parts - 1}, not {self.part}")
         if not self.layers:
             raise ValueError("layers must name at least one layer")
-        for name in ("batch_size", "chunk_images", "rows_per_shard", "write_threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+        if min(self.layers) < 0:
+            raise ValueError(f"layers must be at least 0, not {min(self.layers)}")

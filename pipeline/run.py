@@ -16,12 +16,12 @@ from tqdm import tqdm
 from vitscope.cache_spec.layout import CacheAttrs
 from vitscope.cache_spec.storage import ENCODINGS
 from vitscope.cache_spec.store import Cache, create_or_open
-from vitscope.configs import resolve_device
 from vitscope.pipeline.config import CacheConfig
 from vitscope.pipeline.dataset import ShardBatch, ShardImages, shard_loader
 from vitscope.pipeline.model import VisionTower, load_vision_tower, residual_stream
 from vitscope.pipeline.shards import expected_images, list_shards
 from vitscope.pipeline.writer import ShardTooLargeError, ShardWriter, WriteQueue
+from vitscope.support.devices import resolve_device
 
 
 @dataclass

@@ -58,7 +58,7 @@ def test_sparse_sae_has_the_dense_loss_and_gradients(n_latents: int):
             sae.b_pre.fill_(0.5)
         dead = torch.zeros(n_latents, dtype=torch.bool)
         dead[::3] = True
-        out = sae(x, dead_F=dead, dense=dense)
+        out = sae.autoencode(x, dead_F=dead, dense=dense)
         terms = losses(out, x)
         terms["loss"].backward()
         outputs[dense] = (out, terms)

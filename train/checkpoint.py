@@ -14,12 +14,13 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from vitscope.train.card import SAECard
 from vitscope.train.sae import TopKSAE
+from vitscope.train.sae_folder import save_sae_folder
 
 CHECKPOINTS = "checkpoints"
 
@@ -46,13 +47,13 @@ def save_checkpoint(
     sae: TopKSAE,
     optimizer: torch.optim.Optimizer,
     state: TrainState,
-    cfg: dict[str, Any],
+    card: SAECard,
     keep: int,
 ) -> Path:
     final = run_dir / CHECKPOINTS / f"tokens_{state.tokens:012d}"
     staging = final.with_name(f".{final.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    sae.save(staging, cfg)
+    save_sae_folder(staging, sae, card)
     tensors, scalars = _optimizer_parts(optimizer)
     tensors["since_fired"] = state.since_fired_F.cpu()
     tensors["cpu_rng_state"] = torch.get_rng_state()

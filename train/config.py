@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Annotated, Any, get_type_hints
 
 import tomllib
 
-from vitscope.configs import load_config, parse_field
+from vitscope.support.configs import Above, AtLeast, check_bounds, load_config, parse_field
 from vitscope.train.loader import TokenChoice
 
 SWEEPABLE = ("k", "n_latents", "k_aux", "lr", "seed")
@@ -23,55 +23,55 @@ class TrainConfig:
 
     cache: str
     """The activation cache written by `vitscope cache`."""
-    layer: int = 20
+    layer: Annotated[int, AtLeast(0)] = 20
     """Cached layer to train on (residual stream after this block)."""
     out: str = ""
     """Run folder (SAE, checkpoints, log, report); empty = runs/layerLL."""
     token_set: TokenChoice = "all"
     """Which tokens of each image: all (CLS and patches, as CLIP-Scope), cls, or patches."""
-    tokens: int = 1_200_000_000
+    tokens: Annotated[int, AtLeast(1)] = 1_200_000_000
     """Training tokens in all (CLIP-Scope: 1.2 billion)."""
-    k: int = 32
+    k: Annotated[int, AtLeast(1)] = 32
     """Active latents per token."""
-    n_latents: int = 65536
+    n_latents: Annotated[int, AtLeast(1)] = 65536
     """Dictionary size (16 x 1024 for ViT-L/14)."""
-    k_aux: int = 512
+    k_aux: Annotated[int, AtLeast(1)] = 512
     """Dead latents used by the AuxK loss (Gao et al.: a power of two near d_in / 2)."""
-    batch_size: int = 4096
+    batch_size: Annotated[int, AtLeast(1)] = 4096
     """Tokens per step."""
-    lr: float = 1e-4
+    lr: Annotated[float, Above(0)] = 1e-4
     """Adam learning rate: Gao et al.'s 2e-4 / sqrt(n_latents / 2^14) at 65,536 latents."""
-    adam_eps: float = 6.25e-10
+    adam_eps: Annotated[float, Above(0)] = 6.25e-10
     """Adam epsilon, as in Gao et al."""
-    warmup_fraction: float = 0.01
+    warmup_fraction: Annotated[float, AtLeast(0)] = 0.01
     """Share of training with a linear learning-rate warm-up from 0."""
-    decay_fraction: float = 0.2
+    decay_fraction: Annotated[float, AtLeast(0)] = 0.2
     """Share of training, at the end, with a linear decay of the learning rate to 0."""
-    dead_tokens: int = 10_000_000
+    dead_tokens: Annotated[int, AtLeast(1)] = 10_000_000
     """A latent that has not fired for this many tokens is dead (and trained by AuxK)."""
-    buffer_tokens: int = 2**19
+    buffer_tokens: Annotated[int, AtLeast(1)] = 2**19
     """Tokens shuffled together (a window of whole chunks); 2^19 mixes ~2,000 images."""
-    read_threads: int = 4
+    read_threads: Annotated[int, AtLeast(1)] = 4
     """Threads reading and decompressing chunks ahead of training."""
-    heldout_fraction: float = 0.01
+    heldout_fraction: Annotated[float, Above(0)] = 0.01
     """Share of chunks (whole images) held out for evaluation."""
-    eval_images: int = 64
+    eval_images: Annotated[int, AtLeast(1)] = 64
     """Held-out images evaluated at every log (all their tokens)."""
-    log_every: int = 4_194_304
+    log_every: Annotated[int, AtLeast(1)] = 4_194_304
     """Tokens between log lines (and held-out evaluations)."""
-    checkpoint_every: int = 100_000_000
+    checkpoint_every: Annotated[int, AtLeast(1)] = 100_000_000
     """Tokens between checkpoints."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: Annotated[int, AtLeast(1)] = 2
     """Checkpoints kept on disk (the newest)."""
-    seed: int = 0
+    seed: Annotated[int, AtLeast(0)] = 0
     """Seed of the SAE's initial weights."""
-    data_seed: int = 0
+    data_seed: Annotated[int, AtLeast(0)] = 0
     """Seed of the held-out split and the token order."""
     device: str = "auto"
     """Torch device: auto = cuda when present, else cpu."""
-    n_candidates: int = 0
+    n_candidates: Annotated[int, AtLeast(0)] = 0
     """Candidates per token for the certified top-k search; 0 = automatic (see kernels.py)."""
-    d_in: int = 0
+    d_in: Annotated[int, AtLeast(0)] = 0
     """Expected activation width; 0 = take it from the cache, else it must match."""
     allow_partial: bool = False
     """Train on the committed rows of a cache that is still being written."""
@@ -79,6 +79,7 @@ class TrainConfig:
     """Continue from the run folder's newest checkpoint."""
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if not 0 < self.k <= self.n_latents:
             raise ValueError(f"k must be in 1..n_latents, not {self.k}")
         if self.tokens < self.batch_size:

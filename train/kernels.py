@@ -90,19 +90,33 @@ def gather_sum(idx_BK: Tensor, values_BK: Tensor, m_FD: Tensor) -> Tensor:
 
 @cache
 def bfloat16_is_faster(device: torch.device) -> bool:
-    """GPUs always; CPUs only where bfloat16 products beat float32 (many emulate them slowly)."""
+    """GPUs always; CPUs only where bfloat16 products beat float32 (many emulate them slowly).
+
+    Costs milliseconds: a tiny product first, where emulated bfloat16 (3-40x slower) shows at
+    once, then a medium one (256x1024x1024) to see whether native bfloat16 really is faster.
+    """
     if device.type == "cuda":
         return True
-    a, b = torch.randn(512, 1024), torch.randn(1024, 4096)
-    timings = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        x, y = a.to(dtype), b.to(dtype)
-        x @ y  # warm-up
+    if _product_seconds(torch.bfloat16, 32, 512, 512) > 2 * _product_seconds(
+        torch.float32, 32, 512, 512
+    ):
+        return False
+    bf16, fp32 = (
+        _product_seconds(dtype, 256, 1024, 1024) for dtype in (torch.bfloat16, torch.float32)
+    )
+    return bf16 < 0.8 * fp32
+
+
+def _product_seconds(dtype: torch.dtype, m: int, k: int, n: int) -> float:
+    """Fastest of three (m, k) @ (k, n) products after a warm-up: the least noisy timing."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    a @ b
+    timings = []
+    for _ in range(3):
         start = time.perf_counter()
-        for _ in range(3):
-            x @ y
-        timings[dtype] = time.perf_counter() - start
-    return timings[torch.bfloat16] < 0.8 * timings[torch.float32]
+        a @ b
+        timings.append(time.perf_counter() - start)
+    return min(timings)
 
 
 def dense_preacts(x_BD: Tensor, w_enc_FD: Tensor, b_enc_F: Tensor) -> Tensor:
@@ -190,7 +204,8 @@ def _sorted_by_latent(values: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class SparseEncode(torch.autograd.Function):
-    """z_BK = relu(pre-activations at idx); gradients only at the active entries."""
+    """z_BK = relu(pre-activations at idx), or the raw values when `relu` is False; gradients
+    only at the active entries."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -200,20 +215,22 @@ class SparseEncode(torch.autograd.Function):
         b_enc_F: Tensor,
         preacts_BK: Tensor,
         idx_BK: Tensor,
+        relu: bool,
     ) -> Tensor:
         ctx.save_for_backward(x_BD, w_enc_FD, preacts_BK, idx_BK)
-        return preacts_BK.clamp_min(0)
+        ctx.relu = relu
+        return preacts_BK.clamp_min(0) if relu else preacts_BK.clone()
 
     @staticmethod
     def backward(ctx: Any, grad_z_BK: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x_BD, w_enc_FD, preacts_BK, idx_BK = ctx.saved_tensors
-        grad_pre_BK = grad_z_BK * (preacts_BK > 0)
+        grad_pre_BK = grad_z_BK * (preacts_BK > 0) if ctx.relu else grad_z_BK
         n_latents = w_enc_FD.shape[0]
         grad_x = gather_sum(idx_BK, grad_pre_BK, w_enc_FD) if ctx.needs_input_grad[0] else None
         grad_w = scatter_outer(idx_BK, grad_pre_BK, x_BD, n_latents)
         grad_b = torch.zeros(n_latents, device=x_BD.device, dtype=grad_pre_BK.dtype)
         grad_b.index_add_(0, idx_BK.flatten(), grad_pre_BK.flatten())
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):

@@ -56,7 +56,7 @@ def heldout_metrics(
     errors, l0 = [], []
     for start in range(0, len(x_ND), batch_size):
         x = x_ND[start : start + batch_size].to(device) * sae.input_scale
-        out = sae(x)
+        out = sae.autoencode(x)
         errors.append((out.recon_BD - x).pow(2).sum(dim=1).cpu())
         l0.append((out.z_BK > 0).sum(dim=1).cpu())
     error_NT = torch.cat(errors).view(n_images, n_tokens)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from vitscope.cache_spec.layout import CacheAttrs
 from vitscope.cache_spec.store import Cache, open_cache
-from vitscope.configs import resolve_device
+from vitscope.support.devices import resolve_device
 from vitscope.train.checkpoint import checkpoint_dirs, load_checkpoint
 from vitscope.train.config import TrainConfig
 from vitscope.train.loader import ActivationStream, Batch, token_slice
@@ -43,7 +44,7 @@ def train(configs: list[TrainConfig]) -> list[Path]:
     heldout_NTD, _ = stream.heldout_images(base.eval_images)
     d_in = cache.attrs.d_model
     if base.resume:
-        members = [resume_member(cfg, d_in, device) for cfg in configs]
+        members = [resume_member(cfg, cache.attrs, device) for cfg in configs]
         positions = {m.state.tokens for m in members}
         if len(positions) > 1:
             raise ValueError(f"the sweep's newest checkpoints are at different tokens: {positions}")
@@ -58,7 +59,7 @@ def train(configs: list[TrainConfig]) -> list[Path]:
         batches = stream.batches(0)
         first = _first_batches(batches, min(INIT_SAMPLE_TOKENS, stream.epoch_tokens))
         sample = torch.cat([batch.acts_BD for batch in first]).float()
-        members = [new_member(cfg, d_in, sample, device) for cfg in configs]
+        members = [new_member(cfg, d_in, sample, device, cache.attrs) for cfg in configs]
         batches = itertools.chain(first, batches)
     fit(members, batches, heldout_NTD, token_slice(base.token_set, cache.attrs.n_tokens))
     for member in members:
@@ -66,8 +67,9 @@ def train(configs: list[TrainConfig]) -> list[Path]:
     return [member.run_dir for member in members]
 
 
-def resume_member(cfg: TrainConfig, d_in: int, device: torch.device) -> Member:
+def resume_member(cfg: TrainConfig, cache: CacheAttrs, device: torch.device) -> Member:
     """Rebuild a member from the newest checkpoint of its run folder."""
+    d_in = cache.d_model
     found = checkpoint_dirs(cfg.run_dir)
     if not found:
         raise ValueError(f"{cfg.run_dir}: no checkpoint to resume from; start without --resume")
@@ -77,7 +79,7 @@ def resume_member(cfg: TrainConfig, d_in: int, device: torch.device) -> Member:
             f"{found[-1]}: the SAE has d_in {saved['d_in']} but the cache's layer has {d_in}; "
             "resume it on the cache it was trained on"
         )
-    member = new_member(cfg, d_in, torch.zeros(1, d_in), device)
+    member = new_member(cfg, d_in, torch.zeros(1, d_in), device, cache)
     member.state = load_checkpoint(found[-1], member.sae, member.optimizer, device)
     _drop_log_after(cfg.run_dir, member.state.tokens)
     return member

@@ -1,28 +1,49 @@
 """The TopK sparse autoencoder of Gao et al., "Scaling and evaluating sparse autoencoders" (2024).
 
-    x̂ = W_decᵀ · relu(topk(W_enc · (x − b_pre) + b_enc)) + b_pre
+    x = s · a                                    (a: the activations, s: the input scale)
+    z = act(topk(W_enc · (x − b_pre) + b_enc))   (act: relu, or none for CLIP-Scope's SAEs)
+    x̂ = W_decᵀ · z + b_pre,   â = x̂ / s
 
-x is the activation times one fixed `input_scale` (so E‖x‖² = 1 on the training data), stored
-with the SAE. Shapes: B tokens, D = d_in, F = n_latents, K = k. W_enc and W_dec are both (F, D):
-row f of W_dec is latent f's unit-norm direction; W_enc starts as W_dec. The sparse path
-(train/kernels.py) and the dense path compute the same function and the same gradients.
+`input_scale` s is fixed at initialisation so that E‖x‖² = 1 on the training data and stored with
+the SAE. Users call `encode(a)`, `decode(codes)` and `sae(a)`, all in the activations' own units;
+training calls `autoencode(x)` on scaled inputs. Shapes: B tokens, D = d_in, F = n_latents,
+K = k. W_enc and W_dec are both (F, D): row f of W_dec is latent f's direction (unit norm for
+SAEs trained here); W_enc starts as W_dec. The sparse path (train/kernels.py) and the dense path
+compute the same function and the same gradients.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from vitscope.train.card import Activation, SAECard
 from vitscope.train.kernels import SparseDecode, SparseEncode, topk_preacts
 
 AUX_COEFFICIENT = 1 / 32
 """Weight of the AuxK loss (Gao et al., section 2.4)."""
+
+
+@dataclass
+class SparseCodes:
+    """Which latents each input vector uses, and how strongly: shapes (..., K), one row per
+    vector of the input's leading shape; indices ascending within a row."""
+
+    indices: Tensor
+    values: Tensor
+    n_latents: int
+
+    def dense(self) -> Tensor:
+        """The (..., F) latent activations, zero where inactive."""
+        out = self.values.new_zeros(*self.values.shape[:-1], self.n_latents)
+        return out.scatter(-1, self.indices, self.values)
+
+    def by_value(self) -> SparseCodes:
+        """The same codes with each row ordered by value, largest first."""
+        values, order = self.values.sort(dim=-1, descending=True)
+        return SparseCodes(self.indices.gather(-1, order), values, self.n_latents)
 
 
 @dataclass
@@ -37,11 +58,24 @@ class SAEOutput:
 
 
 class TopKSAE(nn.Module):
-    """A TopK SAE with its input scale; `forward(x, dense=True)` is the dense reference."""
+    """A TopK SAE with its input scale and its card (what it reads, where it came from)."""
 
-    def __init__(self, d_in: int, n_latents: int, k: int, k_aux: int, seed: int = 0) -> None:
+    def __init__(
+        self,
+        d_in: int,
+        n_latents: int,
+        k: int,
+        k_aux: int = 0,
+        seed: int = 0,
+        activation: Activation = "relu",
+        n_candidates: int = 0,
+    ) -> None:
         super().__init__()
         self.d_in, self.n_latents, self.k, self.k_aux = d_in, n_latents, k, k_aux
+        self.activation = activation
+        self.n_candidates = n_candidates
+        """Candidates of the certified top-k search (kernels.topk_preacts); 0 = automatic."""
+        self.card = SAECard(d_in, n_latents, k, activation=activation)
         generator = torch.Generator().manual_seed(seed)
         w_dec = torch.randn(n_latents, d_in, generator=generator)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
@@ -51,15 +85,55 @@ class TopKSAE(nn.Module):
         self.b_pre = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("input_scale", torch.ones(()))
 
-    # ------------------------------------------------------------------ the function
-    def forward(self, x_BD: Tensor, dead_F: Tensor | None = None, dense: bool = False) -> SAEOutput:
+    # ------------------------------------------------------- in the activations' units
+    def encode(self, acts: Tensor) -> SparseCodes:
+        """Sparse codes of activations of shape (..., d_in), on the SAE's device."""
+        x_BD = self._scaled(acts)
+        z_BK, idx_BK = self._select(x_BD - self.b_pre, dense=False)
+        lead = acts.shape[:-1]
+        return SparseCodes(
+            idx_BK.view(*lead, self.k), z_BK.view(*lead, self.k).to(acts.dtype), self.n_latents
+        )
+
+    def decode(self, codes: SparseCodes) -> Tensor:
+        """Reconstructed activations (..., d_in) from codes, in the codes' dtype."""
+        lead = codes.indices.shape[:-1]
+        idx_BK = codes.indices.reshape(-1, codes.indices.shape[-1])
+        z_BK = codes.values.reshape(idx_BK.shape).to(self.w_dec.dtype)
+        recon = SparseDecode.apply(z_BK, idx_BK, self.w_dec) + self.b_pre
+        return (recon / self.input_scale).view(*lead, self.d_in).to(codes.values.dtype)
+
+    def forward(self, acts: Tensor) -> Tensor:
+        """The reconstruction of activations (..., d_in), same shape and dtype."""
+        return self.decode(self.encode(acts))
+
+    def _scaled(self, acts: Tensor) -> Tensor:
+        """(N, D) scaled inputs in the SAE's dtype and device; a wrong width is a one-line error."""
+        if acts.shape[-1:] != (self.d_in,):
+            raise ValueError(
+                f"expected activations of shape (..., {self.d_in}) for {self.describe()}, "
+                f"got {tuple(acts.shape)}; pass the residual stream the SAE was trained on"
+            )
+        x = acts.reshape(-1, self.d_in).to(device=self.w_enc.device, dtype=self.w_enc.dtype)
+        return x * self.input_scale
+
+    def describe(self) -> str:
+        """The SAE in a few words, for messages: its shape and what it reads."""
+        card = self.card
+        reads = f", {card.model} layer {card.layer}" if card.model else ""
+        return f"the {card.source} SAE (d_in {self.d_in}, {self.n_latents} latents{reads})"
+
+    # ------------------------------------------------------ in scaled units (training)
+    def autoencode(
+        self, x_BD: Tensor, dead_F: Tensor | None = None, dense: bool = False
+    ) -> SAEOutput:
         """Encode, decode, and (when latents are dead) the AuxK reconstruction of the residual."""
         x_centered = x_BD - self.b_pre
+        z_BK, idx_BK = self._select(x_centered, dense)
         if dense:
-            z_BK, idx_BK, recon = self._dense_autoencode(x_centered)
+            z_BF = torch.zeros(len(x_BD), self.n_latents, device=x_BD.device, dtype=z_BK.dtype)
+            recon = z_BF.scatter(1, idx_BK, z_BK) @ self.w_dec
         else:
-            preacts_BK, idx_BK = topk_preacts(x_centered.detach(), self.w_enc, self.b_enc, self.k)
-            z_BK = SparseEncode.apply(x_centered, self.w_enc, self.b_enc, preacts_BK, idx_BK)
             recon = SparseDecode.apply(z_BK, idx_BK, self.w_dec)
         recon = recon + self.b_pre
         aux = None
@@ -67,13 +141,23 @@ class TopKSAE(nn.Module):
             aux = self._aux_recon(x_centered.detach(), dead_F, dense)
         return SAEOutput(recon, z_BK, idx_BK, aux)
 
-    def _dense_autoencode(self, x_centered: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        preacts_BF = x_centered @ self.w_enc.T + self.b_enc
-        values, idx = preacts_BF.topk(self.k, dim=1)
-        idx, order = idx.sort(dim=1)
-        z_BK = values.gather(1, order).relu()
-        z_BF = torch.zeros_like(preacts_BF).scatter(1, idx, z_BK)
-        return z_BK, idx, z_BF @ self.w_dec
+    def _select(self, x_centered: Tensor, dense: bool) -> tuple[Tensor, Tensor]:
+        """The K kept latents of each token after the activation, indices ascending."""
+        relu = self.activation == "relu"
+        if dense:
+            preacts_BF = x_centered @ self.w_enc.T + self.b_enc
+            values, idx = preacts_BF.topk(self.k, dim=1)
+            idx, order = idx.sort(dim=1)
+            values = values.gather(1, order)
+            return (values.relu() if relu else values), idx
+        # The certified candidate search bounds float32 weights' bfloat16 rounding; other
+        # weights take the plain product.
+        n_candidates = self.n_candidates if self.w_enc.dtype == torch.float32 else self.k
+        preacts_BK, idx_BK = topk_preacts(
+            x_centered.detach(), self.w_enc, self.b_enc, self.k, n_candidates
+        )
+        z_BK = SparseEncode.apply(x_centered, self.w_enc, self.b_enc, preacts_BK, idx_BK, relu)
+        return z_BK, idx_BK
 
     def _aux_recon(self, x_centered: Tensor, dead_F: Tensor, dense: bool) -> Tensor:
         """Reconstruct with the top k_aux dead latents only (their pre-activations are exact)."""
@@ -90,7 +174,7 @@ class TopKSAE(nn.Module):
             values, position = dead_preacts.topk(k_aux, dim=1)
             idx, order = dead_idx[position].sort(dim=1)
             values = values.gather(1, order)
-        z_BK = SparseEncode.apply(x_centered, self.w_enc, self.b_enc, values, idx)
+        z_BK = SparseEncode.apply(x_centered, self.w_enc, self.b_enc, values, idx, True)
         return SparseDecode.apply(z_BK, idx, self.w_dec)
 
     # ------------------------------------------------------------ the recipe's rules
@@ -110,24 +194,6 @@ class TopKSAE(nn.Module):
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         self.w_dec.div_(self.w_dec.norm(dim=1, keepdim=True))
-
-    # --------------------------------------------------------------------- saving
-    def hyperparameters(self) -> dict[str, int]:
-        return {"d_in": self.d_in, "n_latents": self.n_latents, "k": self.k, "k_aux": self.k_aux}
-
-    def save(self, folder: Path, cfg: dict[str, Any]) -> None:
-        """cfg.json (the training config plus the SAE's shape) and sae.safetensors."""
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        save_file(tensors, folder / "sae.safetensors")
-        (folder / "cfg.json").write_text(json.dumps({**cfg, **self.hyperparameters()}, indent=2))
-
-    @classmethod
-    def load(cls, folder: Path, device: str = "cpu") -> TopKSAE:
-        cfg = json.loads((folder / "cfg.json").read_text())
-        sae = cls(cfg["d_in"], cfg["n_latents"], cfg["k"], cfg["k_aux"])
-        sae.load_state_dict(load_file(folder / "sae.safetensors", device=device))
-        return sae.to(device)
 
 
 def losses(out: SAEOutput, x_BD: Tensor) -> dict[str, Tensor]:

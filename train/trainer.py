@@ -7,6 +7,7 @@ any iterator of `Batch`: the cache loader in real runs, tensors in tests.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -17,12 +18,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from vitscope.configs import config_dict
+from vitscope.cache_spec.layout import CacheAttrs
+from vitscope.support.configs import config_dict
+from vitscope.train.card import SAECard
 from vitscope.train.checkpoint import TrainState, save_checkpoint
 from vitscope.train.config import TrainConfig
 from vitscope.train.loader import Batch, distinct_images
 from vitscope.train.metrics import WindowStats, heldout_metrics
 from vitscope.train.sae import TopKSAE, losses
+from vitscope.train.sae_folder import save_sae_folder
 
 
 @dataclass
@@ -39,17 +43,40 @@ class Member:
     def run_dir(self) -> Path:
         return self.cfg.run_dir
 
-    def cfg_json(self) -> dict[str, Any]:
-        return {**config_dict(self.cfg), "input_scale": float(self.sae.input_scale)}
+    def card(self) -> SAECard:
+        """The SAE's card as of now: its input scale and the tokens trained so far."""
+        return dataclasses.replace(
+            self.sae.card,
+            input_scale=float(self.sae.input_scale),
+            tokens_trained=self.state.tokens,
+        )
 
 
 def new_member(
-    cfg: TrainConfig, d_in: int, sample_ND: torch.Tensor, device: torch.device
+    cfg: TrainConfig,
+    d_in: int,
+    sample_ND: torch.Tensor,
+    device: torch.device,
+    cache: CacheAttrs | None = None,
 ) -> Member:
-    """A fresh SAE initialised on a sample of the training data (input scale, b_pre)."""
-    sae = TopKSAE(d_in, cfg.n_latents, cfg.k, cfg.k_aux, seed=cfg.seed)
+    """A fresh SAE initialised on a sample of the training data (input scale, b_pre); `cache`
+    names the model and weights the SAE's card records."""
+    sae = TopKSAE(
+        d_in, cfg.n_latents, cfg.k, cfg.k_aux, seed=cfg.seed, n_candidates=cfg.n_candidates
+    )
     sae.initialise_from(sample_ND)
     sae.to(device)
+    sae.card = SAECard(
+        d_in=d_in,
+        n_latents=cfg.n_latents,
+        k=cfg.k,
+        model=cache.model if cache else None,
+        pretrained=cache.pretrained if cache else None,
+        layer=cfg.layer,
+        token_set=cfg.token_set,
+        cache_spec_version=cache.spec_version if cache else None,
+        training=config_dict(cfg),
+    )
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
     since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=device)
     return Member(cfg, sae, optimizer, TrainState(since_fired_F=since_fired))
@@ -59,7 +86,7 @@ def train_step(member: Member, x_BD: torch.Tensor) -> None:
     """One optimizer step of the recipe on a batch of scaled activations."""
     cfg, sae, state = member.cfg, member.sae, member.state
     dead_F = state.since_fired_F > cfg.dead_tokens
-    out = sae(x_BD, dead_F=dead_F)
+    out = sae.autoencode(x_BD, dead_F=dead_F)
     terms = losses(out, x_BD)
     member.optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
@@ -113,12 +140,12 @@ def fit(
                     member.sae,
                     member.optimizer,
                     member.state,
-                    member.cfg_json(),
+                    member.card(),
                     member.cfg.keep_checkpoints,
                 )
     progress.close()
     for member in members:
-        member.sae.save(member.run_dir, member.cfg_json())
+        save_sae_folder(member.run_dir, member.sae, member.card())
 
 
 @dataclass

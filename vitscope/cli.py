@@ -12,7 +12,7 @@ import typer
 
 from vitscope.cache_spec.errors import CacheSpecError
 from vitscope.cache_spec.storage import StorageRangeError
-from vitscope.configs import add_config_command
+from vitscope.options import add_config_command
 from vitscope.pipeline.config import CacheConfig, DownloadConfig
 from vitscope.pipeline.writer import CacheWriteError
 from vitscope.train.config import TrainConfig

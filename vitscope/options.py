@@ -1,0 +1,95 @@
+"""Command-line options derived from a config dataclass, so no field is declared twice.
+
+`add_config_command` turns the fields into typer options (`batch_size` -> `--batch-size`, help
+from the docstring under the field); values come from the dataclass defaults, then
+`--config FILE.toml`, then flags.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import itertools
+import textwrap
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, get_origin, get_type_hints
+
+import tomllib
+import typer
+
+from vitscope.support.configs import load_config
+
+C = TypeVar("C")
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass, by field name."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def add_config_command(
+    app: typer.Typer, name: str, cls: type[C], run: Callable[[C], Any], help: str
+) -> None:
+    """Register `vitscope NAME --config FILE --field-name VALUE ...` that calls run(config)."""
+    hints = get_type_hints(cls)
+    docs = field_docs(cls)
+    params = [
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                Path | None, typer.Option(help="TOML file of settings; flags override it.")
+            ],
+        )
+    ]
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        hint = hints[field.name]
+        shown = "" if field.default is dataclasses.MISSING else f" [default: {field.default!r}]"
+        option = typer.Option(
+            help=docs.get(field.name, "") + shown,
+            show_default=False,
+        )
+        params.append(
+            inspect.Parameter(
+                field.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[_cli_type(hint) | None, option],
+            )
+        )
+
+    def command(**kwargs: Any) -> None:
+        config_file = kwargs.pop("config")
+        try:
+            config = load_config(cls, config_file, **kwargs)
+        except (ValueError, OSError, tomllib.TOMLDecodeError) as err:
+            raise typer.BadParameter(str(err)) from None
+        run(config)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    app.command(name, help=help)(command)
+
+
+def _cli_type(hint: Any) -> Any:
+    """Flags carry ints, floats, bools and Literal choices as such; tuples as 'a,b,c' strings."""
+    if hint in (int, float, bool) or get_origin(hint) is Literal:
+        return hint
+    return str
