@@ -234,6 +234,30 @@ def open_cache(path: Path | str, layer: int | None = None) -> Cache:
     return cache
 
 
+def check_cache_destination(path: Path | str) -> None:
+    """Refuse, before any heavy work, an output path that can be neither created nor resumed."""
+    path = Path(path)
+    if path.is_file():
+        raise CacheSpecError(
+            path,
+            "a folder for the cache (new, or a cache to resume)",
+            "a file",
+            "choose another --out",
+        )
+    if path.is_dir() and not (path / "zarr.json").exists() and any(path.iterdir()):
+        raise CacheSpecError(
+            path,
+            "a new or empty folder, or a cache to resume",
+            "a folder of other files (no zarr.json)",
+            "choose another --out",
+        )
+    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise CacheSpecError(
+            path, "a writable place for the cache", f"{parent} not writable", "choose another --out"
+        )
+
+
 def create_or_open(path: Path | str, attrs: CacheAttrs) -> Cache:
     """Create the cache atomically, or open an existing one that was written with the same settings.
 

@@ -85,8 +85,10 @@ def load_vision_tower(
     """Build `model` with `pretrained` weights ('none' for random ones seeded by `seed`).
 
     `pretrained` is an open_clip tag (fetched from the hub when online), a local weights file,
-    or 'none'.
+    'none', or 'none:seed=S' as a cache or SAE card records random weights (S overrides `seed`).
     """
+    if pretrained.startswith("none:seed="):
+        pretrained, seed = "none", int(pretrained.removeprefix("none:seed="))
     open_clip = import_open_clip()
     if model not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {model!r}; see open_clip.list_models()")

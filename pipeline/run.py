@@ -15,13 +15,14 @@ from tqdm import tqdm
 
 from vitscope.cache_spec.layout import CacheAttrs
 from vitscope.cache_spec.storage import ENCODINGS
-from vitscope.cache_spec.store import Cache, create_or_open
+from vitscope.cache_spec.store import Cache, check_cache_destination, create_or_open
 from vitscope.pipeline.config import CacheConfig
 from vitscope.pipeline.dataset import ShardBatch, ShardImages, shard_loader
 from vitscope.pipeline.model import VisionTower, load_vision_tower, residual_stream
 from vitscope.pipeline.shards import expected_images, list_shards
 from vitscope.pipeline.writer import ShardTooLargeError, ShardWriter, WriteQueue
 from vitscope.support.devices import resolve_device
+from vitscope.support.progress import status
 
 
 @dataclass
@@ -76,7 +77,9 @@ def cache(config: CacheConfig) -> CacheRunSummary:
     """Encode every not-yet-committed shard of this writer's part into the cache."""
     started = time.perf_counter()
     shard_paths = {path.name: path for path in list_shards(Path(config.shards))}
+    check_cache_destination(config.out)
     device = resolve_device(config.device)
+    status(f"loading {config.model} ({config.pretrained}) on {device}")
     tower = load_vision_tower(
         config.model, config.pretrained, device, config.model_dtype, config.seed
     )

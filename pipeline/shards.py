@@ -80,6 +80,14 @@ def read_samples(shard: Path) -> Iterator[dict[str, bytes]]:
         raise ShardReadError(f"{shard}: unreadable tar ({err}); re-download this shard") from None
 
 
+def model_input(
+    image: Image.Image, preprocess: Callable[[Image.Image], torch.Tensor]
+) -> torch.Tensor:
+    """The tensor the vision tower sees for one image: RGB, then open_clip's own transform. Stage
+    one and `vitscope.ViTActivations` both call this, so they feed the model the same pixels."""
+    return preprocess(image.convert("RGB"))
+
+
 def decode_sample(
     sample: dict[str, bytes], preprocess: Callable[[Image.Image], torch.Tensor]
 ) -> DecodedSample:
@@ -98,7 +106,7 @@ def decode_sample(
         return DecodedSample(record, None)
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return DecodedSample(record, preprocess(image.convert("RGB")))
+            return DecodedSample(record, model_input(image, preprocess))
     except Exception as err:  # PIL raises many types for bad bytes; all mean "skip this one"
         record.error = f"undecodable image: {type(err).__name__}: {err}"
         return DecodedSample(record, None)

@@ -160,3 +160,31 @@ def synthetic_cache(
         commit = ShardCommit(shard, index, first, n, 0, 0, "synthetic", "2026-11-25T00:00:00+00:00")
         store.commit(commit, rows)
     return path
+
+
+@pytest.fixture(scope="session")
+def photo_sae(tmp_path_factory: pytest.TempPathFactory, reference_cache: Path) -> Path:
+    """A small SAE trained by the real trainer on layer 5 of the photo cache (read-only)."""
+    from vitscope.train.config import TrainConfig
+    from vitscope.train.run import train
+
+    out = tmp_path_factory.mktemp("photo-sae") / "run"
+    config = TrainConfig(
+        cache=str(reference_cache),
+        layer=5,
+        out=str(out),
+        tokens=4096,
+        batch_size=256,
+        n_latents=64,
+        k=4,
+        k_aux=8,
+        lr=1e-3,
+        dead_tokens=1024,
+        buffer_tokens=400,
+        heldout_fraction=0.2,
+        eval_images=4,
+        log_every=2048,
+        device="cpu",
+    )
+    (run_dir,) = train([config])
+    return run_dir

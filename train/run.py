@@ -15,6 +15,7 @@ import torch
 from vitscope.cache_spec.layout import CacheAttrs
 from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.support.devices import resolve_device
+from vitscope.support.progress import status
 from vitscope.train.checkpoint import checkpoint_dirs, load_checkpoint
 from vitscope.train.config import TrainConfig
 from vitscope.train.loader import ActivationStream, Batch, token_slice
@@ -28,6 +29,11 @@ INIT_SAMPLE_TOKENS = 65536
 def train(configs: list[TrainConfig]) -> list[Path]:
     """Train the SAEs of `configs` (one, or a sweep sharing every batch); returns run folders."""
     base = configs[0]
+    for cfg in configs:
+        if cfg.run_dir.is_file():
+            raise ValueError(
+                f"{cfg.run_dir}: expected a run folder, found a file; choose another --out"
+            )
     cache = open_cache(base.cache, layer=base.layer)
     _check_ready(cache, base)
     device = torch.device(resolve_device(base.device))
@@ -41,6 +47,7 @@ def train(configs: list[TrainConfig]) -> list[Path]:
         heldout_fraction=base.heldout_fraction,
         read_threads=base.read_threads,
     )
+    status(f"reading {base.eval_images} held-out images of {cache.path}")
     heldout_NTD, _ = stream.heldout_images(base.eval_images)
     d_in = cache.attrs.d_model
     if base.resume:
@@ -57,6 +64,10 @@ def train(configs: list[TrainConfig]) -> list[Path]:
                     "or choose a new --out"
                 )
         batches = stream.batches(0)
+        status(
+            f"initialising {len(configs)} SAE(s) on the first {INIT_SAMPLE_TOKENS:,} tokens "
+            "(input scale, b_pre at their geometric median)"
+        )
         first = _first_batches(batches, min(INIT_SAMPLE_TOKENS, stream.epoch_tokens))
         sample = torch.cat([batch.acts_BD for batch in first]).float()
         members = [new_member(cfg, d_in, sample, device, cache.attrs) for cfg in configs]

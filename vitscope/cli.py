@@ -10,11 +10,12 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from vitscope.cache_spec.errors import CacheSpecError
 from vitscope.cache_spec.storage import StorageRangeError
 from vitscope.options import add_config_command
 from vitscope.pipeline.config import CacheConfig, DownloadConfig
 from vitscope.pipeline.writer import CacheWriteError
+from vitscope.saes.hub import HubError
+from vitscope.support.records import FileFormatError
 from vitscope.train.config import TrainConfig
 
 app = typer.Typer(
@@ -26,7 +27,8 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 USER_ERRORS = (
-    CacheSpecError,
+    FileFormatError,
+    HubError,
     CacheWriteError,
     StorageRangeError,
     FileNotFoundError,
@@ -144,3 +146,50 @@ def demo(
     from vitscope.demo import run_demo
 
     run_demo(workdir, model)
+
+
+@app.command("push")
+@one_line_errors
+def push(
+    run: Annotated[Path, typer.Argument(help="A run or SAE folder (cfg.json + sae.safetensors).")],
+    repo: Annotated[str, typer.Option(help="Hub repo to create or update, owner/name.")],
+    private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
+) -> None:
+    """Publish an SAE to the Hugging Face hub: weights, card, log, plots, model card; one commit.
+
+    The token comes from HF_TOKEN or `hf auth login`, never from a flag.
+    """
+    from vitscope.saes.hub import push as push_run
+
+    print(f"pushed {run} to {repo}: {push_run(run, repo, private=private)}")
+
+
+@app.command("pull")
+@one_line_errors
+def pull(
+    ref: Annotated[str, typer.Argument(help="owner/name, or owner/name/path for one SAE in it.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Copy the SAE folder here (default: the hub cache).")
+    ] = None,
+    revision: Annotated[str | None, typer.Option(help="Branch, tag or commit.")] = None,
+) -> None:
+    """Fetch an SAE from the Hugging Face hub and check that it loads."""
+    from vitscope.saes.hub import fetch
+    from vitscope.saes.load import load_sae
+
+    folder = fetch(ref, revision, local_dir=out)
+    sae = load_sae(folder)
+    print(f"{ref} -> {folder}: {sae.describe()}")
+
+
+@app.command("to-saelens")
+@one_line_errors
+def to_saelens(
+    run: Annotated[Path, typer.Argument(help="An SAE: run folder, CLIP-Scope .pt or hub id.")],
+    out: Annotated[Path, typer.Argument(help="Folder to write SAELens' cfg.json + weights into.")],
+) -> None:
+    """Export an SAE in SAELens' layout (load it with sae_lens.SAE.load_from_disk)."""
+    from vitscope.saes.load import load_sae
+    from vitscope.saes.saelens import export_saelens
+
+    print(f"SAELens folder: {export_saelens(load_sae(str(run)), out)}")

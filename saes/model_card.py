@@ -1,0 +1,70 @@
+"""The README.md a pushed SAE carries: what it reads, how well it reconstructs (measured numbers
+from the run's own log), and how to load it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vitscope.train.card import SAECard
+
+
+def run_metrics(run_dir: Path) -> dict[str, Any]:
+    """The last log line's held-out numbers, or {} for an SAE folder without a training log."""
+    log = run_dir / "log.jsonl"
+    if not log.is_file():
+        return {}
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    if not lines:
+        return {}
+    last = lines[-1]
+    return {
+        "explained_variance": last["heldout"]["explained_variance"],
+        "fvu": last["heldout"]["fvu"],
+        "l0": last["heldout"]["l0"],
+        "dead_fraction": last["dead_fraction"],
+        "tokens": last["tokens"],
+    }
+
+
+def model_card(card: SAECard, metrics: dict[str, Any], repo_id: str) -> str:
+    """Markdown with hub metadata (front matter) for an SAE folder."""
+    model = card.model or "unknown model"
+    rows = [
+        ("architecture", f"{card.architecture}, k = {card.k}, {card.n_latents:,} latents"),
+        ("model", f"{model} ({card.pretrained or 'unknown weights'})"),
+        ("layer", f"{card.layer} ({card.hook}: the residual stream after block {card.layer})"),
+        ("tokens", f"{card.token_set}; {card.tokens_trained:,} trained"),
+    ]
+    if metrics:
+        rows += [
+            ("held-out explained variance", f"{metrics['explained_variance']:.4f}"),
+            ("held-out L0", f"{metrics['l0']:.2f}"),
+            ("dead latents", f"{metrics['dead_fraction']:.2%}"),
+        ]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return f"""---
+library_name: vitscope
+tags:
+- sparse-autoencoder
+- vision-transformer
+- interpretability
+---
+
+# {card.architecture.capitalize()} SAE on {model}, layer {card.layer}
+
+| | |
+| --- | --- |
+{table}
+
+Measured on the run's held-out images at the end of training (`log.jsonl` has every window;
+`report.png` draws them).
+
+```python
+import vitscope
+
+sae = vitscope.load_sae("{repo_id}")
+codes = sae.encode(acts)  # acts: (..., {card.d_in}) residual stream, in its own units
+```
+"""
