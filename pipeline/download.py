@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from vitscope.pipeline.config import DownloadConfig
+from vitscope.support.extras import require
 
 INPUT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".txt": "txt"}
 
@@ -26,7 +27,7 @@ def download(config: DownloadConfig) -> Path:
         raise FileNotFoundError(f"{url_list}: no such URL list")
     # albumentations, imported by img2dataset, phones home for updates unless told not to.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from img2dataset import download as img2dataset_download
+    img2dataset_download = require("img2dataset", "cache", "vitscope download").download
 
     img2dataset_download(
         url_list=str(url_list),

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from vitscope.saes.model_card import model_card, run_metrics
+from vitscope.support.extras import require
 from vitscope.train.sae_folder import CARD_FILE, WEIGHTS_FILE, load_sae_folder
 
 PUSHED_FILES = (CARD_FILE, WEIGHTS_FILE, "log.jsonl")
@@ -25,6 +26,7 @@ class HubError(Exception):
 
 def push(run_dir: Path, repo_id: str, private: bool = False, endpoint: str | None = None) -> str:
     """Upload the SAE in `run_dir` to `repo_id` in one commit; returns the commit's URL."""
+    require("huggingface_hub", "hub", "vitscope push")
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
     sae = load_sae_folder(run_dir)
@@ -56,6 +58,7 @@ def fetch(
     """The local path of `owner/name[/path]`: a snapshot of the repo (or of one subfolder), or
     one file when the path names a file such as CLIP-Scope's `22_resid/1200013184.pt`. Files go
     to huggingface_hub's cache, or to `local_dir`."""
+    require("huggingface_hub", "hub", f"fetching {ref} from the hub")
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.constants import ENDPOINT
 

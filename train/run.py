@@ -15,11 +15,11 @@ import torch
 from vitscope.cache_spec.layout import CacheAttrs
 from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.support.devices import resolve_device
+from vitscope.support.extras import has_module
 from vitscope.support.progress import status
 from vitscope.train.checkpoint import checkpoint_dirs, load_checkpoint
 from vitscope.train.config import TrainConfig
 from vitscope.train.loader import ActivationStream, Batch, token_slice
-from vitscope.train.report import plot_run
 from vitscope.train.trainer import Member, fit, new_member
 
 INIT_SAMPLE_TOKENS = 65536
@@ -73,9 +73,20 @@ def train(configs: list[TrainConfig]) -> list[Path]:
         members = [new_member(cfg, d_in, sample, device, cache.attrs) for cfg in configs]
         batches = itertools.chain(first, batches)
     fit(members, batches, heldout_NTD, token_slice(base.token_set, cache.attrs.n_tokens))
-    for member in members:
-        plot_run(member.run_dir)
-    return [member.run_dir for member in members]
+    run_dirs = [member.run_dir for member in members]
+    _draw_reports(run_dirs)
+    return run_dirs
+
+
+def _draw_reports(run_dirs: list[Path]) -> None:
+    """report.png per run; a missing matplotlib costs the picture, never the trained SAE."""
+    if not has_module("matplotlib"):
+        status("no report.png: matplotlib is not installed (pip install 'vitscope[plots]')")
+        return
+    from vitscope.train.report import plot_run
+
+    for run_dir in run_dirs:
+        plot_run(run_dir)
 
 
 def resume_member(cfg: TrainConfig, cache: CacheAttrs, device: torch.device) -> Member:

@@ -15,6 +15,7 @@ from vitscope.options import add_config_command
 from vitscope.pipeline.config import CacheConfig, DownloadConfig
 from vitscope.pipeline.writer import CacheWriteError
 from vitscope.saes.hub import HubError
+from vitscope.support.extras import MissingExtraError, require
 from vitscope.support.records import FileFormatError
 from vitscope.train.config import TrainConfig
 
@@ -29,6 +30,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 USER_ERRORS = (
     FileFormatError,
     HubError,
+    MissingExtraError,
     CacheWriteError,
     StorageRangeError,
     FileNotFoundError,
@@ -129,6 +131,7 @@ def cache_info(
     cache = open_cache(path)
     print("\n".join(summary_lines(cache)))
     if plot is not None:
+        require("matplotlib", "plots", "cache-info --plot")
         from vitscope.cache_plot import plot_cache
 
         print(f"picture: {plot_cache(cache, plot)}")

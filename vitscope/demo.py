@@ -16,6 +16,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from importlib.resources import files
 from pathlib import Path
 
+from vitscope.support.extras import require
+
 PHOTO_CAPTIONS = {
     "astronaut.png": "an astronaut in a spacesuit holding a helmet",
     "brick.png": "a grey brick wall",
@@ -101,6 +103,8 @@ def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
     """Photos -> 127.0.0.1 -> img2dataset shards -> a cache of 4 layers -> an SAE on layer 8."""
     import shutil
 
+    for module, extra in (("skimage", "demo"), ("img2dataset", "cache"), ("matplotlib", "plots")):
+        require(module, extra, "vitscope demo")
     from vitscope.cache_plot import plot_cache
     from vitscope.cache_spec.info import summary_lines
     from vitscope.cache_spec.store import open_cache
