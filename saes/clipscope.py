@@ -1,14 +1,16 @@
 """CLIP-Scope's released SAEs (Lewington et al., 2024): `{layer}_resid/{tokens}.pt` checkpoints.
 
 Each file is a torch dict whose `model_state_dict` holds pre_b [D], enc [D, F] and dec [F, D],
-with k = 32. Their forward pass is
+beside k (32), d_in, n_features and token_count. Their forward pass (clipscope 0.1.8, sae.py) is
 
     z = topk((x − pre_b) · enc)      the 32 largest raw values: no ReLU, no latent bias
     x̂ = z · dec + pre_b              decoder rows are not unit-normed
 
 which is our TopKSAE with W_enc = encᵀ, b_enc = 0, W_dec = dec, b_pre = pre_b, activation none.
-CLIP-Scope trained on per-batch standardised inputs, while its package feeds raw activations;
-`input_norm` chooses ("scale" with scale 1 = raw, as its package; "standardize" = as trained).
+CLIP-Scope trained on per-batch standardised inputs (each feature over the batch's 32,896
+tokens: (x − mean) / (std + 1e-6)), while its package feeds raw activations; `input_norm` chooses:
+"scale" (with scale 1: raw, as its package does) or "standardize" (as the SAEs were trained, and
+as their reported explained variance was measured).
 The model is CLIP-Scope's: open_clip ViT-L-14, laion2b_s32b_b82k, residual stream after block L.
 """
 
@@ -35,7 +37,10 @@ def load_clipscope(
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types for bytes it cannot unpickle
         raise SAEFormatError(
-            path, "a CLIP-Scope checkpoint (a torch dict)", f"{type(err).__name__}: {err}"
+            path,
+            "a CLIP-Scope checkpoint (a torch dict)",
+            _load_failure(err),
+            "only tensors are loaded (torch.load weights_only=True), never pickled code",
         ) from None
     state = checkpoint.get("model_state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or any(key not in state for key in KEYS):
@@ -53,7 +58,8 @@ def load_clipscope(
             f"pre_b [{d_in}] and dec [{n_latents}, {d_in}] to match enc {list(enc.shape)}",
             f"pre_b {list(pre_b.shape)}, dec {list(dec.shape)}",
         )
-    sae = TopKSAE(d_in, n_latents, CLIP_SCOPE_K, activation="none")
+    k = int(checkpoint.get("k", CLIP_SCOPE_K))
+    sae = TopKSAE(d_in, n_latents, k, activation="none")
     with torch.no_grad():
         sae.w_enc.copy_(enc.T)
         sae.w_dec.copy_(dec)
@@ -63,16 +69,23 @@ def load_clipscope(
     sae.card = SAECard(
         d_in=d_in,
         n_latents=n_latents,
-        k=CLIP_SCOPE_K,
+        k=k,
         activation="none",
         model=CLIP_SCOPE_MODEL[0],
         pretrained=CLIP_SCOPE_MODEL[1],
         layer=layer,
-        tokens_trained=tokens,
+        tokens_trained=int(checkpoint.get("token_count", tokens)),
         source="clip-scope",
     )
     sae.set_input_norm(input_norm)
     return sae.to(device)
+
+
+def _load_failure(err: Exception) -> str:
+    """torch.load's message in one line: the unpickler's own reason when there is one."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    reason = next((line for line in lines if line.startswith("WeightsUnpickler error")), None)
+    return f"{type(err).__name__}: {reason or (lines or [''])[0]}"
 
 
 def _layer_and_tokens(path: Path) -> tuple[int | None, int]:

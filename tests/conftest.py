@@ -188,3 +188,21 @@ def photo_sae(tmp_path_factory: pytest.TempPathFactory, reference_cache: Path) -
     )
     (run_dir,) = train([config])
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def clipscope_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A file shaped like CLIP-Scope's release (`{layer}_resid/{tokens}.pt`), random tensors at
+    a small width; 64 latents with k = 32, so many kept raw values are negative."""
+    generator = torch.Generator().manual_seed(5)
+    d_in, n_features = 16, 64
+    state = {
+        "pre_b": torch.randn(d_in, generator=generator),
+        "enc": torch.randn(d_in, n_features, generator=generator) / d_in**0.5,
+        "dec": torch.randn(n_features, d_in, generator=generator),
+    }
+    path = tmp_path_factory.mktemp("clipscope") / "22_resid" / "1200013184.pt"
+    path.parent.mkdir()
+    checkpoint = {"model_state_dict": state, "k": 32, "d_in": d_in, "n_features": n_features}
+    torch.save({**checkpoint, "token_count": 1200013184}, path)
+    return path

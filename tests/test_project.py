@@ -6,29 +6,30 @@ import re
 import subprocess
 import sys
 import zipfile
+from importlib.metadata import version
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
+DATA = ROOT / "tests" / "data"
+EXPECTED = DATA / "run-v0-expected.safetensors"
 
 
-def test_wheel_installs_everything_under_the_vitscope_namespace(tmp_path: Path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`python -m build --wheel` of this checkout."""
+    out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            str(ROOT),
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-        ],
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "-o", str(out), str(ROOT)],
         check=True,
         capture_output=True,
     )
-    (wheel,) = tmp_path.glob("vitscope-*.whl")
+    (built,) = out.glob("vitscope-*.whl")
+    return built
+
+
+def test_wheel_installs_everything_under_the_vitscope_namespace(wheel: Path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names} == {
         "vitscope",
@@ -36,6 +37,46 @@ def test_wheel_installs_everything_under_the_vitscope_namespace(tmp_path: Path):
     }
     for module in ("pipeline/run.py", "cache_spec/SPEC.md", "train/__init__.py", "cli.py"):
         assert f"vitscope/{module}" in names
+    for module in ("saes/load.py", "support/configs.py", "train/SAE_FORMAT.md"):
+        assert f"vitscope/{module}" in names
+
+
+INFERENCE = """
+import sys
+import torch
+import vitscope
+from safetensors.torch import load_file
+
+sae = vitscope.load_sae(sys.argv[1])
+expected = load_file(sys.argv[2])
+assert sae.encode(expected["acts"]).indices.equal(expected["idx"])
+torch.testing.assert_close(sae(expected["acts"]), expected["recon"])
+print(sorted({m.split(".")[0] for m in sys.modules} & {"img2dataset", "matplotlib", "zarr"}))
+"""
+
+
+def test_the_wheel_alone_loads_and_runs_an_sae_in_a_fresh_venv(wheel: Path, tmp_path: Path):
+    """Core dependencies only (no extras): what an inference user installs."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    # The torch pair this environment runs on, so the fresh venv takes it from local disk.
+    torch_pair = [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "torchvision")]
+    subprocess.run([*pip, *torch_pair], check=True, capture_output=True)
+    subprocess.run([*pip, str(wheel)], check=True, capture_output=True)
+    for extra_only in ("img2dataset", "matplotlib", "sae_lens"):
+        found = subprocess.run([str(venv / "bin" / "python"), "-c", f"import {extra_only}"])
+        assert found.returncode != 0, f"{extra_only} came with the core install"
+    run = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", INFERENCE, str(DATA / "run-v0"), str(EXPECTED)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"  # inference imports none of the heavy parts
+    cli = subprocess.run([str(venv / "bin" / "vitscope"), "--help"], capture_output=True)
+    assert cli.returncode == 0
 
 
 def test_ci_runs_exactly_the_readme_test_command():

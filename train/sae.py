@@ -14,13 +14,17 @@ compute the same function and the same gradients.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from vitscope.train.card import Activation, SAECard
+from vitscope.train.card import Activation, InputNorm, SAECard
 from vitscope.train.kernels import SparseDecode, SparseEncode, topk_preacts
+
+STANDARDIZE_EPS = 1e-6
+"""CLIP-Scope's epsilon in (x − mean) / (std + eps)."""
 
 AUX_COEFFICIENT = 1 / 32
 """Weight of the AuxK loss (Gao et al., section 2.4)."""
@@ -34,6 +38,8 @@ class SparseCodes:
     indices: Tensor
     values: Tensor
     n_latents: int
+    standardized_by: tuple[Tensor, Tensor] | None = None
+    """(mean_D, std_D) of the batch when the SAE standardises its inputs; decode undoes them."""
 
     def dense(self) -> Tensor:
         """The (..., F) latent activations, zero where inactive."""
@@ -43,7 +49,8 @@ class SparseCodes:
     def by_value(self) -> SparseCodes:
         """The same codes with each row ordered by value, largest first."""
         values, order = self.values.sort(dim=-1, descending=True)
-        return SparseCodes(self.indices.gather(-1, order), values, self.n_latents)
+        indices = self.indices.gather(-1, order)
+        return SparseCodes(indices, values, self.n_latents, self.standardized_by)
 
 
 @dataclass
@@ -75,6 +82,7 @@ class TopKSAE(nn.Module):
         self.activation = activation
         self.n_candidates = n_candidates
         """Candidates of the certified top-k search (kernels.topk_preacts); 0 = automatic."""
+        self.input_norm: InputNorm = "scale"
         self.card = SAECard(d_in, n_latents, k, activation=activation)
         generator = torch.Generator().manual_seed(seed)
         w_dec = torch.randn(n_latents, d_in, generator=generator)
@@ -88,12 +96,16 @@ class TopKSAE(nn.Module):
     # ------------------------------------------------------- in the activations' units
     def encode(self, acts: Tensor) -> SparseCodes:
         """Sparse codes of activations of shape (..., d_in), on the SAE's device."""
-        x_BD = self._scaled(acts)
+        x_BD = self._as_rows(acts)
+        stats = None
+        if self.input_norm == "standardize":
+            x_BD, stats = standardize(x_BD)
+        else:
+            x_BD = x_BD * self.input_scale
         z_BK, idx_BK = self._select(x_BD - self.b_pre, dense=False)
         lead = acts.shape[:-1]
-        return SparseCodes(
-            idx_BK.view(*lead, self.k), z_BK.view(*lead, self.k).to(acts.dtype), self.n_latents
-        )
+        values = z_BK.view(*lead, self.k).to(acts.dtype)
+        return SparseCodes(idx_BK.view(*lead, self.k), values, self.n_latents, stats)
 
     def decode(self, codes: SparseCodes) -> Tensor:
         """Reconstructed activations (..., d_in) from codes, in the codes' dtype."""
@@ -101,21 +113,30 @@ class TopKSAE(nn.Module):
         idx_BK = codes.indices.reshape(-1, codes.indices.shape[-1])
         z_BK = codes.values.reshape(idx_BK.shape).to(self.w_dec.dtype)
         recon = SparseDecode.apply(z_BK, idx_BK, self.w_dec) + self.b_pre
-        return (recon / self.input_scale).view(*lead, self.d_in).to(codes.values.dtype)
+        if codes.standardized_by is not None:
+            mean_D, std_D = codes.standardized_by
+            recon = recon * (std_D + STANDARDIZE_EPS) + mean_D
+        else:
+            recon = recon / self.input_scale
+        return recon.view(*lead, self.d_in).to(codes.values.dtype)
 
     def forward(self, acts: Tensor) -> Tensor:
         """The reconstruction of activations (..., d_in), same shape and dtype."""
         return self.decode(self.encode(acts))
 
-    def _scaled(self, acts: Tensor) -> Tensor:
-        """(N, D) scaled inputs in the SAE's dtype and device; a wrong width is a one-line error."""
+    def set_input_norm(self, input_norm: InputNorm) -> None:
+        """How `encode` normalises: "scale" (x · input_scale) or "standardize" (per batch)."""
+        self.input_norm = input_norm
+        self.card = dataclasses.replace(self.card, input_norm=input_norm)
+
+    def _as_rows(self, acts: Tensor) -> Tensor:
+        """(N, D) inputs in the SAE's dtype and device; a wrong width is a one-line error."""
         if acts.shape[-1:] != (self.d_in,):
             raise ValueError(
                 f"expected activations of shape (..., {self.d_in}) for {self.describe()}, "
                 f"got {tuple(acts.shape)}; pass the residual stream the SAE was trained on"
             )
-        x = acts.reshape(-1, self.d_in).to(device=self.w_enc.device, dtype=self.w_enc.dtype)
-        return x * self.input_scale
+        return acts.reshape(-1, self.d_in).to(device=self.w_enc.device, dtype=self.w_enc.dtype)
 
     def describe(self) -> str:
         """The SAE in a few words, for messages: its shape and what it reads."""
@@ -194,6 +215,18 @@ class TopKSAE(nn.Module):
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         self.w_dec.div_(self.w_dec.norm(dim=1, keepdim=True))
+
+
+def standardize(x_BD: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """CLIP-Scope's training inputs: each feature to zero mean and unit (unbiased) standard
+    deviation over the batch's vectors, (x − mean) / (std + 1e-6)."""
+    if len(x_BD) < 2:
+        raise ValueError(
+            "input_norm 'standardize' needs a batch of at least 2 vectors (it standardises each "
+            "feature over the batch); pass more tokens, or load with input_norm='scale'"
+        )
+    mean_D, std_D = x_BD.mean(dim=0), x_BD.std(dim=0)
+    return (x_BD - mean_D) / (std_D + STANDARDIZE_EPS), (mean_D, std_D)
 
 
 def losses(out: SAEOutput, x_BD: Tensor) -> dict[str, Tensor]:

@@ -65,6 +65,7 @@ def load_sae_folder(folder: Path, device: str | torch.device = "cpu") -> TopKSAE
         )
     sae.load_state_dict(tensors)
     sae.card = card
+    sae.set_input_norm(card.input_norm)
     return sae.to(device)
 
 
