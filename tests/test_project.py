@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -92,3 +93,26 @@ def test_ci_runs_exactly_the_readme_test_command():
         if line.strip() and not line.startswith(("#", "set ", "cd "))
     ]
     assert ci_commands == [test_command]
+
+
+ALLOWED_IMPORTS = {
+    "support": {"support"},
+    "cache_spec": {"cache_spec", "support"},
+    "pipeline": {"pipeline", "cache_spec", "support"},
+    "train": {"train", "cache_spec", "support"},
+    "saes": {"saes", "train", "pipeline", "cache_spec", "support"},
+}
+"""Which vitscope packages each folder may import: the arrows point down, never up."""
+
+
+def test_imports_run_one_way():
+    for folder, allowed in ALLOWED_IMPORTS.items():
+        for path in (ROOT / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                for name in names:
+                    parts = name.split(".")
+                    if parts[0] == "vitscope" and len(parts) > 1:
+                        assert parts[1] in allowed, f"{path.relative_to(ROOT)} imports {name}"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 from pathlib import Path
-from typing import Literal, get_args, get_origin, get_type_hints
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 import pytest
 import torch
@@ -13,14 +14,17 @@ import torch
 from vitscope.cache_spec import CacheAttrs, ShardCommit, open_cache
 from vitscope.cache_spec.layout import ROWS_SCHEMA, STORAGES
 from vitscope.cache_spec.storage import ENCODINGS
+from vitscope.train.card import SAECard
+from vitscope.train.sae import TopKSAE
 
 SPEC = Path(__file__).parents[1] / "cache_spec" / "SPEC.md"
+SAE_FORMAT = Path(__file__).parents[1] / "train" / "SAE_FORMAT.md"
 GOLDEN = Path(__file__).parent / "data"
 
 
-def spec_table(heading: str) -> list[list[str]]:
-    """Rows (cells stripped of backticks) of the first table after a heading of SPEC.md."""
-    text = SPEC.read_text()
+def spec_table(heading: str, doc: Path = SPEC) -> list[list[str]]:
+    """Rows (cells stripped of backticks) of the first table after a heading of a document."""
+    text = doc.read_text()
     start = text.index(heading)
     rows = []
     for line in text[start:].splitlines()[1:]:
@@ -32,6 +36,8 @@ def spec_table(heading: str) -> list[list[str]]:
 
 
 def spec_type(hint: object) -> str:
+    if get_origin(hint) in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else spec_type(a) for a in get_args(hint))
     if get_origin(hint) is tuple:
         return f"list[{spec_type(get_args(hint)[0])}]"
     if get_origin(hint) is Literal:
@@ -48,6 +54,21 @@ def test_record_tables_match_the_dataclasses(heading: str, record: type):
     documented = [(name, kind) for name, kind, _ in spec_table(heading)]
     in_code = [(f.name, spec_type(hints[f.name])) for f in dataclasses.fields(record)]
     assert documented == in_code
+
+
+def test_sae_card_table_matches_the_dataclass():
+    hints = get_type_hints(SAECard)
+    documented = [(name, kind) for name, kind, _ in spec_table("## The card", SAE_FORMAT)]
+    assert documented == [(f.name, spec_type(hints[f.name])) for f in dataclasses.fields(SAECard)]
+
+
+def test_sae_weights_table_matches_what_training_saves():
+    documented = {name: shape for name, shape, _ in spec_table("## The weights", SAE_FORMAT)}
+    tensors = TopKSAE(d_in=4, n_latents=6, k=2).state_dict()
+    shapes = {"[F, D]": (6, 4), "[F]": (6,), "[D]": (4,), "[]": ()}
+    assert {name: shapes[shape.rsplit(" ", 1)[0]] for name, shape in documented.items()} == {
+        name: tuple(t.shape) for name, t in tensors.items()
+    }
 
 
 def test_row_table_columns_match_the_schema():

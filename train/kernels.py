@@ -107,12 +107,12 @@ def bfloat16_is_faster(device: torch.device) -> bool:
     return bf16 < 0.8 * fp32
 
 
-def _product_seconds(dtype: torch.dtype, m: int, k: int, n: int) -> float:
-    """Fastest of three (m, k) @ (k, n) products after a warm-up: the least noisy timing."""
+def _product_seconds(dtype: torch.dtype, m: int, k: int, n: int, repeats: int = 5) -> float:
+    """Fastest of `repeats` (m, k) @ (k, n) products after a warm-up: the least noisy timing."""
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     a @ b
     timings = []
-    for _ in range(3):
+    for _ in range(repeats):
         start = time.perf_counter()
         a @ b
         timings.append(time.perf_counter() - start)
