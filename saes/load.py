@@ -27,7 +27,8 @@ def load_sae(
     reference `owner/name[/path]` (fetched with huggingface_hub; needs the network once, then the
     local hub cache). `input_norm` overrides how inputs are normalised: CLIP-Scope's SAEs load
     with "scale" (raw activations, as its package feeds them); "standardize" feeds each batch
-    standardised, as CLIP-Scope trained them.
+    standardised, as CLIP-Scope trained them. The SAE comes for inference, its parameters
+    frozen (`sae.requires_grad_(True)` to train it further).
     """
     path = Path(ref)
     if path.exists():
@@ -38,7 +39,7 @@ def load_sae(
         sae = _load_local(fetch(ref, revision), device, input_norm)
     else:
         raise SAEFormatError(path, "an SAE", "no such file or directory", NOT_AN_SAE_FIX)
-    return sae
+    return sae.eval().requires_grad_(False)
 
 
 def _load_local(path: Path, device: str | torch.device, input_norm: InputNorm | None) -> TopKSAE:

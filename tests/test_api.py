@@ -65,6 +65,7 @@ def test_encode_decode_work_in_activation_units_for_any_leading_shape(
     values, recon = by_hand(sae, acts)
     codes = sae.encode(acts)
     assert codes.indices.shape == codes.values.shape == (*lead, sae.k)
+    assert codes.values.grad_fn is None  # loaded for inference: no graph is built
     torch.testing.assert_close(codes.values.sort(dim=-1).values, values.sort(dim=-1).values)
     torch.testing.assert_close(sae.decode(codes), recon, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(sae(acts), recon, rtol=1e-4, atol=1e-4)
@@ -99,9 +100,11 @@ def test_activations_equal_the_cache_rows_of_the_same_images(shards: Path, refer
         cache.attrs.model, cache.attrs.pretrained, TEST_LAYERS, device="cpu"
     )
     acts = extract(images, batch_size=2)
+    from_pixels = extract(extract.preprocess(images))
     for layer in TEST_LAYERS:
         expected = cache.read_rows(layer, [r["row"] for r in rows])
         torch.testing.assert_close(acts[layer].float(), expected, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(from_pixels[layer], acts[layer])
 
 
 def _shard_image(shards: Path, row: dict) -> Image.Image:
