@@ -16,7 +16,7 @@ from vitscope.cache_spec.errors import CacheSpecError
 from vitscope.support import records
 from vitscope.support.records import parse_record
 
-SPEC_VERSION = "1.0"
+SPEC_VERSION = "1.1"
 ATTRS_KEY = "vitscope_cache"
 SHARDS_DIR = "shards"
 
@@ -102,6 +102,8 @@ class CacheAttrs:
     """The open_clip image transform, as printed."""
     spec_version: str = SPEC_VERSION
     """Version of this contract: major.minor; readers refuse another major."""
+    source_shards: str | None = None
+    """Absolute folder the shards were read from, to read images back (spec 1.1; optional)."""
 
     def __post_init__(self) -> None:
         if self.storage not in STORAGES:

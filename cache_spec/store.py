@@ -46,7 +46,9 @@ from vitscope.cache_spec.storage import ENCODINGS, Encoding
 from vitscope.support.records import write_atomically, write_json_atomically
 
 COMPATIBLE_FIELDS = tuple(
-    f.name for f in dataclasses.fields(CacheAttrs) if f.name not in ("shards", "spec_version")
+    f.name
+    for f in dataclasses.fields(CacheAttrs)
+    if f.name not in ("shards", "spec_version", "source_shards")
 )
 """Settings every run writing into one cache must share (shards may grow; see `create_or_open`)."""
 

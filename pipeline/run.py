@@ -70,6 +70,7 @@ def cache_attrs(config: CacheConfig, tower: VisionTower, shards: list[str]) -> C
         shards=tuple(shards),
         model_dtype=str(tower.dtype).removeprefix("torch."),
         preprocess=" | ".join(repr(t) for t in tower.preprocess.transforms),
+        source_shards=str(Path(config.shards).resolve()),
     )
 
 

@@ -206,3 +206,12 @@ def clipscope_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     checkpoint = {"model_state_dict": state, "k": 32, "d_in": d_in, "n_features": n_features}
     torch.save({**checkpoint, "token_count": 1200013184}, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def photo_analysis(photo_sae: Path, reference_cache: Path) -> Path:
+    """`vitscope analyze` of the photo SAE over the photo cache, as the command runs it."""
+    from vitscope.analysis.analyze import analyze
+    from vitscope.analysis.config import AnalyzeConfig
+
+    return analyze(AnalyzeConfig(run=str(photo_sae), cache=str(reference_cache), device="cpu"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -172,13 +173,7 @@ class ActivationStream:
         return _Window(start, acts, rows)
 
     def _read_tokens(self, ref: ChunkRef) -> tuple[Tensor, Tensor]:
-        chunk_NTD = self.cache.read_chunk(self.layer, ref, self.window_dtype)
-        if not bool(torch.isfinite(chunk_NTD.abs().amax())):  # max propagates NaN; 10x cheaper
-            raise ValueError(
-                f"{self.cache.path}: layer {self.layer}, rows {ref.first_row}.."
-                f"{ref.first_row + ref.n_rows - 1} hold NaN or inf activations; re-cache shard "
-                f"{self.cache.attrs.shards[ref.shard_index]} or write a new cache"
-            )
+        chunk_NTD = read_finite_chunk(self.cache, self.layer, ref, self.window_dtype)
         tokens = chunk_NTD[:, token_slice(self.tokens, chunk_NTD.shape[1])]
         rows = torch.arange(ref.first_row, ref.first_row + ref.n_rows)
         n, t, d = tokens.shape
@@ -188,14 +183,46 @@ class ActivationStream:
     def heldout_images(self, max_images: int) -> tuple[Tensor, Tensor]:
         """Up to `max_images` held-out images with all their tokens: (N, T, D) and their rows."""
         acts, rows = [], []
-        for ref in self.heldout_chunks:
-            acts.append(self.cache.read_chunk(self.layer, ref))
+        for ref, chunk_NTD in read_chunks(self.cache, self.layer, self.heldout_chunks, 1):
+            acts.append(chunk_NTD)
             rows.append(torch.arange(ref.first_row, ref.first_row + ref.n_rows))
             if sum(len(a) for a in acts) >= max_images:
                 break
         if not acts:
             raise ValueError(f"{self.cache.path}: no held-out chunks; raise heldout_fraction")
         return torch.cat(acts)[:max_images], torch.cat(rows)[:max_images]
+
+
+def read_finite_chunk(
+    cache: Cache, layer: int, ref: ChunkRef, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """One whole chunk (n_rows, T, D); NaN or inf activations are a one-line error naming rows."""
+    chunk_NTD = cache.read_chunk(layer, ref, dtype)
+    if not bool(torch.isfinite(chunk_NTD.abs().amax())):  # max propagates NaN; 10x cheaper
+        raise ValueError(
+            f"{cache.path}: layer {layer}, rows {ref.first_row}..{ref.first_row + ref.n_rows - 1} "
+            f"hold NaN or inf activations; re-cache shard {cache.attrs.shards[ref.shard_index]} "
+            "or write a new cache"
+        )
+    return chunk_NTD
+
+
+def read_chunks(
+    cache: Cache, layer: int, refs: list[ChunkRef], threads: int = 4
+) -> Iterator[tuple[ChunkRef, Tensor]]:
+    """Whole chunks in the given order, float32, read and decoded ahead by `threads` threads
+    (2 x threads chunks in flight): for passes that need whole images in order."""
+    with ThreadPoolExecutor(threads) as pool:
+        pending = deque(
+            (ref, pool.submit(read_finite_chunk, cache, layer, ref)) for ref in refs[: 2 * threads]
+        )
+        upcoming = iter(refs[2 * threads :])
+        while pending:
+            ref, future = pending.popleft()
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append((following, pool.submit(read_finite_chunk, cache, layer, following)))
+            yield ref, future.result()
 
 
 def _joined(parts: list[Tensor]) -> Tensor:

@@ -10,6 +10,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from vitscope.analysis.config import AnalyzeConfig
+from vitscope.analysis.images import ImageSourceError
 from vitscope.cache_spec.storage import StorageRangeError
 from vitscope.options import add_config_command
 from vitscope.pipeline.config import CacheConfig, DownloadConfig
@@ -31,6 +33,7 @@ USER_ERRORS = (
     FileFormatError,
     HubError,
     MissingExtraError,
+    ImageSourceError,
     CacheWriteError,
     StorageRangeError,
     FileNotFoundError,
@@ -99,6 +102,28 @@ add_config_command(
     TrainConfig,
     run_train,
     help="Train a TopK SAE on one layer of a cache (defaults: CLIP-Scope's configuration).",
+)
+
+
+@one_line_errors
+def run_analyze(config: AnalyzeConfig) -> None:
+    from vitscope.analysis.analyze import analyze
+    from vitscope.analysis.plots import plot_analysis
+
+    out = analyze(config)
+    print(f"analysis in {out} (features.parquet, top_images.parquet, heatmaps.zarr)")
+    shards = Path(config.shards) if config.shards else None
+    for picture in plot_analysis(out, shards, config.grids):
+        print(f"picture: {picture}")
+
+
+add_config_command(
+    app,
+    "analyze",
+    AnalyzeConfig,
+    run_analyze,
+    help="One pass of an SAE over its cache: feature statistics, top images, pictures.",
+    arguments=("run",),
 )
 
 

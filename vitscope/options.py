@@ -44,9 +44,15 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def add_config_command(
-    app: typer.Typer, name: str, cls: type[C], run: Callable[[C], Any], help: str
+    app: typer.Typer,
+    name: str,
+    cls: type[C],
+    run: Callable[[C], Any],
+    help: str,
+    arguments: tuple[str, ...] = (),
 ) -> None:
-    """Register `vitscope NAME --config FILE --field-name VALUE ...` that calls run(config)."""
+    """Register `vitscope NAME [ARGUMENTS] --config FILE --field-name VALUE ...` that calls
+    run(config); the fields named in `arguments` are positional."""
     hints = get_type_hints(cls)
     docs = field_docs(cls)
     params = [
@@ -62,10 +68,8 @@ def add_config_command(
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
         hint = hints[field.name]
         shown = "" if field.default is dataclasses.MISSING else f" [default: {field.default!r}]"
-        option = typer.Option(
-            help=docs.get(field.name, "") + shown,
-            show_default=False,
-        )
+        kind = typer.Argument if field.name in arguments else typer.Option
+        option = kind(help=docs.get(field.name, "") + shown, show_default=False)
         params.append(
             inspect.Parameter(
                 field.name,

@@ -1,0 +1,171 @@
+"""The analysis folder (analysis/ANALYSIS.md is its prose): what `vitscope analyze` writes and
+the pictures, the browser and notebooks read.
+
+    ANALYSIS/
+      meta.json          what was analysed and how far the pass got
+      features.parquet   one row per feature: firing counts and frequencies, mean and max
+      top_images.parquet one row per (feature, rank): the image's row, shard, key, caption, value
+      heatmaps.zarr      (F, N, T) float16: each top image's activation on every token
+      state.safetensors  only while the pass is incomplete: the accumulators, for --resume
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import zarr
+
+from vitscope.support.records import FileFormatError, parse_record, read_json, write_atomically
+
+ANALYSIS_VERSION = "1.0"
+META_FILE = "meta.json"
+FEATURES_FILE = "features.parquet"
+TOP_IMAGES_FILE = "top_images.parquet"
+HEATMAPS_ARRAY = "heatmaps.zarr"
+STATE_FILE = "state.safetensors"
+
+
+class AnalysisError(FileFormatError):
+    """An analysis folder is missing, incomplete or of another version: names the file."""
+
+
+@dataclass(frozen=True)
+class AnalysisMeta:
+    """meta.json: what was analysed, with which settings, and how far the pass got."""
+
+    sae: str
+    """The SAE (run folder or reference) that was analysed."""
+    cache: str
+    """The cache whose committed rows were encoded."""
+    layer: int
+    """Cached layer read (the SAE's layer)."""
+    token_set: str
+    """Tokens encoded per image: all, cls or patches (the SAE's)."""
+    n_features: int
+    """Latents F."""
+    top_n: int
+    """Top images kept per feature N."""
+    n_tokens: int
+    """Tokens per image T in heatmaps.zarr (CLS first when present)."""
+    patch_grid: int
+    """Side of the patch grid (16 for ViT-L/14, 7 for ViT-B/32)."""
+    chunks_total: int
+    """Chunks of committed rows in the cache when the pass started."""
+    chunks_done: int
+    """Chunks encoded so far, in the cache's sequential order."""
+    images_seen: int
+    """Images encoded so far."""
+    tokens_seen: int
+    """Tokens encoded so far."""
+    complete: bool
+    """True once every chunk is in: only then are the parquet files and heatmaps written."""
+    analysis_version: str = ANALYSIS_VERSION
+    """major.minor of ANALYSIS.md; readers refuse another major."""
+
+
+def write_meta(folder: Path, meta: AnalysisMeta) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomically(folder / META_FILE, json.dumps(asdict(meta), indent=2).encode())
+
+
+def read_meta(folder: Path) -> AnalysisMeta:
+    path = folder / META_FILE
+    if not path.is_file():
+        raise AnalysisError(
+            folder, "an analysis folder (meta.json)", "none", "run `vitscope analyze RUN` first"
+        )
+    meta = parse_record(
+        AnalysisMeta, read_json(path, AnalysisError), path, "analysis", AnalysisError
+    )
+    if meta.analysis_version.split(".")[0] != ANALYSIS_VERSION.split(".")[0]:
+        raise AnalysisError(path, f"analysis version {ANALYSIS_VERSION}", meta.analysis_version)
+    return meta
+
+
+FEATURES_SCHEMA = pa.schema(
+    [
+        ("feature", pa.int32()),
+        ("fire_tokens", pa.int64()),
+        ("fire_images", pa.int64()),
+        ("freq_tokens", pa.float64()),
+        ("freq_images", pa.float64()),
+        ("mean_act", pa.float32()),
+        ("max_act", pa.float32()),
+    ]
+)
+"""features.parquet: one row per feature, in feature order."""
+
+TOP_IMAGES_SCHEMA = pa.schema(
+    [
+        ("feature", pa.int32()),
+        ("rank", pa.int16()),
+        ("row", pa.int64()),
+        ("value", pa.float32()),
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("caption", pa.string()),
+    ]
+)
+"""top_images.parquet: one row per (feature, rank) that holds an image; rank 0 is the best."""
+
+
+def write_results(
+    folder: Path, features: pa.Table, top_images: pa.Table, heatmaps_FNT: np.ndarray
+) -> None:
+    """The result files of a complete pass (meta.json is written after them, marking it done)."""
+    pq.write_table(features.cast(FEATURES_SCHEMA), folder / FEATURES_FILE)
+    pq.write_table(top_images.cast(TOP_IMAGES_SCHEMA), folder / TOP_IMAGES_FILE)
+    n_features, top_n, n_tokens = heatmaps_FNT.shape
+    array = zarr.create_array(
+        folder / HEATMAPS_ARRAY,
+        shape=heatmaps_FNT.shape,
+        chunks=(min(n_features, 1024), top_n, n_tokens),
+        dtype="float16",
+        overwrite=True,
+    )
+    array[:] = heatmaps_FNT.astype(np.float16)
+
+
+@dataclass
+class Analysis:
+    """A complete analysis: `features` and `top_images` as pyarrow tables, heatmaps on demand."""
+
+    folder: Path
+    meta: AnalysisMeta
+    features: pa.Table
+    top_images: pa.Table
+
+    def heatmaps(self, feature: int) -> np.ndarray:
+        """(N, T) float32: the feature on every token of each of its top images."""
+        array = zarr.open_array(self.folder / HEATMAPS_ARRAY, mode="r")
+        return np.asarray(array[feature], dtype=np.float32)
+
+    def top_of(self, feature: int) -> list[dict]:
+        """The feature's top images, best first, as row dicts of top_images.parquet."""
+        mask = pc.equal(self.top_images["feature"], feature)
+        rows = self.top_images.filter(mask).to_pylist()
+        return sorted(rows, key=lambda r: r["rank"])
+
+
+def load_analysis(folder: Path) -> Analysis:
+    """A complete analysis folder; an incomplete one says how to finish it."""
+    meta = read_meta(folder)
+    if not meta.complete:
+        raise AnalysisError(
+            folder,
+            "a complete analysis",
+            f"{meta.chunks_done} of {meta.chunks_total} chunks done",
+            "finish it with `vitscope analyze ... --resume`",
+        )
+    return Analysis(
+        folder,
+        meta,
+        pq.read_table(folder / FEATURES_FILE),
+        pq.read_table(folder / TOP_IMAGES_FILE),
+    )

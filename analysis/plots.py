@@ -1,0 +1,144 @@
+"""The analysis as pictures (PNG): MSE across tokens through training, how often features fire,
+and a feature's top images with its patch activations overlaid."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from vitscope.analysis.files import Analysis, load_analysis
+from vitscope.analysis.images import read_images
+from vitscope.cache_spec.store import open_cache
+from vitscope.support.extras import require
+from vitscope.train.report import read_log
+
+require("matplotlib", "plots", "the analysis pictures")
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+MAX_PANELS = 8
+"""Logged windows drawn in the MSE-by-token figure (evenly spaced, the last one always)."""
+
+
+def plot_analysis(folder: Path, shards: Path | None = None, grids: int = 4) -> list[Path]:
+    """Every picture of an analysis folder (and of its run, when the SAE is a run folder)."""
+    analysis = load_analysis(folder)
+    pictures = [plot_frequencies(analysis, folder / "frequencies.png")]
+    run = Path(analysis.meta.sae)
+    if (run / "log.jsonl").is_file():
+        pictures.append(plot_mse_by_token(run, folder / "mse_by_token.png"))
+    strongest = np.argsort(-analysis.features["max_act"].to_numpy(), kind="stable")[:grids]
+    for feature in strongest.tolist():
+        if analysis.top_of(feature):
+            path = folder / "grids" / f"feature_{feature:05d}.png"
+            pictures.append(plot_feature_grid(analysis, feature, path, shards))
+    return pictures
+
+
+def plot_mse_by_token(run_dir: Path, out: Path) -> Path:
+    """Held-out MSE of every token position as training progressed (see mse_by_token_figure)."""
+    return _save(mse_by_token_figure(run_dir), out)
+
+
+def mse_by_token_figure(run_dir: Path) -> plt.Figure:
+    """One panel per logged window (at most MAX_PANELS, evenly spaced), the patch grid as a
+    heatmap with CLS beside it, one colour scale for all panels."""
+    log = read_log(run_dir)
+    picks = sorted({round(i * (len(log) - 1) / max(MAX_PANELS - 1, 1)) for i in range(MAX_PANELS)})
+    windows = [log[i] for i in picks]
+    values = np.array([w["heldout"]["mse_by_token"] for w in windows])
+    side = math.isqrt(values.shape[1] - 1)
+    norm = matplotlib.colors.Normalize(vmin=float(values.min()), vmax=float(values.max()))
+    fig, axes = plt.subplots(1, len(windows), figsize=(2.6 * len(windows) + 1, 3.2), squeeze=False)
+    for ax, window, mse in zip(axes[0], windows, values, strict=True):
+        image = ax.imshow(mse[1:].reshape(side, side), cmap="magma", norm=norm)
+        cls = ax.inset_axes([1.04, 0.8, 0.18, 0.18])
+        cls.imshow([[mse[0]]], cmap="magma", norm=norm)
+        cls.set_title("CLS", fontsize=7)
+        for a in (ax, cls):
+            a.set_xticks([])
+            a.set_yticks([])
+        ax.set_title(f"{window['tokens']:,} tokens", fontsize=9)
+    fig.colorbar(image, ax=axes[0].tolist(), label="held-out MSE (scaled units)", shrink=0.8)
+    fig.suptitle(f"{run_dir}: reconstruction MSE by token position ({side}x{side} patches)")
+    return fig
+
+
+def plot_frequencies(analysis: Analysis, out: Path) -> Path:
+    """log10 firing frequency of the live features, over tokens and over images."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    n_features = analysis.meta.n_features
+    for ax, column, over in zip(
+        axes, ("freq_tokens", "freq_images"), ("tokens", "images"), strict=True
+    ):
+        freq = analysis.features[column].to_numpy()
+        live = freq[freq > 0]
+        ax.hist(np.log10(live), bins=50, color="tab:blue")
+        ax.set(
+            xlabel=f"log10 firing frequency over {over}",
+            ylabel="features",
+            title=f"{len(live):,} of {n_features:,} features fire on some {over[:-1]}",
+        )
+    fig.suptitle(
+        f"{analysis.meta.sae}: {analysis.meta.images_seen:,} images, "
+        f"{analysis.meta.tokens_seen:,} tokens of layer {analysis.meta.layer}"
+    )
+    return _save(fig, out)
+
+
+def plot_feature_grid(
+    analysis: Analysis, feature: int, out: Path, shards: Path | None = None
+) -> Path:
+    """The feature's top images (3x3 for N = 9), each with its patch activations overlaid and
+    its caption under it."""
+    top = analysis.top_of(feature)
+    heat_NT = analysis.heatmaps(feature)
+    images = read_images(open_cache(analysis.meta.cache), [t["row"] for t in top], shards)
+    columns = math.ceil(math.sqrt(len(top)))
+    rows = math.ceil(len(top) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.4 * rows), squeeze=False)
+    peak = float(heat_NT.max()) or 1.0
+    side = analysis.meta.patch_grid
+    first_patch = 1 if analysis.meta.token_set == "all" else 0
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, item, heat in zip(axes.flat, top, heat_NT, strict=False):
+        image = images[item["row"]]
+        ax.imshow(image)
+        if side:
+            grid = heat[first_patch : first_patch + side * side].reshape(side, side)
+            ax.imshow(
+                grid,
+                cmap="inferno",
+                alpha=0.55,
+                vmin=0,
+                vmax=peak,
+                extent=(0, image.width, image.height, 0),
+                interpolation="nearest",
+            )
+        caption = textwrap.shorten(item["caption"] or item["key"], 60)
+        cls = f", CLS {heat[0]:.2f}" if first_patch else ""
+        ax.set_title(f"{item['value']:.2f}{cls}", fontsize=8)
+        ax.text(
+            0.5,
+            -0.04,
+            "\n".join(textwrap.wrap(caption, 30)),
+            transform=ax.transAxes,
+            ha="center",
+            va="top",
+            fontsize=7,
+        )
+    fig.suptitle(f"feature {feature}: top {len(top)} images by peak activation")
+    return _save(fig, out)
+
+
+def _save(fig: plt.Figure, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return out

@@ -1,0 +1,162 @@
+"""`vitscope analyze`: streaming statistics and top images equal a brute-force computation, an
+interrupted pass resumes, images come back from moved shards, and the pictures show something."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vitscope
+from conftest import run_vitscope
+from vitscope.analysis import analyze as analyze_module
+from vitscope.analysis.analyze import analyze
+from vitscope.analysis.config import AnalyzeConfig
+from vitscope.analysis.files import load_analysis
+from vitscope.analysis.plots import mse_by_token_figure, plot_analysis
+from vitscope.cache_spec import open_cache
+from vitscope.train.report import read_log
+
+
+@pytest.fixture(scope="module")
+def brute_force(photo_sae: Path, reference_cache: Path) -> tuple[np.ndarray, list[int]]:
+    """Every committed row's dense latent activations (N, T, F), and the rows: the small cache
+    lets us hold what the streaming pass must never hold."""
+    cache = open_cache(reference_cache)
+    rows = [r for ref in cache.chunks() for r in range(ref.first_row, ref.first_row + ref.n_rows)]
+    sae = vitscope.load_sae(photo_sae)
+    codes = sae.encode(cache.read_rows(5, rows))
+    return codes.dense().numpy(), rows
+
+
+def test_statistics_equal_a_brute_force_pass(photo_analysis: Path, brute_force):
+    dense_NTF, rows = brute_force
+    analysis = load_analysis(photo_analysis)
+    features = analysis.features.to_pydict()
+    fired_NTF = dense_NTF > 0
+    assert analysis.meta.images_seen == len(rows) and analysis.meta.n_tokens == 50
+    assert features["fire_tokens"] == fired_NTF.sum(axis=(0, 1)).tolist()
+    assert features["fire_images"] == fired_NTF.any(axis=1).sum(axis=0).tolist()
+    np.testing.assert_allclose(features["max_act"], dense_NTF.max(axis=(0, 1)), rtol=1e-6)
+    mean = dense_NTF.sum(axis=(0, 1)) / np.maximum(fired_NTF.sum(axis=(0, 1)), 1)
+    np.testing.assert_allclose(features["mean_act"], mean, rtol=1e-5)
+    np.testing.assert_allclose(features["freq_tokens"], fired_NTF.mean(axis=(0, 1)), rtol=1e-9)
+
+
+def test_top_images_are_the_highest_activations_with_their_token_maps(
+    photo_analysis: Path, brute_force
+):
+    dense_NTF, rows = brute_force
+    analysis = load_analysis(photo_analysis)
+    peak_NF = np.where(dense_NTF > 0, dense_NTF, -np.inf).max(axis=1)
+    checked = 0
+    for feature in range(analysis.meta.n_features):
+        top = analysis.top_of(feature)
+        expected = np.sort(peak_NF[:, feature][np.isfinite(peak_NF[:, feature])])[::-1][:9]
+        np.testing.assert_allclose([t["value"] for t in top], expected, rtol=1e-6)
+        heat = analysis.heatmaps(feature)
+        for rank, item in enumerate(top):
+            image = rows.index(item["row"])
+            assert peak_NF[image, feature] == pytest.approx(item["value"], rel=1e-6)
+            np.testing.assert_allclose(heat[rank], dense_NTF[image, :, feature], atol=2e-3)
+            checked += 1
+        assert not heat[len(top) :].any()
+    assert checked > 100
+
+
+def test_an_interrupted_pass_resumes_where_it_stopped(
+    photo_sae: Path, reference_cache: Path, photo_analysis: Path, tmp_path: Path, monkeypatch
+):
+    config = AnalyzeConfig(
+        run=str(photo_sae),
+        cache=str(reference_cache),
+        out=str(tmp_path / "analysis"),
+        checkpoint_every=2,
+        device="cpu",
+    )
+    real_read = analyze_module.read_chunks
+    served: list[int] = []
+
+    def killed_after_five(cache, layer, refs, threads):
+        for ref, chunk in real_read(cache, layer, refs, threads):
+            if len(served) == 5:
+                raise KeyboardInterrupt
+            served.append(ref.index)
+            yield ref, chunk
+
+    monkeypatch.setattr(analyze_module, "read_chunks", killed_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        analyze(config)
+    meta = json.loads((tmp_path / "analysis" / "meta.json").read_text())
+    assert (meta["chunks_done"], meta["complete"]) == (4, False)
+
+    served.clear()
+    monkeypatch.setattr(analyze_module, "read_chunks", real_read)
+    resumed = load_analysis(analyze(dataclasses.replace(config, resume=True)))
+    whole = load_analysis(photo_analysis)
+    assert resumed.features.equals(whole.features)
+    assert resumed.top_images.equals(whole.top_images)
+    assert not (tmp_path / "analysis" / "state.safetensors").exists()
+
+
+def test_pictures_show_what_they_should(photo_analysis: Path, photo_sae: Path):
+    pictures = plot_analysis(photo_analysis, grids=2)
+    names = [p.name for p in pictures]
+    assert names[:2] == ["frequencies.png", "mse_by_token.png"] and len(names) == 4
+    for path in pictures:
+        pixels = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+        assert pixels.std() > 10, f"{path} is nearly blank"
+    figure = mse_by_token_figure(photo_sae)
+    panels = [ax for ax in figure.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == len(read_log(photo_sae)) == 2  # one per logged window
+    assert all(len(ax.child_axes) == 1 for ax in panels)  # CLS beside each
+    assert len(figure.axes) == len(panels) + 1  # one colour scale for all
+
+
+def test_moved_shards_work_with_shards_and_fail_in_one_line_without(
+    photo_sae: Path, reference_cache: Path, shards: Path, tmp_path: Path
+):
+    cache = shutil.copytree(reference_cache, tmp_path / "cache")
+    meta = cache / "zarr.json"
+    data = json.loads(meta.read_text())
+    data["attributes"]["vitscope_cache"]["source_shards"] = str(tmp_path / "gone")
+    meta.write_text(json.dumps(data))
+    moved = shutil.copytree(shards, tmp_path / "moved")
+    args = ["analyze", str(photo_sae), "--cache", str(cache), "--grids", "1"]
+
+    failed = run_vitscope(*args, "--out", str(tmp_path / "a1"))
+    assert failed.returncode == 1
+    (line,) = failed.stderr.strip().splitlines()[-1:]
+    assert line.startswith(f"error: {tmp_path / 'gone'}/0000") and "pass --shards DIR" in line
+
+    worked = run_vitscope(*args, "--out", str(tmp_path / "a2"), "--shards", str(moved))
+    assert worked.returncode == 0, worked.stderr
+    assert list((tmp_path / "a2" / "grids").glob("feature_*.png"))
+
+
+def test_a_shard_that_changed_names_the_missing_key(
+    photo_analysis: Path, shards: Path, tmp_path: Path
+):
+    from vitscope.analysis.images import ImageSourceError, read_images
+
+    analysis = load_analysis(photo_analysis)
+    top = analysis.top_of(int(np.argmax(analysis.features["fire_images"].to_numpy())))
+    replaced = shutil.copytree(shards, tmp_path / "shards")
+    with tarfile.open(replaced / top[0]["shard"], "w"):
+        pass  # the same name, none of its samples
+    with pytest.raises(ImageSourceError, match=f"no sample with key {top[0]['key']}"):
+        read_images(open_cache(analysis.meta.cache), [top[0]["row"]], replaced)
+
+
+def test_analysis_runs_in_bounded_memory_of_its_own_size(photo_analysis: Path):
+    analysis = load_analysis(photo_analysis)
+    assert analysis.heatmaps(0).shape == (9, 50)
+    assert analysis.top_images.num_rows <= analysis.meta.n_features * 9
+    assert torch.tensor(analysis.features["fire_tokens"].to_numpy()).sum() > 0
