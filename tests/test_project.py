@@ -101,6 +101,7 @@ ALLOWED_IMPORTS = {
     "pipeline": {"pipeline", "cache_spec", "support"},
     "train": {"train", "cache_spec", "support"},
     "saes": {"saes", "train", "pipeline", "cache_spec", "support"},
+    "analysis": {"analysis", "saes", "train", "pipeline", "cache_spec", "support"},
 }
 """Which vitscope packages each folder may import: the arrows point down, never up."""
 

@@ -11,6 +11,7 @@ from typing import Literal, Union, get_args, get_origin, get_type_hints
 import pytest
 import torch
 
+from vitscope.analysis.files import FEATURES_SCHEMA, TOP_IMAGES_SCHEMA, AnalysisMeta
 from vitscope.cache_spec import CacheAttrs, ShardCommit, open_cache
 from vitscope.cache_spec.layout import ROWS_SCHEMA, STORAGES
 from vitscope.cache_spec.storage import ENCODINGS
@@ -19,6 +20,7 @@ from vitscope.train.sae import TopKSAE
 
 SPEC = Path(__file__).parents[1] / "cache_spec" / "SPEC.md"
 SAE_FORMAT = Path(__file__).parents[1] / "train" / "SAE_FORMAT.md"
+ANALYSIS = Path(__file__).parents[1] / "analysis" / "ANALYSIS.md"
 GOLDEN = Path(__file__).parent / "data"
 
 
@@ -69,6 +71,20 @@ def test_sae_weights_table_matches_what_training_saves():
     assert {name: shapes[shape.rsplit(" ", 1)[0]] for name, shape in documented.items()} == {
         name: tuple(t.shape) for name, t in tensors.items()
     }
+
+
+def test_analysis_tables_match_the_code():
+    hints = get_type_hints(AnalysisMeta)
+    documented = [(name, kind) for name, kind, _ in spec_table("## `meta.json`", ANALYSIS)]
+    assert documented == [
+        (f.name, spec_type(hints[f.name])) for f in dataclasses.fields(AnalysisMeta)
+    ]
+    for heading, schema in [
+        ("## `features.parquet`", FEATURES_SCHEMA),
+        ("## `top_images.parquet`", TOP_IMAGES_SCHEMA),
+    ]:
+        documented = [(name, kind) for name, kind, _ in spec_table(heading, ANALYSIS)]
+        assert documented == [(f.name, str(f.type)) for f in schema]
 
 
 def test_row_table_columns_match_the_schema():
