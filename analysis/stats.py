@@ -76,23 +76,33 @@ class FeatureAccumulator:
         rows_C: Tensor,
         entries: tuple[Tensor, Tensor, Tensor, Tensor],
     ) -> None:
-        """Re-rank the block's features over their N kept images plus this chunk's entrants."""
+        """Re-rank the block's features over their N kept images plus this chunk's entrants;
+        only the entrants' token maps are built, from the chunk's sparse entries."""
         image, token, feature, value = entries
         n_images = peak_CF.shape[0]
         top_n, n_tokens = self.top_heat_FNT.shape[1:]
+        new_values = peak_CF[:, block].T.masked_fill(~entering_CF[:, block].T, float("-inf"))
+        best = torch.cat([self.top_values_FN[block], new_values], dim=1).topk(top_n, dim=1)
+        kept = best.indices < top_n  # a slot that keeps (possibly moves) an image it had
+        empty = ~torch.isfinite(best.values)
+        old = best.indices.clamp(max=top_n - 1)
+        heat = self.top_heat_FNT[block].gather(1, old[..., None].expand(-1, -1, n_tokens))
+        heat[~kept | empty] = 0
+        rows = self.top_rows_FN[block].gather(1, old)
+        rows = torch.where(kept, rows, rows_C[(best.indices - top_n).clamp(min=0)])
+
+        # Where each entrant (feature in block, chunk image) landed: its rank, or -1.
         slot_F = torch.full((peak_CF.shape[1],), -1, dtype=torch.long)
         slot_F[block] = torch.arange(len(block))
-        mine = slot_F[feature] >= 0
-        new_heat_BCT = torch.zeros(len(block), n_images, n_tokens, dtype=torch.float16)
-        new_heat_BCT[slot_F[feature[mine]], image[mine], token[mine]] = value[mine].half()
+        rank_BC = torch.full((len(block), n_images), -1, dtype=torch.long)
+        entrant = (~kept & ~empty).nonzero(as_tuple=True)
+        rank_BC[entrant[0], best.indices[entrant] - top_n] = entrant[1]
+        in_block = slot_F[feature]
+        mine = in_block >= 0
+        rank = rank_BC[in_block[mine], image[mine]]
+        landed = rank >= 0
+        heat[in_block[mine][landed], rank[landed], token[mine][landed]] = value[mine][landed].half()
 
-        new_values = peak_CF[:, block].T.masked_fill(~entering_CF[:, block].T, float("-inf"))
-        values = torch.cat([self.top_values_FN[block], new_values], dim=1)
-        rows = torch.cat([self.top_rows_FN[block], rows_C.expand(len(block), n_images)], dim=1)
-        heat = torch.cat([self.top_heat_FNT[block], new_heat_BCT], dim=1)
-        best = values.topk(top_n, dim=1)
-        empty = ~torch.isfinite(best.values)
-        picked = heat.gather(1, best.indices[..., None].expand(-1, -1, n_tokens))
         self.top_values_FN[block] = best.values
-        self.top_rows_FN[block] = rows.gather(1, best.indices).masked_fill(empty, -1)
-        self.top_heat_FNT[block] = picked.masked_fill(empty[..., None], 0)
+        self.top_rows_FN[block] = rows.masked_fill(empty, -1)
+        self.top_heat_FNT[block] = heat
