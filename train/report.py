@@ -27,7 +27,12 @@ def plot_run(run_dir: Path) -> Path:
     loss.plot(tokens, [r["heldout"]["fvu"] for r in log], label="held-out FVU")
     loss.plot(tokens, [r["mse"] for r in log], label="train MSE (scaled)")
     loss.set(xlabel="tokens", yscale="log", title="reconstruction")
-    loss.legend()
+    loss.legend(loc="upper left")
+    explained = loss.twinx()
+    explained.plot(
+        tokens, [r["heldout"]["explained_variance"] for r in log], color="tab:green", ls="--"
+    )
+    explained.set_ylabel("held-out explained variance (dashed)")
 
     sparsity.plot(tokens, [r["l0"] for r in log], label="L0")
     sparsity.set(xlabel="tokens", ylabel="L0", title="sparsity and dead latents")
