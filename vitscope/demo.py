@@ -105,6 +105,9 @@ def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
 
     for module, extra in (("skimage", "demo"), ("img2dataset", "cache"), ("matplotlib", "plots")):
         require(module, extra, "vitscope demo")
+    from vitscope.analysis.analyze import analyze
+    from vitscope.analysis.config import AnalyzeConfig
+    from vitscope.analysis.plots import plot_analysis
     from vitscope.cache_plot import plot_cache
     from vitscope.cache_spec.info import summary_lines
     from vitscope.cache_spec.store import open_cache
@@ -173,3 +176,6 @@ def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
     print(
         f"SAE trained on layer 8: {run}/sae.safetensors; curves and MSE by patch: {run}/report.png"
     )
+    analysis = analyze(AnalyzeConfig(run=str(run)))
+    for picture in plot_analysis(analysis):
+        print(f"picture: {picture}")
