@@ -1,7 +1,8 @@
 """Train one or several TopK SAEs on one stream of batches; every batch is shared by all of them.
 
 `fit(members, batches, heldout)` is one loop: batch -> each SAE's step -> every `log_every` tokens
-a log line with a held-out evaluation -> every `checkpoint_every` tokens a checkpoint. The data is
+and at every checkpoint a log line with a held-out evaluation (MSE by token position included)
+-> every `checkpoint_every` tokens a checkpoint. The data is
 any iterator of `Batch`: the cache loader in real runs, tensors in tests.
 """
 
@@ -127,7 +128,8 @@ def fit(
         window.distinct.append(distinct_images(batch))
         progress.update(len(x_BD))
         done = tokens >= cfg.tokens
-        if done or _crossed(tokens, len(x_BD), cfg.log_every):
+        logged = (cfg.log_every, cfg.checkpoint_every)  # a window per checkpoint, at least
+        if done or any(_crossed(tokens, len(x_BD), every) for every in logged):
             for member in members:
                 record = _log_record(member, heldout_NTD, token_slice, window)
                 _append_log(member.run_dir, record)
