@@ -97,6 +97,11 @@ def plot_feature_grid(
     """The feature's top images (3x3 for N = 9), each with its patch activations overlaid and
     its caption under it."""
     top = analysis.top_of(feature)
+    if not top:
+        raise ValueError(
+            f"feature {feature} never fired on the {analysis.meta.images_seen:,} analysed images; "
+            "pick one with fire_images > 0 (features.parquet)"
+        )
     heat_NT = analysis.heatmaps(feature)
     images = read_images(open_cache(analysis.meta.cache), [t["row"] for t in top], shards)
     columns = math.ceil(math.sqrt(len(top)))

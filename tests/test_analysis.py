@@ -160,3 +160,19 @@ def test_analysis_runs_in_bounded_memory_of_its_own_size(photo_analysis: Path):
     assert analysis.heatmaps(0).shape == (9, 50)
     assert analysis.top_images.num_rows <= analysis.meta.n_features * 9
     assert torch.tensor(analysis.features["fire_tokens"].to_numpy()).sum() > 0
+
+
+def test_any_features_grid_from_the_command_line(photo_analysis: Path, tmp_path: Path):
+    features = load_analysis(photo_analysis).features.to_pydict()
+    live = features["fire_images"].index(max(features["fire_images"]))
+    out = tmp_path / "grid.png"
+    drawn = run_vitscope("grid", str(photo_analysis), "--feature", str(live), "--out", str(out))
+    assert drawn.returncode == 0, drawn.stderr
+    assert np.asarray(Image.open(out).convert("L"), dtype=np.float32).std() > 10
+    if 0 in features["fire_images"]:
+        dead = features["fire_images"].index(0)
+        refused = run_vitscope("grid", str(photo_analysis), "--feature", str(dead))
+        assert refused.returncode == 1 and "never fired" in refused.stderr
+    beyond = run_vitscope("grid", str(photo_analysis), "--feature", "64")
+    assert beyond.returncode == 1
+    assert beyond.stderr.strip() == "error: feature must be below 64, not 64"

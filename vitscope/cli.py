@@ -127,6 +127,27 @@ add_config_command(
 )
 
 
+@app.command("grid")
+@one_line_errors
+def grid(
+    analysis: Annotated[Path, typer.Argument(help="An analysis folder (RUN/analysis).")],
+    feature: Annotated[int, typer.Option(min=0, help="The feature (latent index).")],
+    out: Annotated[Path | None, typer.Option(help="PNG to write; default grids/ inside.")] = None,
+    shards: Annotated[
+        Path | None, typer.Option(help="Folder of the cache's shards, if they moved.")
+    ] = None,
+) -> None:
+    """Draw one feature's top images with its patch activations overlaid, captions under them."""
+    from vitscope.analysis.files import load_analysis
+    from vitscope.analysis.plots import plot_feature_grid
+
+    loaded = load_analysis(analysis)
+    if feature >= loaded.meta.n_features:
+        raise ValueError(f"feature must be below {loaded.meta.n_features}, not {feature}")
+    path = out or analysis / "grids" / f"feature_{feature:05d}.png"
+    print(f"picture: {plot_feature_grid(loaded, feature, path, shards)}")
+
+
 @app.command("sweep")
 @one_line_errors
 def sweep(
