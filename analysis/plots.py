@@ -13,6 +13,7 @@ from vitscope.analysis.files import Analysis, load_analysis
 from vitscope.analysis.images import read_images
 from vitscope.cache_spec.store import open_cache
 from vitscope.support.extras import require
+from vitscope.support.progress import status
 from vitscope.train.report import read_log
 
 require("matplotlib", "plots", "the analysis pictures")
@@ -28,6 +29,7 @@ MAX_PANELS = 8
 def plot_analysis(folder: Path, shards: Path | None = None, grids: int = 4) -> list[Path]:
     """Every picture of an analysis folder (and of its run, when the SAE is a run folder)."""
     analysis = load_analysis(folder)
+    status(f"drawing the pictures of {folder}")
     pictures = [plot_frequencies(analysis, folder / "frequencies.png")]
     run = Path(analysis.meta.sae)
     if (run / "log.jsonl").is_file():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from vitscope.pipeline.config import DownloadConfig
 from vitscope.support.extras import require
+from vitscope.support.progress import status
 
 INPUT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".txt": "txt"}
 
@@ -28,7 +29,10 @@ def download(config: DownloadConfig) -> Path:
     # albumentations, imported by img2dataset, phones home for updates unless told not to.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     img2dataset_download = require("img2dataset", "cache", "vitscope download").download
-
+    status(
+        f"downloading {url_list} into {config.out} with img2dataset "
+        f"({config.processes} process(es) x {config.threads} threads; its bar counts shards)"
+    )
     img2dataset_download(
         url_list=str(url_list),
         output_folder=config.out,
