@@ -73,7 +73,7 @@ def mse_by_token_figure(run_dir: Path) -> plt.Figure:
 
 def plot_frequencies(analysis: Analysis, out: Path) -> Path:
     """log10 firing frequency of the live features, over tokens and over images."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     n_features = analysis.meta.n_features
     for ax, column, over in zip(
         axes, ("freq_tokens", "freq_images"), ("tokens", "images"), strict=True

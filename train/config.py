@@ -75,6 +75,8 @@ class TrainConfig:
     """Expected activation width; 0 = take it from the cache, else it must match."""
     allow_partial: bool = False
     """Train on the committed rows of a cache that is still being written."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to RUN/tensorboard (needs vitscope[tensorboard])."""
     resume: bool = False
     """Continue from the run folder's newest checkpoint."""
 

@@ -28,6 +28,7 @@ from vitscope.train.loader import Batch, distinct_images
 from vitscope.train.metrics import WindowStats, heldout_metrics
 from vitscope.train.sae import TopKSAE, losses
 from vitscope.train.sae_folder import save_sae_folder
+from vitscope.train.tensorboard import TensorBoardLog
 
 
 @dataclass
@@ -39,10 +40,23 @@ class Member:
     optimizer: torch.optim.Optimizer
     state: TrainState
     stats: WindowStats = field(default_factory=WindowStats)
+    board: TensorBoardLog | None = None
+    """Live curves when cfg.tensorboard; fit opens it before the first step and closes it."""
 
     @property
     def run_dir(self) -> Path:
         return self.cfg.run_dir
+
+    def open_board(self) -> None:
+        """Before any step, so a missing tensorboard package fails before training, not at the
+        first log line."""
+        if self.cfg.tensorboard:
+            self.board = TensorBoardLog(self.run_dir / "tensorboard", resumed_at=self.state.tokens)
+
+    def log(self, record: dict[str, Any]) -> None:
+        _append_log(self.run_dir, record)
+        if self.board is not None:
+            self.board.write(record)
 
     def card(self) -> SAECard:
         """The SAE's card as of now: its input scale and the tokens trained so far."""
@@ -114,6 +128,8 @@ def fit(
     cfg = members[0].cfg
     device = members[0].sae.b_pre.device
     tokens = members[0].state.tokens
+    for member in members:
+        member.open_board()
     progress = tqdm(total=cfg.tokens, initial=tokens, unit="tok", unit_scale=True, desc="train")
     window = _Clock()
     while tokens < cfg.tokens:
@@ -132,7 +148,7 @@ def fit(
         if done or any(_crossed(tokens, len(x_BD), every) for every in logged):
             for member in members:
                 record = _log_record(member, heldout_NTD, token_slice, window)
-                _append_log(member.run_dir, record)
+                member.log(record)
             progress.set_postfix_str(_postfix(record))
             window = _Clock()
         if not done and _crossed(tokens, len(x_BD), cfg.checkpoint_every):
@@ -148,6 +164,8 @@ def fit(
     progress.close()
     for member in members:
         save_sae_folder(member.run_dir, member.sae, member.card())
+        if member.board is not None:
+            member.board.close()
 
 
 @dataclass
