@@ -76,7 +76,7 @@ class TrainConfig:
     allow_partial: bool = False
     """Train on the committed rows of a cache that is still being written."""
     tensorboard: bool = False
-    """Also write TensorBoard event files to RUN/tensorboard (needs vitscope[tensorboard])."""
+    """Also write TensorBoard event files to RUN/tensorboard (needs the tensorboard extra)."""
     resume: bool = False
     """Continue from the run folder's newest checkpoint."""
 
