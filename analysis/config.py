@@ -22,7 +22,7 @@ class AnalyzeConfig:
     shards: str = ""
     """Folder of the cache's shards, if they moved since caching; empty = where the cache says."""
     grids: Annotated[int, AtLeast(0)] = 4
-    """Features whose top-image grid is drawn at the end (those with the largest activations)."""
+    """Features whose top-image grid is drawn at the end (those firing on the most images)."""
     layer: Annotated[int, AtLeast(-1)] = -1
     """Cached layer to read; -1 = the SAE's own layer."""
     top_n: Annotated[int, AtLeast(1)] = 9

@@ -34,8 +34,9 @@ def plot_analysis(folder: Path, shards: Path | None = None, grids: int = 4) -> l
     run = Path(analysis.meta.sae)
     if (run / "log.jsonl").is_file():
         pictures.append(plot_mse_by_token(run, folder / "mse_by_token.png"))
-    strongest = np.argsort(-analysis.features["max_act"].to_numpy(), kind="stable")[:grids]
-    for feature in strongest.tolist():
+    # The features firing on the most images fill their grids: a first look at the dictionary.
+    widest = np.argsort(-analysis.features["fire_images"].to_numpy(), kind="stable")[:grids]
+    for feature in widest.tolist():
         if analysis.top_of(feature):
             path = folder / "grids" / f"feature_{feature:05d}.png"
             pictures.append(plot_feature_grid(analysis, feature, path, shards))
@@ -118,7 +119,8 @@ def plot_feature_grid(
         image = images[item["row"]]
         ax.imshow(image)
         if side:
-            grid = heat[first_patch : first_patch + side * side].reshape(side, side)
+            patches = heat[first_patch : first_patch + side * side].reshape(side, side)
+            grid = np.ma.masked_equal(patches, 0)  # where it does not fire, the photo shows
             ax.imshow(
                 grid,
                 cmap="inferno",
