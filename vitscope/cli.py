@@ -242,3 +242,30 @@ def to_saelens(
     from vitscope.saes.saelens import export_saelens
 
     print(f"SAELens folder: {export_saelens(load_sae(str(run)), out)}")
+
+
+@app.command("browse")
+@one_line_errors
+def browse(
+    run: Annotated[Path, typer.Argument(help="The run folder that was analysed.")],
+    analysis: Annotated[
+        Path | None, typer.Option(help="Analysis folder (default RUN/analysis).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Site folder (default RUN/browser).")] = None,
+    shards: Annotated[
+        Path | None, typer.Option(help="Folder of the cache's shards, if they moved.")
+    ] = None,
+    serve: Annotated[bool, typer.Option(help="Then serve the site on 127.0.0.1.")] = False,
+    port: Annotated[int, typer.Option(min=0, help="Port for --serve; 0 = a free one.")] = 0,
+) -> None:
+    """Write the static feature browser of an analysis (opens from file://, no server needed)."""
+    from vitscope.analysis.browser import serve as serve_site
+    from vitscope.analysis.browser import size_per_feature, write_browser
+    from vitscope.analysis.files import load_analysis
+
+    loaded = load_analysis(analysis or run / "analysis")
+    index = write_browser(loaded, out or run / "browser", shards)
+    per_feature = size_per_feature(index.parent, loaded.meta.n_features)
+    print(f"feature browser: {index} ({per_feature:,.0f} bytes per feature)")
+    if serve:
+        serve_site(index.parent, port)

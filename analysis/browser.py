@@ -1,0 +1,153 @@
+"""The feature browser: a static site over an analysis folder, opened from file:// or `--serve`.
+
+    SITE/
+      index.html feature.html app.js style.css   copied from browser_assets/
+      data/index.js          VS.index: site meta and features.parquet as columns (sort, search)
+      data/block_NNNNN.js    VS.blocks[n]: 1024 features' top images as [row, peak, CLS], their
+                             patch maps (uint8 per feature, base64) and the images' captions
+      images/ROW.jpg         each top image once: a square thumbnail of the model's centre crop
+
+Data files are scripts assigning into the global VS because file:// pages cannot fetch(); a
+feature page inserts the script of its block only, so the site is a few files at any width.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import http.server
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+from PIL import Image, ImageOps
+
+from vitscope.analysis.files import HEATMAPS_ARRAY, Analysis
+from vitscope.analysis.images import read_images
+from vitscope.cache_spec.store import open_cache
+
+ASSETS = Path(__file__).parent / "browser_assets"
+BLOCK_FEATURES = 1024
+"""Features per block file: one script of a few MB at ViT-L/14's 16x16 grid."""
+IMAGE_BATCH = 1024
+"""Top images decoded at once (in row order, so each batch reads few shards)."""
+INDEX_FILE = "data/index.js"
+
+
+def write_browser(
+    analysis: Analysis, out: Path, shards: Path | None = None, thumb_px: int = 112
+) -> Path:
+    """Write the site into `out` (built beside it, then swapped in); returns its index.html."""
+    if out.exists() and not (out / INDEX_FILE).is_file():
+        raise ValueError(f"{out}: exists and is not a feature browser; choose another --out")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(ASSETS, partial)
+    (partial / "data").mkdir()
+    _write_index(analysis, partial / INDEX_FILE)
+    rows = _write_blocks(analysis, partial / "data")
+    _write_thumbnails(analysis, rows, partial / "images", shards, thumb_px)
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return out / "index.html"
+
+
+def size_per_feature(site: Path, n_features: int) -> float:
+    """Bytes of the whole site per feature (what README quotes for a 65,536-wide SAE)."""
+    return sum(p.stat().st_size for p in site.rglob("*") if p.is_file()) / n_features
+
+
+def serve(out: Path, port: int = 0) -> None:
+    """Serve the site on 127.0.0.1 (port 0 = a free one) until interrupted."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(out))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", port), handler) as server:
+        url = f"http://127.0.0.1:{server.server_address[1]}/index.html"
+        print(f"serving the feature browser at {url} (Ctrl-C stops)", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            server.serve_forever()
+
+
+def _write_index(analysis: Analysis, path: Path) -> None:
+    meta = analysis.meta
+    columns = {}
+    for name in analysis.features.column_names:
+        values = analysis.features[name].to_numpy()
+        # float32's shortest round-trip text: the browser sorts exactly as the parquet does.
+        columns[name] = values.tolist() if values.dtype.kind in "iu" else _shortest(values)
+    site_meta = {
+        "sae": meta.sae,
+        "cache": meta.cache,
+        "layer": meta.layer,
+        "n_features": meta.n_features,
+        "top_n": meta.top_n,
+        "images_seen": meta.images_seen,
+        "tokens_seen": meta.tokens_seen,
+        "cls": meta.token_set != "patches",
+        "grid": meta.patch_grid if meta.token_set != "cls" else 0,
+        "block": BLOCK_FEATURES,
+    }
+    _write_script(path, "VS.index", {"meta": site_meta, "features": columns})
+
+
+def _write_blocks(analysis: Analysis, folder: Path) -> np.ndarray:
+    """One script per BLOCK_FEATURES features; returns every top image's row (unique, sorted)."""
+    meta = analysis.meta
+    top = analysis.top_images.sort_by([("feature", "ascending"), ("rank", "ascending")])
+    feature, rank, row, value = (top[c].to_numpy() for c in ("feature", "rank", "row", "value"))
+    captions = top["caption"].to_pylist()
+    starts = np.searchsorted(feature, np.arange(meta.n_features + 1))
+    heatmaps = zarr.open_array(analysis.folder / HEATMAPS_ARRAY, mode="r")
+    first_patch = 1 if meta.token_set == "all" else 0
+    n_patches = meta.patch_grid**2 if meta.token_set != "cls" else 0
+    for first in range(0, meta.n_features, BLOCK_FEATURES):
+        heat_BNT = np.asarray(heatmaps[first : first + BLOCK_FEATURES], dtype=np.float32)
+        cls_BN = heat_BNT[:, :, 0] if meta.token_set != "patches" else np.zeros(heat_BNT.shape[:2])
+        patches_BNP = heat_BNT[:, :, first_patch : first_patch + n_patches]
+        scale_B = patches_BNP.max(axis=(1, 2), initial=0.0)
+        levels_BNP = np.clip(patches_BNP / np.where(scale_B > 0, scale_B, 1)[:, None, None], 0, 1)
+        levels_BNP = (levels_BNP * 255).round().astype(np.uint8)
+        block: dict = {"first": first, "top": [], "heat": [], "captions": {}}
+        for b in range(len(heat_BNT)):
+            lo, hi = starts[first + b], starts[first + b + 1]
+            rows, ranks = row[lo:hi].tolist(), rank[lo:hi]  # heat follows the top list's order
+            peaks, cls = _rounded(value[lo:hi]), _rounded(cls_BN[b, ranks])
+            block["top"].append([list(entry) for entry in zip(rows, peaks, cls, strict=True)])
+            block["heat"].append(base64.b64encode(levels_BNP[b, ranks].tobytes()).decode())
+            pairs = zip(rows, captions[lo:hi], strict=True)
+            block["captions"].update({r: c for r, c in pairs if c is not None})
+        block["scale"] = _shortest(scale_B)
+        number = first // BLOCK_FEATURES
+        _write_script(folder / f"block_{number:05d}.js", f"VS.blocks[{number}]", block)
+    return np.unique(row)
+
+
+def _write_thumbnails(
+    analysis: Analysis, rows: np.ndarray, folder: Path, shards: Path | None, thumb_px: int
+) -> None:
+    """Each top image once, cropped to the square the ViT saw (shorter side, centred)."""
+    folder.mkdir()
+    cache = open_cache(analysis.meta.cache)
+    for start in range(0, len(rows), IMAGE_BATCH):
+        batch = rows[start : start + IMAGE_BATCH].tolist()
+        for row, image in read_images(cache, batch, shards).items():
+            thumb = ImageOps.fit(image, (thumb_px, thumb_px), Image.Resampling.BICUBIC)
+            thumb.save(folder / f"{row}.jpg", quality=85)
+
+
+def _shortest(values: np.ndarray) -> list[float]:
+    """Each value's float32 shortest round-trip decimal (small files, exact float32 order)."""
+    return [float(str(v)) for v in values.astype(np.float32)]
+
+
+def _rounded(values: np.ndarray) -> list[float]:
+    """Four significant digits: what a caption shows (three), in fewer bytes."""
+    return [float(f"{v:.4g}") for v in values.tolist()]
+
+
+def _write_script(path: Path, target: str, value: object) -> None:
+    """A data file: `VS.index = {...};` or `VS.blocks[n] = {...};` (JSON on the right)."""
+    text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    path.write_text(f"{target} = {text};\n")

@@ -1,0 +1,199 @@
+/* The feature browser. index.html: every feature in a sortable, paged table. feature.html?f=ID:
+   one feature's stats and top images, its patch activations drawn over each on a canvas.
+   Data comes from scripts assigning into VS (data/index.js; data/block_NNNNN.js inserted on
+   demand), because pages opened from file:// may not fetch(). */
+"use strict";
+
+var VS = { blocks: {} };
+
+const PAGE_ROWS = 100;
+const COLUMNS = [
+  ["feature", "feature"],
+  ["freq_tokens", "freq (tokens)"],
+  ["freq_images", "freq (images)"],
+  ["fire_tokens", "tokens fired"],
+  ["fire_images", "images fired"],
+  ["mean_act", "mean act"],
+  ["max_act", "max act"],
+];
+
+function format(value) {
+  if (Number.isInteger(value)) return value.toLocaleString("en-US");
+  return value === 0 ? "0" : value.toPrecision(3);
+}
+
+function featureUrl(feature) {
+  return `feature.html?f=${feature}`;
+}
+
+/* The jump box on both pages: a valid feature id opens its page. */
+function setUpJump(nFeatures) {
+  const form = document.querySelector("form.jump");
+  form.feature.max = nFeatures - 1;
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const feature = Number(form.feature.value);
+    if (Number.isInteger(feature) && feature >= 0 && feature < nFeatures) {
+      location.href = featureUrl(feature);
+    } else {
+      form.querySelector(".jump-error").textContent = `no feature ${form.feature.value}`;
+    }
+  });
+}
+
+function showIndex() {
+  const { meta, features } = VS.index;
+  const n = meta.n_features;
+  const columns = {};
+  for (const [name] of COLUMNS) columns[name] = Float64Array.from(features[name]);
+  const hash = new URLSearchParams(location.hash.slice(1));
+  const state = {
+    sort: hash.get("sort") in columns ? hash.get("sort") : "feature",
+    dir: hash.get("dir") === "-1" ? -1 : 1,
+    page: Number(hash.get("page")) || 0,
+  };
+  let order = new Uint32Array(n);
+  const pages = Math.ceil(n / PAGE_ROWS);
+
+  document.title = `${meta.sae}: features`;
+  document.getElementById("title").textContent = `${meta.sae} · layer ${meta.layer}`;
+  document.getElementById("count").textContent =
+    `${format(n)} features · ${format(meta.images_seen)} images`;
+  const headRow = document.querySelector("#features thead tr");
+  for (const [name, label] of COLUMNS) {
+    const th = document.createElement("th");
+    th.dataset.col = name;
+    th.textContent = label;
+    th.addEventListener("click", () => {
+      state.dir = state.sort === name ? -state.dir : name === "feature" ? 1 : -1;
+      state.sort = name;
+      state.page = 0;
+      sort();
+      render();
+    });
+    headRow.append(th);
+  }
+  for (const button of document.querySelectorAll("#pager button")) {
+    button.addEventListener("click", () => {
+      const go = { first: 0, prev: state.page - 1, next: state.page + 1, last: pages - 1 };
+      state.page = Math.min(Math.max(go[button.dataset.go], 0), pages - 1);
+      render();
+    });
+  }
+
+  function sort() {
+    const col = columns[state.sort];
+    const dir = state.dir;
+    for (let i = 0; i < n; i++) order[i] = i;
+    order.sort((a, b) => (col[a] - col[b]) * dir || a - b);
+  }
+
+  function render() {
+    for (const th of headRow.children) {
+      th.classList.toggle("sorted", th.dataset.col === state.sort);
+      th.dataset.dir = state.dir;
+    }
+    const rows = [];
+    const end = Math.min((state.page + 1) * PAGE_ROWS, n);
+    for (let i = state.page * PAGE_ROWS; i < end; i++) {
+      const f = order[i];
+      const cells = COLUMNS.slice(1).map(([name]) => `<td>${format(features[name][f])}</td>`);
+      rows.push(`<tr><td><a href="${featureUrl(f)}">${f}</a></td>${cells.join("")}</tr>`);
+    }
+    document.querySelector("#features tbody").innerHTML = rows.join("");
+    document.getElementById("page").textContent =
+      `rows ${format(state.page * PAGE_ROWS + 1)}–${format(end)} of ${format(n)}`;
+    history.replaceState(null, "", `#sort=${state.sort}&dir=${state.dir}&page=${state.page}`);
+  }
+
+  setUpJump(n);
+  sort();
+  render();
+}
+
+function showFeature() {
+  const { meta, features } = VS.index;
+  const n = meta.n_features;
+  const f = Number(new URLSearchParams(location.search).get("f"));
+  setUpJump(n);
+  const message = document.getElementById("message");
+  if (!Number.isInteger(f) || f < 0 || f >= n) {
+    message.textContent = `no feature ${new URLSearchParams(location.search).get("f")}`;
+    return;
+  }
+  document.title = `feature ${f}: ${meta.sae}`;
+  document.getElementById("title").textContent = `feature ${f} · ${meta.sae} · layer ${meta.layer}`;
+  for (const [id, other] of [["prev", f - 1], ["next", f + 1]]) {
+    if (other >= 0 && other < n) document.getElementById(id).href = featureUrl(other);
+  }
+  const stats = COLUMNS.slice(1).map(
+    ([name, label]) => `<tr><th>${label}</th><td data-col="${name}">${format(features[name][f])}</td></tr>`,
+  );
+  document.querySelector("#stats tbody").innerHTML = stats.join("");
+  document.getElementById("overlay").addEventListener("change", (event) => {
+    document.body.classList.toggle("no-overlay", !event.target.checked);
+  });
+
+  const number = Math.floor(f / meta.block);
+  const script = document.createElement("script");
+  script.src = `data/block_${String(number).padStart(5, "0")}.js`;
+  script.onload = () => showTopImages(meta, VS.blocks[number], f - number * meta.block);
+  script.onerror = () => (message.textContent = `cannot load ${script.src}`);
+  document.head.append(script);
+}
+
+function showTopImages(meta, block, i) {
+  const top = block.top[i];
+  const message = document.getElementById("message");
+  if (top.length === 0) {
+    message.textContent = "this feature fired on no image";
+    return;
+  }
+  const scale = block.scale[i];
+  message.textContent = meta.grid
+    ? `heatmap: ${meta.grid}×${meta.grid} patches, 0 to ${format(scale)} (this feature's largest)`
+    : "";
+  const cells = meta.grid * meta.grid;
+  const levels = Uint8Array.from(atob(block.heat[i]), (c) => c.charCodeAt(0));
+  const grid = document.getElementById("grid");
+  grid.style.gridTemplateColumns = `repeat(${Math.ceil(Math.sqrt(meta.top_n))}, auto)`;
+  top.forEach(([row, peak, cls], rank) => {
+    const figure = document.createElement("figure");
+    const tile = document.createElement("div");
+    tile.className = "tile";
+    const img = document.createElement("img");
+    img.src = `images/${row}.jpg`;
+    img.alt = `row ${row}`;
+    tile.append(img);
+    if (cells) tile.append(heatCanvas(meta.grid, levels.subarray(rank * cells, (rank + 1) * cells)));
+    const caption = document.createElement("figcaption");
+    const values = document.createElement("div");
+    values.className = "values";
+    values.textContent =
+      `#${rank + 1} · peak ${format(peak)}` + (meta.cls ? ` · CLS ${format(cls)}` : "") + ` · row ${row}`;
+    const text = document.createElement("div");
+    text.className = "caption";
+    text.textContent = block.captions[row] || "";
+    caption.append(values, text);
+    figure.append(tile, caption);
+    grid.append(figure);
+  });
+}
+
+/* One patch per canvas pixel (the CSS stretches it over the image): yellow-red, alpha by level. */
+function heatCanvas(side, levels) {
+  const canvas = document.createElement("canvas");
+  canvas.width = canvas.height = side;
+  const context = canvas.getContext("2d");
+  const pixels = context.createImageData(side, side);
+  levels.forEach((level, p) => {
+    pixels.data.set([255, Math.round(level * 0.85), 0, Math.round(level * 0.75)], p * 4);
+  });
+  context.putImageData(pixels, 0, 0);
+  return canvas;
+}
+
+window.addEventListener("DOMContentLoaded", () => {
+  if (document.body.dataset.page === "index") showIndex();
+  else showFeature();
+});
