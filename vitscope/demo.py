@@ -100,13 +100,16 @@ DEMO_PRETRAINED = {"ViT-B-32": "laion2b_s34b_b79k", "ViT-L-14": "laion2b_s32b_b8
 
 
 def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
-    """Photos -> 127.0.0.1 -> img2dataset shards -> a cache of 4 layers -> an SAE on layer 8."""
+    """Photos -> 127.0.0.1 -> img2dataset shards -> a cache of 4 layers -> an SAE on layer 8 ->
+    its analysis, pictures and feature browser."""
     import shutil
 
     for module, extra in (("skimage", "demo"), ("img2dataset", "cache"), ("matplotlib", "plots")):
         require(module, extra, "vitscope demo")
     from vitscope.analysis.analyze import analyze
+    from vitscope.analysis.browser import write_browser
     from vitscope.analysis.config import AnalyzeConfig
+    from vitscope.analysis.files import load_analysis
     from vitscope.analysis.plots import plot_analysis
     from vitscope.cache_plot import plot_cache
     from vitscope.cache_spec.info import summary_lines
@@ -179,3 +182,5 @@ def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
     analysis = analyze(AnalyzeConfig(run=str(run)))
     for picture in plot_analysis(analysis):
         print(f"picture: {picture}")
+    index = write_browser(load_analysis(analysis), run / "browser")
+    print(f"feature browser (open it in a browser): {index}")

@@ -1,0 +1,49 @@
+"""Size and writing time of the feature browser at a real SAE's width (65,536 features, top 9)
+and a real patch grid (16x16, ViT-L/14), on random statistics whose top images are real rows of
+CACHE (the test suite's own `wide_analysis`, so bench and test measure the same site)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from common import publish
+from test_browser import wide_analysis
+
+from vitscope.analysis.browser import size_per_feature, write_browser
+from vitscope.analysis.files import load_analysis
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("cache", type=Path, help="a cache with real rows, e.g. data/demo/cache")
+    parser.add_argument("--features", type=int, default=65_536)
+    parser.add_argument("--grid", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/browser_size.md"))
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="browser-bench-"))
+    folder = wide_analysis(work / "analysis", args.cache, args.features, 9, grid=args.grid)
+    start = time.perf_counter()
+    site = write_browser(load_analysis(folder), work / "site").parent
+    seconds = time.perf_counter() - start
+    data = list((site / "data").glob("*"))
+    images = list((site / "images").glob("*.jpg"))
+    image_bytes = sum(p.stat().st_size for p in images) / max(len(images), 1)
+    body = [
+        f"{args.features:,} features, top 9, {args.grid}x{args.grid} patches: written in "
+        f"{seconds:.1f} s; {size_per_feature(site, args.features):,.0f} bytes per feature in all;",
+        f"data {sum(p.stat().st_size for p in data) / args.features:,.0f} bytes per feature in "
+        f"{len(data)} files; {len(images)} distinct top images, {image_bytes:,.0f} bytes each.",
+    ]
+    command = "python bench/browser_size.py " + " ".join(sys.argv[1:])
+    publish(args.out, torch.device("cpu"), command.strip(), body)
+
+
+if __name__ == "__main__":
+    main()
