@@ -38,7 +38,13 @@ def test_wheel_installs_everything_under_the_vitscope_namespace(wheel: Path):
     }
     for module in ("pipeline/run.py", "cache_spec/SPEC.md", "train/__init__.py", "cli.py"):
         assert f"vitscope/{module}" in names
-    for module in ("saes/load.py", "support/configs.py", "train/SAE_FORMAT.md"):
+    for module in (
+        "saes/load.py",
+        "support/configs.py",
+        "train/SAE_FORMAT.md",
+        "analysis/ANALYSIS.md",
+        "analysis/browser_assets/app.js",
+    ):
         assert f"vitscope/{module}" in names
 
 
