@@ -5,6 +5,7 @@
       data/index.js          VS.index: site meta and features.parquet as columns (sort, search)
       data/block_NNNNN.js    VS.blocks[n]: 1024 features' top images as [row, peak, CLS], their
                              patch maps (uint8 per feature, base64) and the images' captions
+      data/layers.js         VS.layers: links to the other layers' browsers (`vitscope compare`)
       images/ROW.jpg         each top image once: a square thumbnail of the model's centre crop
 
 Data files are scripts assigning into the global VS because file:// pages cannot fetch(); a
@@ -35,6 +36,8 @@ BLOCK_FEATURES = 1024
 IMAGE_BATCH = 1024
 """Top images decoded at once (in row order, so each batch reads few shards)."""
 INDEX_FILE = "data/index.js"
+LAYERS_FILE = "data/layers.js"
+"""VS.layers: links to the browsers of the same cache's other layers (`vitscope compare`)."""
 
 
 def write_browser(
@@ -48,6 +51,7 @@ def write_browser(
     shutil.copytree(ASSETS, partial)
     (partial / "data").mkdir()
     _write_index(analysis, partial / INDEX_FILE)
+    (partial / LAYERS_FILE).write_text("VS.layers = [];\n")
     rows = _write_blocks(analysis, partial / "data")
     _write_thumbnails(analysis, rows, partial / "images", shards, thumb_px)
     shutil.rmtree(out, ignore_errors=True)

@@ -45,7 +45,7 @@ def plot_analysis(folder: Path, shards: Path | None = None, grids: int = 4) -> l
 
 def plot_mse_by_token(run_dir: Path, out: Path) -> Path:
     """Held-out MSE of every token position as training progressed (see mse_by_token_figure)."""
-    return _save(mse_by_token_figure(run_dir), out)
+    return save_figure(mse_by_token_figure(run_dir), out)
 
 
 def mse_by_token_figure(run_dir: Path) -> plt.Figure:
@@ -91,7 +91,7 @@ def plot_frequencies(analysis: Analysis, out: Path) -> Path:
         f"{analysis.meta.sae}: {analysis.meta.images_seen:,} images, "
         f"{analysis.meta.tokens_seen:,} tokens of layer {analysis.meta.layer}"
     )
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_feature_grid(
@@ -143,10 +143,10 @@ def plot_feature_grid(
             fontsize=7,
         )
     fig.suptitle(f"feature {feature}: top {len(top)} images by peak activation")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
-def _save(fig: plt.Figure, out: Path) -> Path:
+def save_figure(fig: plt.Figure, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90, bbox_inches="tight")
     plt.close(fig)

@@ -12,6 +12,7 @@ import typer
 
 from vitscope.analysis.config import AnalyzeConfig
 from vitscope.analysis.images import ImageSourceError
+from vitscope.analysis.sorteval_config import SortEvalConfig
 from vitscope.cache_spec.storage import StorageRangeError
 from vitscope.options import add_config_command
 from vitscope.pipeline.config import CacheConfig, DownloadConfig
@@ -125,6 +126,45 @@ add_config_command(
     help="One pass of an SAE over its cache: feature statistics, top images, pictures.",
     arguments=("run",),
 )
+
+
+@one_line_errors
+def run_sorteval(config: SortEvalConfig) -> None:
+    from vitscope.analysis.sorteval_run import sort_eval
+
+    result = sort_eval(config)
+    print(
+        f"sort eval ({config.judge} judge, {config.token} tokens): accuracy {result.accuracy:.3f} "
+        f"[{result.low:.3f}, {result.high:.3f}] over {result.usable} usable of {result.trials} "
+        f"pairs (chance 0.5); answers in {config.out_dir}"
+    )
+
+
+add_config_command(
+    app,
+    "sorteval",
+    SortEvalConfig,
+    run_sorteval,
+    help="Sort eval: can a judge tell which of two features' top images a new image belongs to?",
+    arguments=("run",),
+)
+
+
+@app.command("compare")
+@one_line_errors
+def compare_layers(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders, one per layer of one cache.")],
+    out: Annotated[Path, typer.Option(help="Folder for compare.md, .csv and .png.")] = Path(
+        "runs/compare"
+    ),
+) -> None:
+    """SAEs on different layers side by side: explained variance, dead fraction, median feature
+    frequency, splice cosine, sort-eval accuracy; links the layers' browsers."""
+    from vitscope.analysis.compare import compare
+
+    written = compare(runs, out)
+    print(written[0].read_text(), end="")
+    print("\n".join(f"written: {path}" for path in written))
 
 
 @app.command("grid")
@@ -269,3 +309,27 @@ def browse(
     print(f"feature browser: {index} ({per_feature:,.0f} bytes per feature)")
     if serve:
         serve_site(index.parent, port)
+
+
+@app.command("splice")
+@one_line_errors
+def splice(
+    run: Annotated[str, typer.Argument(help="The SAE: run folder, CLIP-Scope .pt or hub id.")],
+    cache: Annotated[
+        str, typer.Option(help="Cache whose images to use (default: the SAE's training cache).")
+    ] = "",
+    shards: Annotated[
+        Path | None, typer.Option(help="Folder of the cache's shards, if they moved.")
+    ] = None,
+    images: Annotated[int, typer.Option(min=1, help="The first N committed rows' images.")] = 256,
+    labels: Annotated[
+        Path | None, typer.Option(help="Zero-shot labels, one a line (default: ImageNet's).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="JSON to write (RUN/splice.json).")] = None,
+    device: Annotated[str, typer.Option(help="Torch device: auto = cuda when present.")] = "auto",
+) -> None:
+    """Splice the SAE's reconstruction into its layer; score it against clean and ablated runs."""
+    from vitscope.analysis.splice import splice_run
+
+    result, path = splice_run(run, cache, shards, images, labels, out, device)
+    print("\n".join([*result.lines(), f"result: {path}"]))

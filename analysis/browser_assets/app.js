@@ -4,7 +4,7 @@
    demand), because pages opened from file:// may not fetch(). */
 "use strict";
 
-var VS = { blocks: {} };
+var VS = { blocks: {}, layers: [] };
 
 const PAGE_ROWS = 100;
 const COLUMNS = [
@@ -193,7 +193,22 @@ function heatCanvas(side, levels) {
   return canvas;
 }
 
+function showLayers() {
+  /* Links to the same cache's other layers, written by `vitscope compare`. */
+  const nav = document.getElementById("layers");
+  for (const { layer, href, here } of VS.layers) {
+    const link = document.createElement(here ? "strong" : "a");
+    link.textContent = `layer ${layer}`;
+    if (!here) link.href = href;
+    nav.append(link, " ");
+  }
+}
+
 window.addEventListener("DOMContentLoaded", () => {
-  if (document.body.dataset.page === "index") showIndex();
-  else showFeature();
+  if (document.body.dataset.page !== "index") {
+    showFeature();
+    return;
+  }
+  showIndex();
+  showLayers();
 });

@@ -1,0 +1,53 @@
+"""Settings of `vitscope sorteval`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from vitscope.support.configs import AtLeast, check_bounds
+
+
+@dataclass(frozen=True)
+class SortEvalConfig:
+    """A sort eval of one analysed SAE: pairs of features, a query image each, one judge."""
+
+    run: str
+    """The SAE's run folder (analysed with `vitscope analyze`)."""
+    judge: Literal["clip", "http"] = "clip"
+    """clip: the CLIP model itself (offline); http: an OpenAI-compatible vision chat endpoint."""
+    pairs: Annotated[int, AtLeast(1)] = 500
+    """Feature pairs judged."""
+    token: Literal["all", "cls"] = "all"
+    """Which activation ranks images and decides "fires": the peak over all tokens, or CLS."""
+    seed: Annotated[int, AtLeast(0)] = 0
+    """Seed of the pairs, the true feature of each and the query images."""
+    candidates: Annotated[int, AtLeast(2)] = 1024
+    """Live features (by the analysis) drawn as candidates for the pairs."""
+    max_images: Annotated[int, AtLeast(0)] = 20_000
+    """Images scanned for top images and queries; 0 = every committed row."""
+    analysis: str = ""
+    """Analysis folder; empty = RUN/analysis."""
+    cache: str = ""
+    """Cache; empty = the one the analysis read."""
+    shards: str = ""
+    """Folder of the cache's shards, if they moved since caching."""
+    out: str = ""
+    """Folder for answers.jsonl and score.json; empty = RUN/sorteval-JUDGE-TOKEN."""
+    judge_url: str = "https://api.openai.com/v1"
+    """http judge: the endpoint's base URL (the key comes from VITSCOPE_JUDGE_API_KEY or
+    OPENAI_API_KEY, never a flag)."""
+    judge_model: str = "gpt-4o-mini"
+    """http judge: the vision model to ask."""
+    device: str = "auto"
+    """Torch device: auto = cuda when present, else cpu."""
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+    @property
+    def out_dir(self) -> Path:
+        return (
+            Path(self.out) if self.out else Path(self.run) / f"sorteval-{self.judge}-{self.token}"
+        )
