@@ -28,9 +28,11 @@ from PIL import Image, ImageOps
 
 from vitscope.analysis.files import HEATMAPS_ARRAY, Analysis
 from vitscope.analysis.images import read_images
-from vitscope.cache_spec.store import open_cache
+from vitscope.cache_spec.store import Cache, open_cache
 
 ASSETS = Path(__file__).parent / "browser_assets"
+SITE_ASSETS = ("index.html", "feature.html", "app.js", "style.css")
+"""The browser's pages; the sort-eval game (sortgame.*) lives beside them, written elsewhere."""
 BLOCK_FEATURES = 1024
 """Features per block file: one script of a few MB at ViT-L/14's 16x16 grid."""
 IMAGE_BATCH = 1024
@@ -48,7 +50,9 @@ def write_browser(
         raise ValueError(f"{out}: exists and is not a feature browser; choose another --out")
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(ASSETS, partial)
+    partial.mkdir(parents=True)
+    for name in SITE_ASSETS:
+        shutil.copy(ASSETS / name, partial / name)
     (partial / "data").mkdir()
     _write_index(analysis, partial / INDEX_FILE)
     (partial / LAYERS_FILE).write_text("VS.layers = [];\n")
@@ -131,9 +135,15 @@ def _write_blocks(analysis: Analysis, folder: Path) -> np.ndarray:
 def _write_thumbnails(
     analysis: Analysis, rows: np.ndarray, folder: Path, shards: Path | None, thumb_px: int
 ) -> None:
-    """Each top image once, cropped to the square the ViT saw (shorter side, centred)."""
-    folder.mkdir()
-    cache = open_cache(analysis.meta.cache)
+    write_thumbnails(open_cache(analysis.meta.cache), rows, folder, shards, thumb_px)
+
+
+def write_thumbnails(
+    cache: Cache, rows: np.ndarray, folder: Path, shards: Path | None, thumb_px: int
+) -> None:
+    """Each row's image once as ROW.jpg, cropped to the square the ViT saw (shorter side,
+    centred); the feature browser and the sort-eval game both show these."""
+    folder.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(rows), IMAGE_BATCH):
         batch = rows[start : start + IMAGE_BATCH].tolist()
         for row, image in read_images(cache, batch, shards).items():

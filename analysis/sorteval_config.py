@@ -15,8 +15,9 @@ class SortEvalConfig:
 
     run: str
     """The SAE's run folder (analysed with `vitscope analyze`)."""
-    judge: Literal["clip", "http"] = "clip"
-    """clip: the CLIP model itself (offline); http: an OpenAI-compatible vision chat endpoint."""
+    judge: Literal["clip", "http", "human"] = "clip"
+    """clip: the CLIP model itself (offline); http: an OpenAI-compatible vision chat endpoint;
+    human: a game page for a person (then --answers scores what it saved)."""
     pairs: Annotated[int, AtLeast(1)] = 500
     """Feature pairs judged."""
     token: Literal["all", "cls"] = "all"
@@ -40,6 +41,8 @@ class SortEvalConfig:
     OPENAI_API_KEY, never a flag)."""
     judge_model: str = "gpt-4o-mini"
     """http judge: the vision model to ask."""
+    answers: str = ""
+    """human judge: the answers.jsonl the game page saved, to score."""
     device: str = "auto"
     """Torch device: auto = cuda when present, else cpu."""
 

@@ -7,9 +7,11 @@ refused. Images are read back from the shards a batch of trials at a time.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,7 @@ from vitscope.analysis.sorteval import (
     score,
 )
 from vitscope.analysis.sorteval_config import SortEvalConfig
-from vitscope.cache_spec.store import open_cache
+from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.saes.load import load_sae
 from vitscope.support.devices import resolve_device
 from vitscope.support.progress import status
@@ -38,19 +40,30 @@ from vitscope.support.records import write_json_atomically
 
 IMAGE_BATCH = 32
 """Trials whose images are read from the shards together."""
+ANSWERS_FILE = "answers.jsonl"
+GAME_THUMB_PX = 224
 
 
-def sort_eval(config: SortEvalConfig) -> SortScore:
-    """Run (or resume) the eval; writes answers.jsonl and score.json into config.out_dir."""
+@dataclass
+class Prepared:
+    """What every judge needs: the trials, where their images are, where answers go."""
+
+    trials: list[SortTrial]
+    cache: Cache
+    shards: Path | None
+    model: tuple[str | None, str | None]
+    out: Path
+    done: dict[int, dict]
+
+
+def prepare(config: SortEvalConfig) -> Prepared:
+    """The trials (a pure function of the settings) and the answers already on file for them."""
     device = resolve_device(config.device)
-    analysis = load_analysis(
-        Path(config.analysis) if config.analysis else Path(config.run) / "analysis"
-    )
+    folder = Path(config.analysis) if config.analysis else Path(config.run) / "analysis"
+    analysis = load_analysis(folder)
     sae = load_sae(config.run, device=device)
     cache = open_cache(config.cache or analysis.meta.cache)
-    shards = Path(config.shards) if config.shards else None
-    fire_images = analysis.features["fire_images"].to_numpy()
-    live = np.flatnonzero(fire_images > GRID)
+    live = np.flatnonzero(analysis.features["fire_images"].to_numpy() > GRID)
     rng = np.random.default_rng([config.seed, 1])
     candidates = np.sort(rng.choice(live, size=min(config.candidates, len(live)), replace=False))
     status(f"ranking images of {len(candidates)} candidate features ({config.token} tokens)")
@@ -60,24 +73,90 @@ def sort_eval(config: SortEvalConfig) -> SortScore:
     trials = sample_trials(peaks, rows, candidates, config.pairs, config.seed)
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    answers_path = out / "answers.jsonl"
-    done = _check_answers(answers_path, trials)
-    judge = make_judge(config, sae.card.model, sae.card.pretrained, device)
-    todo = [t for t in trials if t.pair not in done]
-    status(f"{len(todo)} of {len(trials)} pairs to judge with the {judge.name} judge")
-    record_answers(answers_path, trials, _ask(judge, todo, cache, shards))
-    result = score(list(answered(answers_path).values()))
+    done = _check_answers(out / ANSWERS_FILE, trials)
+    shards = Path(config.shards) if config.shards else None
+    return Prepared(trials, cache, shards, (sae.card.model, sae.card.pretrained), out, done)
+
+
+def sort_eval(config: SortEvalConfig) -> SortScore:
+    """Judge the pairs not yet answered (or, for a human, take the game's saved answers), append
+    them to answers.jsonl, and score every answer on file into score.json."""
+    job = prepare(config)
+    todo = [t for t in job.trials if t.pair not in job.done]
+    if config.judge == "human":
+        if not config.answers:
+            raise ValueError("--judge human scores the file the game saved: pass --answers FILE")
+        answers = _saved_answers(Path(config.answers), job.trials)
+        record_answers(
+            job.out / ANSWERS_FILE,
+            job.trials,
+            ((t.pair, answers[t.pair]) for t in todo if t.pair in answers),
+        )
+        judge_name = "human"
+    else:
+        judge = make_judge(config, *job.model, resolve_device(config.device))
+        judge_name = judge.name
+        status(f"{len(todo)} of {len(job.trials)} pairs to judge with the {judge.name} judge")
+        record_answers(job.out / ANSWERS_FILE, job.trials, _ask(judge, todo, job.cache, job.shards))
+    result = score(list(answered(job.out / ANSWERS_FILE).values()))
     write_json_atomically(
-        out / "score.json",
+        job.out / "score.json",
         {
             **asdict(result),
-            "judge": judge.name,
+            "judge": judge_name,
             "token": config.token,
             "seed": config.seed,
             "unusable": result.trials - result.usable,
         },
     )
     return result
+
+
+def write_game(config: SortEvalConfig) -> Path:
+    """The sort eval as a page for a person (browser_assets/sortgame.*); returns the page."""
+    from vitscope.analysis.browser import ASSETS, write_thumbnails
+
+    job = prepare(config)
+    game = job.out / "game"
+    (game / "data").mkdir(parents=True, exist_ok=True)
+    for name in ("sortgame.html", "sortgame.js", "style.css"):
+        shutil.copy(ASSETS / name, game / name)
+    rows = sorted({r for t in job.trials for r in (*t.rows_a, *t.rows_b, t.query)})
+    write_thumbnails(job.cache, np.asarray(rows), game / "images", job.shards, GAME_THUMB_PX)
+    command = (
+        f"vitscope sorteval {config.run} --judge human --seed {config.seed} "
+        f"--pairs {config.pairs} --token {config.token} --answers answers.jsonl"
+    )
+    shown = [{k: v for k, v in asdict(t).items() if k != "truth"} for t in job.trials]
+    settings = json.dumps([config.run, config.seed, config.pairs, config.token]).encode()
+    trials = {"id": hashlib.sha1(settings).hexdigest()[:12], "pairs": shown, "command": command}
+    (game / "data" / "trials.js").write_text(f"VS.trials = {json.dumps(trials)};\n")
+    return game / "sortgame.html"
+
+
+def _saved_answers(path: Path, trials: list[SortTrial]) -> dict[int, Answer]:
+    """{pair: A or B} from the game's file; a line that is not one is a one-line error."""
+    valid = {t.pair for t in trials}
+    answers: dict[int, Answer] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            pair, letter = int(record["pair"]), record["answer"]
+        except (ValueError, KeyError, TypeError):
+            raise AnalysisError(
+                path, 'lines {"pair": N, "answer": "A" or "B"}', f"line {number}: {line[:60]!r}"
+            ) from None
+        if pair not in valid or letter not in ("A", "B"):
+            raise AnalysisError(
+                path,
+                f"pairs 0..{len(trials) - 1} answered A or B",
+                f"line {number}: {line[:60]!r}",
+                "save the answers of this eval's game",
+            )
+        answers[pair] = letter
+    return answers
 
 
 def make_judge(config: SortEvalConfig, model: str | None, pretrained: str | None, device: str):

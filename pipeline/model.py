@@ -3,17 +3,21 @@
 Layer L is the output of transformer block L (0-indexed), every token, CLS at index 0: the
 convention of CLIP-Scope's published SAEs. The forward pass stops after the deepest requested
 block, so caching layers 2..22 of ViT-L-14 never runs blocks 23, ln_post or the projection.
+The same block hook can instead replace a block's output and run on to the image embedding
+(`spliced_forward`), so a splice eval edits exactly the activations the cache holds.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,6 +91,33 @@ def load_vision_tower(
     `pretrained` is an open_clip tag (fetched from the hub when online), a local weights file,
     'none', or 'none:seed=S' as a cache or SAE card records random weights (S overrides `seed`).
     """
+    clip, preprocess, recorded = _create_clip(model, pretrained, seed)
+    return _vision_tower(clip.visual, preprocess, model, recorded, device, dtype)
+
+
+@dataclass
+class ClipModel:
+    """The vision tower with the text side of its CLIP model, for zero-shot classification."""
+
+    tower: VisionTower
+    encode_text: Callable[[Tensor], Tensor]
+    """Token ids (N, context) -> text embeddings (N, E), in the image embeddings' space."""
+    tokenizer: Callable[[list[str]], Tensor]
+    """Texts -> token ids (N, context) on the CPU."""
+
+
+def load_clip(
+    model: str, pretrained: str, device: str = "cpu", dtype: ModelDtype = "auto", seed: int = 0
+) -> ClipModel:
+    """`load_vision_tower`'s tower (same weights, same seed rules) and its model's text tower."""
+    clip, preprocess, recorded = _create_clip(model, pretrained, seed)
+    tower = _vision_tower(clip.visual, preprocess, model, recorded, device, dtype)
+    clip = clip.to(device=tower.device, dtype=tower.dtype).eval().requires_grad_(False)
+    return ClipModel(tower, clip.encode_text, import_open_clip().get_tokenizer(model))
+
+
+def _create_clip(model: str, pretrained: str, seed: int) -> tuple[nn.Module, nn.Module, str]:
+    """The whole open_clip model on the CPU, its preprocessing, and `pretrained` as recorded."""
     if pretrained.startswith("none:seed="):
         pretrained, seed = "none", int(pretrained.removeprefix("none:seed="))
     open_clip = import_open_clip()
@@ -105,7 +136,17 @@ def load_vision_tower(
         clip, _, preprocess = open_clip.create_model_and_transforms(
             model, pretrained=None if random_weights else pretrained
         )
-    visual = clip.visual
+    return clip, preprocess, f"none:seed={seed}" if random_weights else pretrained
+
+
+def _vision_tower(
+    visual: nn.Module,
+    preprocess: nn.Module,
+    model: str,
+    pretrained: str,
+    device: str,
+    dtype: ModelDtype,
+) -> VisionTower:
     if not hasattr(visual, "transformer") or not hasattr(visual.transformer, "resblocks"):
         raise ValueError(f"{model}'s vision tower has no transformer.resblocks: not a ViT")
     torch_device = torch.device(device)
@@ -116,7 +157,7 @@ def load_vision_tower(
         visual=visual,
         preprocess=preprocess,
         model=model,
-        pretrained=f"none:seed={seed}" if random_weights else pretrained,
+        pretrained=pretrained,
         dtype=torch_dtype,
         device=torch_device,
         n_blocks=len(visual.transformer.resblocks),
@@ -129,8 +170,48 @@ def load_vision_tower(
     return tower
 
 
+BlockHook = Callable[[Tensor], Tensor | None]
+"""Sees a block's output batch first, (B, T, D); a tensor it returns (same shape) replaces it."""
+
+
 class _StopForward(Exception):
     """Raised by the hook on the deepest requested block: nothing after it is needed."""
+
+
+@contextmanager
+def _block_hooks(tower: VisionTower, hooks: dict[int, BlockHook]) -> Iterator[None]:
+    """Register `hooks[layer]` on the output of each block: the one path that reads the residual
+    stream and the one that edits it, hiding open_clip's (T, B, D) layout when not batch first."""
+    batch_first = getattr(tower.visual.transformer, "batch_first", True)
+
+    def wrap(layer: int, hook: BlockHook):
+        def forward_hook(_module: nn.Module, _inputs: object, output: Tensor) -> Tensor | None:
+            acts_BTD = output if batch_first else output.transpose(0, 1)
+            replaced = hook(acts_BTD)
+            if replaced is None:
+                return None
+            if replaced.shape != acts_BTD.shape:
+                raise ValueError(
+                    f"a replacement for block {layer}'s output must have its shape "
+                    f"{tuple(acts_BTD.shape)}, not {tuple(replaced.shape)}"
+                )
+            replaced = replaced.to(device=output.device, dtype=output.dtype)
+            return replaced if batch_first else replaced.transpose(0, 1)
+
+        return forward_hook
+
+    handles = [
+        tower.blocks[layer].register_forward_hook(wrap(layer, h)) for layer, h in hooks.items()
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _pixels(tower: VisionTower, images_BCHW: Tensor) -> Tensor:
+    return images_BCHW.to(device=tower.device, dtype=tower.dtype, non_blocking=True)
 
 
 @torch.inference_mode()
@@ -138,24 +219,27 @@ def residual_stream(
     tower: VisionTower, images_BCHW: torch.Tensor, layers: list[int]
 ) -> dict[int, torch.Tensor]:
     """Residual stream after each block in `layers`: {layer: (B, T, D)} in the model's dtype."""
-    batch_first = getattr(tower.visual.transformer, "batch_first", True)
     captured: dict[int, torch.Tensor] = {}
     deepest = max(layers)
 
-    def capture(layer: int):
-        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-            captured[layer] = output if batch_first else output.transpose(0, 1)
+    def capture(layer: int) -> BlockHook:
+        def hook(acts_BTD: Tensor) -> None:
+            captured[layer] = acts_BTD
             if layer == deepest:
                 raise _StopForward
 
         return hook
 
-    handles = [tower.blocks[layer].register_forward_hook(capture(layer)) for layer in layers]
-    try:
-        tower.visual(images_BCHW.to(device=tower.device, dtype=tower.dtype, non_blocking=True))
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    with _block_hooks(tower, {layer: capture(layer) for layer in layers}), suppress(_StopForward):
+        tower.visual(_pixels(tower, images_BCHW))
     return {layer: captured[layer] for layer in layers}
+
+
+@torch.inference_mode()
+def spliced_forward(
+    tower: VisionTower, images_BCHW: Tensor, layer: int, replace: BlockHook
+) -> Tensor:
+    """Final image embeddings (B, E) (through ln_post and the projection) of a forward pass
+    whose residual stream after block `layer` is `replace(acts_BTD)` (None keeps it)."""
+    with _block_hooks(tower, {layer: replace}):
+        return tower.visual(_pixels(tower, images_BCHW))

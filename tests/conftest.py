@@ -215,3 +215,33 @@ def photo_analysis(photo_sae: Path, reference_cache: Path) -> Path:
     from vitscope.analysis.config import AnalyzeConfig
 
     return analyze(AnalyzeConfig(run=str(photo_sae), cache=str(reference_cache), device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def chromium(tmp_path_factory: pytest.TempPathFactory):
+    """Debian's headless Chromium through Selenium, saving downloads to `.download_dir`."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = "/usr/bin/chromium"
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    downloads = tmp_path_factory.mktemp("chromium-downloads")
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,1100",
+    ):
+        options.add_argument(flag)
+    options.add_experimental_option(
+        "prefs",
+        {"download.default_directory": str(downloads), "download.prompt_for_download": False},
+    )
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver.download_dir = downloads
+    yield driver
+    driver.quit()

@@ -122,3 +122,46 @@ def test_http_judge_through_faults_and_a_kill(photo_analysis: Path, tmp_path: Pa
     scored = json.loads((out / "score.json").read_text())
     assert scored["unusable"] == 2 and scored["usable"] == 10  # malformed and garbled
     assert KEY not in resumed.stdout + resumed.stderr
+
+
+def test_the_human_game_in_chromium_saves_answers_the_command_scores(
+    photo_analysis: Path, chromium, tmp_path: Path
+):
+    from selenium.webdriver.common.by import By
+
+    run = photo_analysis.parent
+    args = ["sorteval", str(run), "--judge", "human", "--pairs", "4", "--out", str(tmp_path)]
+    written = run_vitscope(*args)
+    assert written.returncode == 0, written.stderr
+    page = tmp_path / "game" / "sortgame.html"
+    trials = json.loads(
+        (tmp_path / "game" / "data" / "trials.js").read_text().removeprefix("VS.trials = ")[:-2]
+    )
+    assert "truth" not in trials["pairs"][0]  # the page never knows the answer
+    chromium.get(page.as_uri())
+    clicked = []
+    for i in range(4):
+        assert chromium.find_element(By.ID, "progress").text == f"{i} of 4 answered"
+        query = chromium.find_element(By.ID, "query")
+        assert chromium.execute_script("return arguments[0].naturalWidth", query) > 0
+        letter = "A" if i % 2 == 0 else "B"
+        chromium.find_element(By.ID, f"answer-{letter.lower()}").click()
+        clicked.append(letter)
+    assert chromium.find_element(By.ID, "done").is_displayed()
+    saved = chromium.download_dir / "answers.jsonl"
+    saved.unlink(missing_ok=True)
+    chromium.find_element(By.ID, "save").click()
+    deadline = time.monotonic() + 20
+    while not saved.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert [(r["pair"], r["answer"]) for r in lines] == list(enumerate(clicked))
+
+    scored = run_vitscope(*args, "--answers", str(saved))
+    assert scored.returncode == 0, scored.stderr
+    records = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in records] == clicked
+    truth = [r["truth"] for r in records]
+    result = json.loads((tmp_path / "score.json").read_text())
+    assert result["judge"] == "human" and result["usable"] == 4
+    assert result["correct"] == sum(a == t for a, t in zip(clicked, truth, strict=True))

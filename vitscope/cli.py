@@ -130,8 +130,13 @@ add_config_command(
 
 @one_line_errors
 def run_sorteval(config: SortEvalConfig) -> None:
-    from vitscope.analysis.sorteval_run import sort_eval
+    from vitscope.analysis.sorteval_run import sort_eval, write_game
 
+    if config.judge == "human" and not config.answers:
+        page = write_game(config)
+        print(f"sort-eval game: {page}; open it, answer, save answers.jsonl, then run")
+        print(f"  vitscope sorteval {config.run} --judge human --answers answers.jsonl")
+        return
     result = sort_eval(config)
     print(
         f"sort eval ({config.judge} judge, {config.token} tokens): accuracy {result.accuracy:.3f} "
