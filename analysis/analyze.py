@@ -40,7 +40,7 @@ def analyze(config: AnalyzeConfig) -> Path:
     """Run (or resume) the pass; returns the analysis folder."""
     out = config.out_dir
     sae = load_sae(config.run, device=resolve_device(config.device))
-    cache = open_cache(_cache_path(config, sae), layer=_layer(config, sae))
+    cache = open_cache(sae.card.cache_or(config.cache, config.run), layer=_layer(config, sae))
     layer = _layer(config, sae)
     chunks = cache.chunks()
     if config.max_images:
@@ -75,17 +75,6 @@ def analyze(config: AnalyzeConfig) -> Path:
     progress.close()
     _finish(out, meta, accumulator, cache)
     return out
-
-
-def _cache_path(config: AnalyzeConfig, sae: TopKSAE) -> str:
-    if config.cache:
-        return config.cache
-    trained_on = (sae.card.training or {}).get("cache")
-    if not trained_on:
-        raise ValueError(
-            f"{config.run}: the SAE does not name the cache it was trained on; pass --cache CACHE"
-        )
-    return trained_on
 
 
 def _layer(config: AnalyzeConfig, sae: TopKSAE) -> int:

@@ -190,10 +190,7 @@ def splice_run(
     """`vitscope splice`: evaluate an SAE on images of a cache (by default the one it was trained
     on), write the result as JSON (default RUN/splice.json) and return it with the path."""
     sae = load_sae(run, device=resolve_device(device))
-    cache_path = cache or (sae.card.training or {}).get("cache")
-    if not cache_path:
-        raise ValueError(f"{run}: the SAE does not name the cache it was trained on; pass --cache")
-    images = cache_images(open_cache(cache_path), n_images, shards)
+    images = cache_images(open_cache(sae.card.cache_or(cache, run)), n_images, shards)
     result = splice_eval(
         sae, images, labels=_read_labels(labels) if labels else None, device=device
     )

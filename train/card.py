@@ -73,6 +73,15 @@ class SAECard:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def cache_or(self, given: str, who: str) -> str:
+        """`given` if set, else the cache the SAE was trained on; ValueError naming `who`."""
+        cache = given or (self.training or {}).get("cache")
+        if not cache:
+            raise ValueError(
+                f"{who}: the SAE does not name the cache it was trained on; pass --cache CACHE"
+            )
+        return cache
+
 
 def read_card(path: Path) -> SAECard:
     """Parse cfg.json (any supported format version); SAEFormatError names the file and field."""

@@ -96,21 +96,28 @@ def demo_weights(model: str, tag: str) -> str:
     return "none"
 
 
+DEMO_SAE_LAYERS = (5, 8)
+"""The demo trains one SAE on each of these cached layers, then compares them."""
+
 DEMO_PRETRAINED = {"ViT-B-32": "laion2b_s34b_b79k", "ViT-L-14": "laion2b_s32b_b82k"}
 
 
 def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
-    """Photos -> 127.0.0.1 -> img2dataset shards -> a cache of 4 layers -> an SAE on layer 8 ->
-    its analysis, pictures and feature browser."""
+    """Photos -> 127.0.0.1 -> img2dataset shards -> a cache of 4 layers -> SAEs on layers 5 and 8
+    -> their analyses, pictures, splice and sort evals, browsers, and a layer comparison."""
     import shutil
 
     for module, extra in (("skimage", "demo"), ("img2dataset", "cache"), ("matplotlib", "plots")):
         require(module, extra, "vitscope demo")
     from vitscope.analysis.analyze import analyze
     from vitscope.analysis.browser import write_browser
+    from vitscope.analysis.compare import compare
     from vitscope.analysis.config import AnalyzeConfig
     from vitscope.analysis.files import load_analysis
     from vitscope.analysis.plots import plot_analysis
+    from vitscope.analysis.sorteval_config import SortEvalConfig
+    from vitscope.analysis.sorteval_run import sort_eval
+    from vitscope.analysis.splice import splice_run
     from vitscope.cache_plot import plot_cache
     from vitscope.cache_spec.info import summary_lines
     from vitscope.cache_spec.store import open_cache
@@ -155,32 +162,45 @@ def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
     picture = plot_cache(open_cache(summary.cache), workdir / "cache.png")
     print(f"activation norms by token position: {picture}")
     width = open_cache(summary.cache).attrs.d_model
-    (run,) = train(
-        [
-            TrainConfig(
-                cache=str(summary.cache),
-                layer=8,
-                out=str(workdir / "sae-layer08"),
-                tokens=65_536,
-                batch_size=256,
-                n_latents=2 * width,
-                k=16,
-                k_aux=64,
-                lr=1e-3,
-                dead_tokens=8_192,
-                buffer_tokens=4_096,
-                heldout_fraction=0.3,
-                eval_images=8,
-                log_every=4_096,
-                checkpoint_every=32_768,
-            )
-        ]
-    )
-    print(
-        f"SAE trained on layer 8: {run}/sae.safetensors; curves and MSE by patch: {run}/report.png"
-    )
-    analysis = analyze(AnalyzeConfig(run=str(run)))
-    for picture in plot_analysis(analysis):
-        print(f"picture: {picture}")
-    index = write_browser(load_analysis(analysis), run / "browser")
-    print(f"feature browser (open it in a browser): {index}")
+    labels = workdir / "labels.txt"
+    labels.write_text("\n".join(PHOTO_CAPTIONS.values()) + "\n")
+    runs = []
+    for layer in DEMO_SAE_LAYERS:
+        (run,) = train(
+            [
+                TrainConfig(
+                    cache=str(summary.cache),
+                    layer=layer,
+                    out=str(workdir / f"sae-layer{layer:02d}"),
+                    tokens=65_536,
+                    batch_size=256,
+                    n_latents=2 * width,
+                    k=16,
+                    k_aux=64,
+                    lr=1e-3,
+                    dead_tokens=8_192,
+                    buffer_tokens=4_096,
+                    heldout_fraction=0.3,
+                    eval_images=8,
+                    log_every=4_096,
+                    checkpoint_every=32_768,
+                )
+            ]
+        )
+        print(f"SAE on layer {layer}: {run}/sae.safetensors; curves: {run}/report.png")
+        analysis = analyze(AnalyzeConfig(run=str(run)))
+        for picture in plot_analysis(analysis):
+            print(f"picture: {picture}")
+        spliced, _ = splice_run(str(run), labels=labels)
+        print("\n".join(spliced.lines()))
+        scored = sort_eval(SortEvalConfig(run=str(run), pairs=100))
+        print(
+            f"sort eval (clip judge): {scored.accuracy:.3f} [{scored.low:.3f}, {scored.high:.3f}] "
+            f"over {scored.usable} pairs"
+        )
+        index = write_browser(load_analysis(analysis), run / "browser")
+        runs.append(run)
+    for path in compare(runs, workdir / "compare"):
+        print(f"layer comparison: {path}")
+    print((workdir / "compare" / "compare.md").read_text(), end="")
+    print(f"feature browser (open it in a browser; it links the layers): {index}")
