@@ -26,6 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     help="Cache ViT activations once into Zarr; train TopK SAEs on them.",
+    rich_markup_mode=None,  # help texts hold literal [brackets]: "[default: 500]"
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
