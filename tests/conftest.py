@@ -19,6 +19,7 @@ from vitscope.pipeline.config import CacheConfig, DownloadConfig
 from vitscope.pipeline.download import download
 from vitscope.pipeline.model import VisionTower, load_vision_tower
 from vitscope.pipeline.run import cache
+from vitscope.train.config import TrainConfig
 
 TEST_MODEL = "ViT-S-32"
 TEST_LAYERS = (2, 5, 11)
@@ -245,3 +246,33 @@ def chromium(tmp_path_factory: pytest.TempPathFactory):
     driver.download_dir = downloads
     yield driver
     driver.quit()
+
+
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic cache of 400 images of 5 tokens of width 16 (read-only)."""
+    return synthetic_cache(tmp_path_factory.mktemp("train") / "cache", n_images=400, d_model=16)
+
+
+def small_config(cache: Path, out: Path, **changes: object) -> TrainConfig:
+    """Quick stage-two settings for the small cache: 64 latents, k = 4, batches of 128."""
+    settings: dict = dict(
+        cache=str(cache),
+        layer=3,
+        out=str(out),
+        tokens=30_720,
+        batch_size=128,
+        n_latents=64,
+        k=4,
+        k_aux=8,
+        lr=1e-3,
+        dead_tokens=2_048,
+        buffer_tokens=500,
+        heldout_fraction=0.1,
+        eval_images=8,
+        log_every=1_024,
+        checkpoint_every=4_096,
+        device="cpu",
+    )
+    settings.update(changes)
+    return TrainConfig(**settings)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from conftest import synthetic_cache
+from conftest import small_config
 from vitscope.support import extras
 from vitscope.support.extras import MissingExtraError
 from vitscope.train.config import TrainConfig
@@ -20,33 +20,9 @@ from vitscope.train.run import train
 from vitscope.train.tensorboard import SCALARS
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_cache(tmp_path_factory.mktemp("tensorboard") / "cache", 400, d_model=16)
-
-
 def config(cache: Path, out: Path, **changes: object) -> TrainConfig:
-    settings: dict = dict(
-        cache=str(cache),
-        layer=3,
-        out=str(out),
-        tokens=4_096,
-        batch_size=128,
-        n_latents=64,
-        k=4,
-        k_aux=8,
-        lr=1e-3,
-        dead_tokens=2_048,
-        buffer_tokens=500,
-        heldout_fraction=0.1,
-        eval_images=8,
-        log_every=1_024,
-        checkpoint_every=2_048,
-        device="cpu",
-        tensorboard=True,
-    )
-    settings.update(changes)
-    return TrainConfig(**settings)
+    settings = {"tokens": 4_096, "checkpoint_every": 2_048, "tensorboard": True, **changes}
+    return small_config(cache, out, **settings)
 
 
 def read_events(run_dir: Path) -> event_accumulator.EventAccumulator:
@@ -62,8 +38,8 @@ def logged(record: dict, keys: tuple[str, ...]) -> float:
     return record
 
 
-def test_every_curve_is_the_log(cache: Path, tmp_path: Path):
-    (run_dir,) = train([config(cache, tmp_path / "run")])
+def test_every_curve_is_the_log(small_cache: Path, tmp_path: Path):
+    (run_dir,) = train([config(small_cache, tmp_path / "run")])
     log = read_log(run_dir)
     events = read_events(run_dir)
     assert sorted(events.Tags()["scalars"]) == sorted(SCALARS)
@@ -77,8 +53,8 @@ def test_every_curve_is_the_log(cache: Path, tmp_path: Path):
     assert spread[-1].histogram_value.num == len(log[-1]["heldout"]["mse_by_token"])
 
 
-def test_a_resumed_run_shows_each_step_once_with_the_new_values(cache: Path, tmp_path: Path):
-    cfg = config(cache, tmp_path / "run")
+def test_a_resumed_run_shows_each_step_once_with_the_new_values(small_cache: Path, tmp_path: Path):
+    cfg = config(small_cache, tmp_path / "run")
     train([cfg])  # its newest checkpoint is at 2,048 tokens: resuming redoes the second half
     train([dataclasses.replace(cfg, resume=True)])
     log = read_log(cfg.run_dir)
@@ -88,18 +64,18 @@ def test_a_resumed_run_shows_each_step_once_with_the_new_values(cache: Path, tmp
     assert [p.value for p in points] == pytest.approx([r["tokens_per_s"] for r in log], rel=1e-6)
 
 
-def test_off_by_default_writes_no_event_files(cache: Path, tmp_path: Path):
-    cfg = dataclasses.replace(config(cache, tmp_path / "run", tokens=1_024), tensorboard=False)
+def test_off_by_default_writes_no_event_files(small_cache: Path, tmp_path: Path):
+    cfg = config(small_cache, tmp_path / "run", tokens=1_024, tensorboard=False)
     assert TrainConfig(cache="c").tensorboard is False
     (run_dir,) = train([cfg])
     assert (run_dir / "log.jsonl").exists() and not (run_dir / "tensorboard").exists()
 
 
 def test_without_the_package_training_never_starts(
-    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    small_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.setattr(extras, "has_module", lambda module: module != "tensorboard")
-    cfg = config(cache, tmp_path / "run")
+    cfg = config(small_cache, tmp_path / "run")
     with pytest.raises(MissingExtraError, match=r"--tensorboard.*vitscope\[tensorboard\]"):
         train([cfg])
     assert not (cfg.run_dir / "log.jsonl").exists()

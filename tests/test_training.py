@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_vitscope, synthetic_cache
+from conftest import run_vitscope, small_config, synthetic_cache
 from vitscope.train.config import TrainConfig, sweep_configs
 from vitscope.train.loader import tensor_batches
 from vitscope.train.report import read_log
@@ -57,34 +57,6 @@ def test_training_recovers_planted_features(tmp_path: Path):
     best_cosine = (directions @ member.sae.w_dec.T).max(dim=1).values
     assert (best_cosine > 0.9).float().mean() >= 0.9
     assert read_log(cfg.run_dir)[-1]["heldout"]["fvu"] < 0.1
-
-
-@pytest.fixture(scope="module")
-def small_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_cache(tmp_path_factory.mktemp("train") / "cache", n_images=400, d_model=16)
-
-
-def small_config(cache: Path, out: Path, **changes: object) -> TrainConfig:
-    settings: dict = dict(
-        cache=str(cache),
-        layer=3,
-        out=str(out),
-        tokens=30_720,
-        batch_size=128,
-        n_latents=64,
-        k=4,
-        k_aux=8,
-        lr=1e-3,
-        dead_tokens=2_048,
-        buffer_tokens=500,
-        heldout_fraction=0.1,
-        eval_images=8,
-        log_every=1_024,
-        checkpoint_every=4_096,
-        device="cpu",
-    )
-    settings.update(changes)
-    return TrainConfig(**settings)
 
 
 def comparable(record: dict) -> list[float]:
