@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import platform
 import subprocess
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -49,26 +51,46 @@ def publish(out: Path, device: torch.device, command: str, body: list[str]) -> N
 def write_random_cache(path: Path, n_images: int, chunk_images: int, layer: int = 20) -> Path:
     """float16 activations of ViT-L/14's shape (T=257, D=1024) through the real writer, one shard:
     loader and training speed do not depend on the values."""
+    generator = torch.Generator().manual_seed(0)
+    chunks = (
+        torch.randn(chunk_images, 257, 1024, generator=generator)
+        for _ in range(n_images // chunk_images)
+    )
+    return write_single_shard_cache(path, chunks, n_images, chunk_images, layer, "float16")
+
+
+def write_single_shard_cache(
+    path: Path,
+    chunks_CTD: Iterable[torch.Tensor],
+    n_images: int,
+    chunk_images: int,
+    layer: int,
+    storage: str,
+) -> Path:
+    """Whole chunks of given activations through the real cache writer as one committed shard
+    of `n_images` rows (no model, no images: benchmarks of what comes after stage one)."""
+    chunks = iter(chunks_CTD)
+    first = next(chunks)
     attrs = CacheAttrs(
-        model="random",
+        model="bench",
         pretrained="none:seed=0",
         image_size=224,
-        n_tokens=257,
-        d_model=1024,
-        n_blocks=24,
+        n_tokens=first.shape[1],
+        d_model=first.shape[2],
+        n_blocks=layer + 1,
         layers=(layer,),
-        storage="float16",
+        storage=storage,
         codec=DEFAULT_CODEC,
         chunk_images=chunk_images,
-        rows_per_shard=n_images,
+        rows_per_shard=-(-n_images // chunk_images) * chunk_images,
         shards=("00000.tar",),
         model_dtype="float32",
         preprocess="",
     )
     store = create_or_open(path, attrs)
-    generator = torch.Generator().manual_seed(0)
-    for index in range(n_images // chunk_images):
-        store.write_chunk(layer, index, torch.randn(chunk_images, 257, 1024, generator=generator))
+    for index, chunk in enumerate(itertools.chain([first], chunks)):
+        padding = chunk.new_zeros(chunk_images - len(chunk), *chunk.shape[1:])  # the tail chunk
+        store.write_chunk(layer, index, torch.cat([chunk, padding]))
     rows = pa.table(
         {
             "row": list(range(n_images)),
