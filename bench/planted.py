@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=786_432, help="training tokens")
     parser.add_argument("--heldout", type=int, default=65_536, help="held-out tokens")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/planted.md"))
     args = parser.parse_args()
     args.tokens -= args.tokens % (16 * TOKENS_PER_IMAGE)  # whole cache chunks
     started = time.perf_counter()
