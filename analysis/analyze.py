@@ -40,8 +40,8 @@ def analyze(config: AnalyzeConfig) -> Path:
     """Run (or resume) the pass; returns the analysis folder."""
     out = config.out_dir
     sae = load_sae(config.run, device=resolve_device(config.device))
-    cache = open_cache(sae.card.cache_or(config.cache, config.run), layer=_layer(config, sae))
     layer = _layer(config, sae)
+    cache = open_cache(sae.card.cache_or(config.cache, config.run), layer=layer)
     chunks = cache.chunks()
     if config.max_images:
         chunks = _first_images(chunks, config.max_images)

@@ -20,7 +20,6 @@ class ClipJudge:
 
     def __init__(self, tower: VisionTower) -> None:
         self.tower = tower
-        self.unusable = 0
         self.embedded: dict[bytes, torch.Tensor] = {}
         """Embeddings by image content: trials share many images (top images recur)."""
 
