@@ -84,7 +84,8 @@ def parse_field(hint: Any, raw: Any, name: str) -> Any:
 
 
 def load_config(cls: type[C], toml_path: str | Path | None = None, **overrides: Any) -> C:
-    """Dataclass defaults, then the TOML file's values, then `overrides` that are not None."""
+    """Dataclass defaults, then the named preset's values (a config class's PRESETS, chosen by
+    its `preset` field), then the TOML file's values, then `overrides` that are not None."""
     hints = get_type_hints(cls)
     values: dict[str, Any] = {}
     if toml_path is not None:
@@ -97,6 +98,9 @@ def load_config(cls: type[C], toml_path: str | Path | None = None, **overrides: 
                 f"known: {', '.join(f.name for f in dataclasses.fields(cls))}"  # type: ignore[arg-type]
             )
     values.update({k: v for k, v in overrides.items() if v is not None})
+    presets = getattr(cls, "PRESETS", {})
+    if presets and "preset" in values:  # a named preset's values, under the explicit ones
+        values = {**presets[parse_field(hints["preset"], values["preset"], "preset")], **values}
     parsed = {name: parse_field(hints[name], value, name) for name, value in values.items()}
     missing = [
         f.name

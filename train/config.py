@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, get_type_hints
+from typing import Annotated, Any, ClassVar, Literal, get_type_hints
 
 import tomllib
 
 from vitscope.support.configs import Above, AtLeast, check_bounds, load_config, parse_field
+from vitscope.train.card import Activation, InputNorm
 from vitscope.train.loader import TokenChoice
 
 SWEEPABLE = ("k", "n_latents", "k_aux", "lr", "seed")
@@ -17,12 +19,44 @@ SWEEPABLE = ("k", "n_latents", "k_aux", "lr", "seed")
 batch is shared: the data (cache, layer, token set, batch, order) and the schedule."""
 
 
+LR_AT_16K_LATENTS = 1e-3
+"""The automatic learning rate at 2^14 latents; measured on bench/planted.py."""
+
+CLIP_SCOPE = {
+    "tokens": 1_200_000_000,
+    "k": 32,
+    "n_latents": 65536,
+    "batch_size": 4096,
+    "token_set": "all",
+    "lr": 3e-4,
+    "adam_eps": 1e-8,
+    "warmup_fraction": 0.0,
+    "decay_fraction": 0.0,
+    "aux_coefficient": 0.0,
+    "dead_tokens": 1_000_000,
+    "activation": "none",
+    "input_norm": "standardize",
+    "unit_decoder": False,
+}
+"""CLIP-Scope's training recipe as its code published it (Lewington-pitsos/sache,
+scripts/train_sae.py and sache/model.py): TopK without ReLU, inputs standardised per batch,
+constant Adam lr 3e-4 (default eps), free decoder norms, no AuxK (latents unseen for 1 M tokens
+are only counted dead). Not reproduced: its latents have no encoder bias (ours starts at 0)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """One TopK SAE on one layer of a cache; the defaults are CLIP-Scope's configuration."""
+    """One TopK SAE on one layer of a cache: CLIP-Scope's sizes (k, width, tokens) trained by
+    vitscope's recipe, measured against SAELens in bench/planted.py; `preset = "clip-scope"`
+    (`--preset clip-scope`) trains CLIP-Scope's own recipe instead."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"vitscope": {}, "clip-scope": CLIP_SCOPE}
 
     cache: str
     """The activation cache written by `vitscope cache`."""
+    preset: Literal["vitscope", "clip-scope"] = "vitscope"
+    """Named recipe under the other settings (the CLI, TOML files and sweeps apply it; in Python,
+    load_config(TrainConfig, preset=...)): vitscope, or clip-scope (CLIP-Scope's published one)."""
     layer: Annotated[int, AtLeast(0)] = 20
     """Cached layer to train on (residual stream after this block)."""
     out: str = ""
@@ -37,10 +71,20 @@ class TrainConfig:
     """Dictionary size (16 x 1024 for ViT-L/14)."""
     k_aux: Annotated[int, AtLeast(1)] = 512
     """Dead latents used by the AuxK loss (Gao et al.: a power of two near d_in / 2)."""
+    aux_coefficient: Annotated[float, AtLeast(0)] = 1 / 32
+    """Weight of the AuxK loss (Gao et al.: 1/32); 0 trains no dead latent."""
+    activation: Activation = "relu"
+    """Applied to the k kept pre-activations: relu (Gao et al.) or none (CLIP-Scope)."""
+    input_norm: InputNorm = "scale"
+    """scale: one fixed factor, E|x|^2 = 1; standardize: each batch per feature (CLIP-Scope)."""
+    unit_decoder: bool = True
+    """Keep decoder rows at unit norm (Gao et al.); CLIP-Scope left them free."""
     batch_size: Annotated[int, AtLeast(1)] = 4096
     """Tokens per step."""
-    lr: Annotated[float, Above(0)] = 1e-4
-    """Adam learning rate: Gao et al.'s 2e-4 / sqrt(n_latents / 2^14) at 65,536 latents."""
+    lr: Annotated[float, AtLeast(0)] = 0.0
+    """Peak Adam learning rate; 0 = automatic, 1e-3 / sqrt(n_latents / 2^14) (5e-4 at 65,536
+    latents): Gao et al.'s scaling with width, its constant the best of a sweep on
+    bench/planted.py (BENCHMARKS.md), where their 2e-4 recovered 8x fewer planted features."""
     adam_eps: Annotated[float, Above(0)] = 6.25e-10
     """Adam epsilon, as in Gao et al."""
     warmup_fraction: Annotated[float, AtLeast(0)] = 0.01
@@ -101,7 +145,12 @@ class TrainConfig:
             scale = progress / self.warmup_fraction
         if self.decay_fraction and progress > 1 - self.decay_fraction:
             scale = min(scale, (1 - progress) / self.decay_fraction)
-        return self.lr * max(scale, 0.0)
+        return self.peak_lr * max(scale, 0.0)
+
+    @property
+    def peak_lr(self) -> float:
+        """`lr`, or when 0 the learning rate scaled with the width (see `lr`)."""
+        return self.lr or LR_AT_16K_LATENTS / math.sqrt(self.n_latents / 2**14)
 
 
 def sweep_configs(path: str | Path, **overrides: Any) -> list[TrainConfig]:

@@ -28,7 +28,7 @@ class WindowStats:
         values = {
             "mse": terms["mse"].detach(),
             "aux_loss": terms["aux"].detach(),
-            "l0": (out.z_BK > 0).sum(dim=1).float().mean(),
+            "l0": out.active_BK.sum(dim=1).float().mean(),
             "dead": dead_F.float().mean(),
         }
         for name, value in values.items():
@@ -52,16 +52,16 @@ def heldout_metrics(
     """MSE, FVU, explained variance and L0 on the chosen tokens; MSE at every token position."""
     device = sae.b_pre.device
     n_images, n_tokens, d = acts_NTD.shape
-    x_ND = acts_NTD.reshape(-1, d)
-    errors, l0 = [], []
-    for start in range(0, len(x_ND), batch_size):
-        x = x_ND[start : start + batch_size].to(device) * sae.input_scale
+    errors, l0, chosen = [], [], []
+    for images in acts_NTD.split(max(1, batch_size // n_tokens)):  # whole images per batch
+        x = sae.training_inputs(images.reshape(-1, d).to(device))
         out = sae.autoencode(x)
         errors.append((out.recon_BD - x).pow(2).sum(dim=1).cpu())
-        l0.append((out.z_BK > 0).sum(dim=1).cpu())
+        l0.append(out.active_BK.sum(dim=1).cpu())
+        chosen.append(x.view(len(images), n_tokens, d)[:, token_slice].reshape(-1, d).cpu())
     error_NT = torch.cat(errors).view(n_images, n_tokens)
     l0_NT = torch.cat(l0).view(n_images, n_tokens).float()
-    chosen = (acts_NTD[:, token_slice].reshape(-1, d) * sae.input_scale.cpu()).double()
+    chosen = torch.cat(chosen).double()
     variance = (chosen - chosen.mean(dim=0)).pow(2).sum()
     fvu = float(error_NT[:, token_slice].double().sum() / variance)
     return {

@@ -63,6 +63,11 @@ class SAEOutput:
     aux_recon_BD: Tensor | None
     """AuxK's reconstruction of the residual from dead latents (None when none are dead)."""
 
+    @property
+    def active_BK(self) -> Tensor:
+        """Which kept latents are active (nonzero: after a ReLU, the positive ones)."""
+        return self.z_BK != 0
+
 
 class TopKSAE(nn.Module):
     """A TopK SAE with its input scale and its card (what it reads, where it came from)."""
@@ -145,6 +150,13 @@ class TopKSAE(nn.Module):
         return f"the {card.source} SAE (d_in {self.d_in}, {self.n_latents} latents{reads})"
 
     # ------------------------------------------------------ in scaled units (training)
+    def training_inputs(self, acts_BD: Tensor) -> Tensor:
+        """The inputs `autoencode` works on: activations times the input scale, or each batch
+        standardised per feature when the SAE was trained that way."""
+        if self.input_norm == "standardize":
+            return standardize(acts_BD)[0]
+        return acts_BD * self.input_scale
+
     def autoencode(
         self, x_BD: Tensor, dead_F: Tensor | None = None, dense: bool = False
     ) -> SAEOutput:
@@ -201,9 +213,11 @@ class TopKSAE(nn.Module):
     # ------------------------------------------------------------ the recipe's rules
     @torch.no_grad()
     def initialise_from(self, sample_ND: Tensor) -> None:
-        """Input scale to unit mean squared norm; b_pre at the geometric median of a sample."""
-        self.input_scale.fill_(float(sample_ND.pow(2).sum(dim=1).mean().rsqrt()))
-        self.b_pre.copy_(geometric_median(sample_ND * self.input_scale))
+        """Input scale to unit mean squared norm (1 when standardising); b_pre at the geometric
+        median of the sample's training inputs."""
+        if self.input_norm == "scale":
+            self.input_scale.fill_(float(sample_ND.pow(2).sum(dim=1).mean().rsqrt()))
+        self.b_pre.copy_(geometric_median(self.training_inputs(sample_ND)))
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
@@ -229,7 +243,9 @@ def standardize(x_BD: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     return (x_BD - mean_D) / (std_D + STANDARDIZE_EPS), (mean_D, std_D)
 
 
-def losses(out: SAEOutput, x_BD: Tensor) -> dict[str, Tensor]:
+def losses(
+    out: SAEOutput, x_BD: Tensor, aux_coefficient: float = AUX_COEFFICIENT
+) -> dict[str, Tensor]:
     """Reconstruction MSE (sum over D, mean over B) and normalised AuxK loss, and their total."""
     mse = (out.recon_BD - x_BD).pow(2).sum(dim=1).mean()
     aux = torch.zeros((), device=x_BD.device)
@@ -238,7 +254,7 @@ def losses(out: SAEOutput, x_BD: Tensor) -> dict[str, Tensor]:
         aux = (out.aux_recon_BD - residual).pow(2).sum(dim=1).mean() / residual.pow(2).sum(
             dim=1
         ).mean().clamp_min(1e-12)
-    return {"mse": mse, "aux": aux, "loss": mse + AUX_COEFFICIENT * aux}
+    return {"mse": mse, "aux": aux, "loss": mse + aux_coefficient * aux}
 
 
 @torch.no_grad()

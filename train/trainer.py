@@ -77,14 +77,23 @@ def new_member(
     """A fresh SAE initialised on a sample of the training data (input scale, b_pre); `cache`
     names the model and weights the SAE's card records."""
     sae = TopKSAE(
-        d_in, cfg.n_latents, cfg.k, cfg.k_aux, seed=cfg.seed, n_candidates=cfg.n_candidates
+        d_in,
+        cfg.n_latents,
+        cfg.k,
+        cfg.k_aux,
+        seed=cfg.seed,
+        activation=cfg.activation,
+        n_candidates=cfg.n_candidates,
     )
+    sae.set_input_norm(cfg.input_norm)
     sae.initialise_from(sample_ND)
     sae.to(device)
     sae.card = SAECard(
         d_in=d_in,
         n_latents=cfg.n_latents,
         k=cfg.k,
+        activation=cfg.activation,
+        input_norm=cfg.input_norm,
         model=cache.model if cache else None,
         pretrained=cache.pretrained if cache else None,
         layer=cfg.layer,
@@ -92,27 +101,29 @@ def new_member(
         cache_spec_version=cache.spec_version if cache else None,
         training=config_dict(cfg),
     )
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.peak_lr, eps=cfg.adam_eps)
     since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=device)
     return Member(cfg, sae, optimizer, TrainState(since_fired_F=since_fired))
 
 
 def train_step(member: Member, x_BD: torch.Tensor) -> None:
-    """One optimizer step of the recipe on a batch of scaled activations."""
+    """One optimizer step of the recipe on a batch of training inputs (`training_inputs`)."""
     cfg, sae, state = member.cfg, member.sae, member.state
     dead_F = state.since_fired_F > cfg.dead_tokens
-    out = sae.autoencode(x_BD, dead_F=dead_F)
-    terms = losses(out, x_BD)
+    out = sae.autoencode(x_BD, dead_F=dead_F if cfg.aux_coefficient else None)
+    terms = losses(out, x_BD, cfg.aux_coefficient)
     member.optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
-    sae.remove_parallel_decoder_grad()
+    if cfg.unit_decoder:
+        sae.remove_parallel_decoder_grad()
     for group in member.optimizer.param_groups:
         group["lr"] = cfg.lr_at(state.tokens)
     member.optimizer.step()
-    sae.normalize_decoder()
+    if cfg.unit_decoder:
+        sae.normalize_decoder()
     with torch.no_grad():
         state.since_fired_F += len(x_BD)
-        state.since_fired_F[out.idx_BK[out.z_BK > 0]] = 0
+        state.since_fired_F[out.idx_BK[out.active_BK]] = 0
     state.step += 1
     state.tokens += len(x_BD)
     member.stats.add(terms, out, dead_F)
@@ -138,7 +149,7 @@ def fit(
         window.wait += time.perf_counter() - waited
         x_BD = batch.acts_BD.to(device, non_blocking=True).float()
         for member in members:
-            train_step(member, x_BD * member.sae.input_scale)
+            train_step(member, member.sae.training_inputs(x_BD))
         tokens += len(x_BD)
         window.tokens += len(x_BD)
         window.distinct.append(distinct_images(batch))
