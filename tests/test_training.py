@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import run_vitscope, small_config, synthetic_cache
+from vitscope import load_sae
 from vitscope.support.configs import load_config
 from vitscope.train.config import TrainConfig, sweep_configs
 from vitscope.train.loader import tensor_batches
@@ -121,6 +122,23 @@ def test_sweep_shares_batches_without_changing_any_sae(small_cache: Path, tmp_pa
     for got, expected in zip(together, solo, strict=True):
         torch.testing.assert_close(comparable(got), comparable(expected), rtol=1e-4, atol=1e-6)
     assert read_log(members[0].run_dir)[-1]["l0"] <= 4
+
+
+def test_clip_scope_preset_trains_its_recipe_under_explicit_flags(small_cache: Path, tmp_path):
+    out = tmp_path / "clipscope"
+    flags = ["--cache", str(small_cache), "--layer", "3", "--out", str(out), "--tokens", "4096"]
+    sizes = ["--batch-size", "128", "--n-latents", "64", "--k", "4", "--eval-images", "4"]
+    result = run_vitscope("train", "--preset", "clip-scope", "--lr", "1e-3", *flags, *sizes)
+    assert result.returncode == 0, result.stderr
+    card = json.loads((out / "cfg.json").read_text())
+    assert (card["activation"], card["input_norm"]) == ("none", "standardize")
+    training = card["training"]
+    assert training["preset"] == "clip-scope" and training["lr"] == 1e-3  # the flag wins
+    assert (training["aux_coefficient"], training["unit_decoder"]) == (0.0, False)
+    sae = load_sae(out)
+    acts = torch.randn(3, 5, 16)
+    assert sae.input_norm == "standardize" and sae(acts).shape == acts.shape
+    assert "clip-scope" in run_vitscope("train", "--help").stdout
 
 
 def test_sweep_refuses_settings_that_cannot_differ(tmp_path: Path):

@@ -103,7 +103,8 @@ add_config_command(
     "train",
     TrainConfig,
     run_train,
-    help="Train a TopK SAE on one layer of a cache (defaults: CLIP-Scope's configuration).",
+    help="Train a TopK SAE on one layer of a cache (defaults: CLIP-Scope's sizes with vitscope's "
+    "measured recipe; --preset clip-scope: CLIP-Scope's own recipe).",
 )
 
 
