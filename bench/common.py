@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import platform
 import subprocess
+import time
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from vitscope.cache_spec import CacheAttrs, ShardCommit, create_or_open
 from vitscope.cache_spec.codecs import DEFAULT_CODEC
 from vitscope.cache_spec.layout import ROWS_SCHEMA
+from vitscope.train.loader import ActivationStream
 
 
 def machine(device: torch.device) -> str:
@@ -48,7 +50,9 @@ def publish(out: Path, device: torch.device, command: str, body: list[str]) -> N
         f.write("\n".join(lines) + "\n")
 
 
-def write_random_cache(path: Path, n_images: int, chunk_images: int, layer: int = 20) -> Path:
+def write_random_cache(
+    path: Path, n_images: int, chunk_images: int, layer: int = 20, codec: str = DEFAULT_CODEC
+) -> Path:
     """float16 activations of ViT-L/14's shape (T=257, D=1024) through the real writer, one shard:
     loader and training speed do not depend on the values."""
     generator = torch.Generator().manual_seed(0)
@@ -56,7 +60,7 @@ def write_random_cache(path: Path, n_images: int, chunk_images: int, layer: int 
         torch.randn(chunk_images, 257, 1024, generator=generator)
         for _ in range(n_images // chunk_images)
     )
-    return write_single_shard_cache(path, chunks, n_images, chunk_images, layer, "float16")
+    return write_single_shard_cache(path, chunks, n_images, chunk_images, layer, "float16", codec)
 
 
 def write_single_shard_cache(
@@ -66,6 +70,7 @@ def write_single_shard_cache(
     chunk_images: int,
     layer: int,
     storage: str,
+    codec: str = DEFAULT_CODEC,
 ) -> Path:
     """Whole chunks of given activations through the real cache writer as one committed shard
     of `n_images` rows (no model, no images: benchmarks of what comes after stage one)."""
@@ -80,7 +85,7 @@ def write_single_shard_cache(
         n_blocks=layer + 1,
         layers=(layer,),
         storage=storage,
-        codec=DEFAULT_CODEC,
+        codec=codec,
         chunk_images=chunk_images,
         rows_per_shard=-(-n_images // chunk_images) * chunk_images,
         shards=("00000.tar",),
@@ -105,3 +110,21 @@ def write_single_shard_cache(
     )
     store.commit(ShardCommit("00000.tar", 0, 0, n_images, 0, 0, "bench", "now"), rows)
     return path
+
+
+def sequential_read(folder: Path) -> tuple[int, float]:
+    """Bytes and seconds to read every chunk file once, in name order, into memory."""
+    start, total = time.perf_counter(), 0
+    for file in sorted(folder.rglob("*")):
+        if file.is_file():
+            total += len(file.read_bytes())
+    return total, time.perf_counter() - start
+
+
+def loader_rate(stream: ActivationStream, n_tokens: int) -> tuple[int, float]:
+    start, seen = time.perf_counter(), 0
+    for batch in stream.batches(0):
+        seen += len(batch.acts_BD)
+        if seen >= n_tokens:
+            break
+    return seen, time.perf_counter() - start

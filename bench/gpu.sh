@@ -9,7 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
     .whl/*.whl || exit 1
 # vitscope as pyproject.toml installs it (stage folders under one namespace), without a build step
 mkdir -p /tmp/site/vitscope && cp -r vitscope/. /tmp/site/vitscope/
-for stage in cache_spec pipeline train; do cp -r "$stage" "/tmp/site/vitscope/$stage"; done
+for stage in support cache_spec pipeline train saes analysis; do cp -r "$stage" "/tmp/site/vitscope/$stage"; done
 export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, zarr, open_clip; print(torch.__version__, zarr.__version__, open_clip.__version__)"

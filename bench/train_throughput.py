@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import publish, write_random_cache
+from common import loader_rate, publish, sequential_read, write_random_cache
 
 from vitscope.cache_spec import open_cache
 from vitscope.cache_spec.layout import layer_array_name
@@ -26,24 +26,6 @@ from vitscope.train.loader import ActivationStream, tensor_batches
 from vitscope.train.trainer import fit, new_member
 
 LAYER = 20
-
-
-def sequential_read(folder: Path) -> tuple[int, float]:
-    """Bytes and seconds to read every chunk file once, in name order, into memory."""
-    start, total = time.perf_counter(), 0
-    for file in sorted(folder.rglob("*")):
-        if file.is_file():
-            total += len(file.read_bytes())
-    return total, time.perf_counter() - start
-
-
-def loader_rate(stream: ActivationStream, n_tokens: int) -> tuple[int, float]:
-    start, seen = time.perf_counter(), 0
-    for batch in stream.batches(0):
-        seen += len(batch.acts_BD)
-        if seen >= n_tokens:
-            break
-    return seen, time.perf_counter() - start
 
 
 def train_rate(cfg: TrainConfig, batches, sample, heldout, device) -> float:

@@ -15,12 +15,17 @@ from tqdm import tqdm
 
 from vitscope.cache_spec.layout import CacheAttrs
 from vitscope.cache_spec.storage import ENCODINGS
-from vitscope.cache_spec.store import Cache, check_cache_destination, create_or_open
+from vitscope.cache_spec.store import (
+    Cache,
+    ShardCommit,
+    check_cache_destination,
+    create_or_open,
+)
 from vitscope.pipeline.config import CacheConfig
 from vitscope.pipeline.dataset import ShardBatch, ShardImages, shard_loader
 from vitscope.pipeline.model import VisionTower, load_vision_tower, residual_stream
 from vitscope.pipeline.shards import expected_images, list_shards
-from vitscope.pipeline.writer import ShardTooLargeError, ShardWriter, WriteQueue
+from vitscope.pipeline.writer import CommitQueue, ShardTooLargeError, ShardWriter, WriteQueue
 from vitscope.support.devices import resolve_device
 from vitscope.support.progress import status
 
@@ -120,6 +125,7 @@ def _encode(
     expected = [expected_images(path) for _, path in todo]
     total = None if None in expected else sum(expected)  # type: ignore[arg-type]
     queue = WriteQueue(config.write_threads, max_pending=4 * config.write_threads)
+    commits = CommitQueue()
     writers: dict[int, ShardWriter] = {}
     failed: set[int] = set()
     layers = list(attrs.layers)
@@ -140,19 +146,26 @@ def _encode(
                 _fail(store, summary, failed, writers, batch, batch.error)
                 continue
             if batch.last:
-                commit = writers.pop(batch.shard_index).commit(batch.source_bytes)
-                summary.committed += 1
-                summary.rows += commit.n_rows
-                summary.skipped.update(r.error.split(":")[0] for _, r in writer.records if r.error)
-                if not writer.records:
-                    summary.empty.append(commit.shard)
+                writers.pop(batch.shard_index)
+                _count(summary, commits.submit(writer, batch.source_bytes))
             summary.bytes_stored += batch.n_images * bytes_per_row
             progress.update(batch.n_images)
             elapsed = progress.format_dict["elapsed"] or 1e-9
             progress.set_postfix_str(f"{summary.bytes_stored / elapsed / 1e6:.0f} MB/s")
+        _count(summary, commits.finished())
     finally:
         progress.close()
+        commits.close()
         queue.close()
+
+
+def _count(summary: CacheRunSummary, done: list[tuple[ShardWriter, ShardCommit]]) -> None:
+    for writer, commit in done:
+        summary.committed += 1
+        summary.rows += commit.n_rows
+        summary.skipped.update(r.error.split(":")[0] for _, r in writer.records if r.error)
+        if not writer.records:
+            summary.empty.append(commit.shard)
 
 
 def _write_batch(

@@ -1,7 +1,8 @@
 """Turn one shard's stream of activations into whole chunks, written in the background, then commit.
 
 Memory stays bounded: at most C - 1 rows per layer wait for their chunk, and `WriteQueue` blocks the
-forward loop once `max_pending` chunks are queued for compression and writing.
+forward loop once `max_pending` chunks are queued for compression and writing. A finished shard's
+commit waits for its chunks in `CommitQueue`'s thread, not in the forward loop.
 """
 
 from __future__ import annotations
@@ -44,6 +45,37 @@ class WriteQueue:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class CommitQueue:
+    """Shard commits wait for their shard's chunks in a thread of their own, so the forward loop
+    runs on into the next shard; at most `max_pending` shards wait, and their errors surface in
+    order, from `submit` or `finished`."""
+
+    def __init__(self, max_pending: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-committer")
+        self._pending: deque[tuple[ShardWriter, Future]] = deque()
+        self._max_pending = max_pending
+
+    def submit(
+        self, writer: ShardWriter, source_bytes: int
+    ) -> list[tuple[ShardWriter, ShardCommit]]:
+        """Queue the shard's commit (its tail chunk is queued here, on the caller's thread);
+        returns the commits finished meanwhile."""
+        writer.flush()
+        self._pending.append((writer, self._pool.submit(writer.commit, source_bytes)))
+        return self.finished(keep=self._max_pending)
+
+    def finished(self, keep: int = 0) -> list[tuple[ShardWriter, ShardCommit]]:
+        """The commits done so far, waiting for the oldest until at most `keep` are pending."""
+        done = []
+        while self._pending and (len(self._pending) > keep or self._pending[0][1].done()):
+            writer, future = self._pending.popleft()
+            done.append((writer, future.result()))
+        return done
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -99,10 +131,14 @@ class ShardWriter:
         while self._waiting_rows >= self.cache.attrs.chunk_images:
             self._write_chunk()
 
-    def commit(self, source_bytes: int) -> ShardCommit:
-        """Write the tail chunk, wait for all of this shard's chunks, then commit the shard."""
+    def flush(self) -> None:
+        """Queue the tail chunk (padded); call it from the thread that adds batches."""
         if self._waiting_rows:
             self._write_chunk()
+
+    def commit(self, source_bytes: int) -> ShardCommit:
+        """Write the tail chunk, wait for all of this shard's chunks, then commit the shard."""
+        self.flush()
         try:
             for future in self._futures:
                 future.result()

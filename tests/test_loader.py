@@ -11,7 +11,7 @@ import zarr
 
 from conftest import synthetic_cache
 from vitscope.cache_spec import open_cache
-from vitscope.train.loader import ActivationStream, distinct_images
+from vitscope.train.loader import ActivationStream, all_finite, distinct_images
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +105,14 @@ def test_nan_activations_stop_training_with_the_rows_named(tmp_path: Path):
     with pytest.raises(ValueError, match=r"layer 3, rows 4..7 hold NaN or inf activations"):
         for _ in stream.batches(0):
             pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_finite_check_finds_every_nan_and_inf(dtype: torch.dtype):
+    x = torch.randn(64, 33).to(dtype)
+    x[0, 0] = torch.finfo(dtype).max  # the largest finite value is finite
+    assert all_finite(x) and all_finite(x[:0])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[17, 5] = bad
+        assert not all_finite(y), bad
