@@ -31,6 +31,13 @@ def main() -> None:
     parser.add_argument("--codecs", default="none,zstd-1")
     parser.add_argument("--readers", default="1,2,4", help="reader counts to measure")
     parser.add_argument("--repeats", type=int, default=3, help="alternations (best is kept)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=4,
+        help="epochs per loader measurement (its read-ahead "
+        "of the next windows makes a single epoch read up to 3 windows for 1)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/loader_rate.md"))
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="vitscope-loader-bench-"))
@@ -50,8 +57,8 @@ def main() -> None:
                     stream = ActivationStream(
                         cache, LAYER, heldout_fraction=1e-9, read_threads=readers
                     )
-                    _, took = loader_rate(stream, stream.epoch_tokens)
-                    share = stream.epoch_tokens / total_tokens  # one chunk is held out
+                    _, took = loader_rate(stream, args.epochs * stream.epoch_tokens)
+                    share = args.epochs * stream.epoch_tokens / total_tokens  # 1 chunk held out
                     seconds.setdefault(f"loader, {readers} reader(s)", []).append(took / share)
             best_plain = min(seconds["plain read"])
             for what, values in seconds.items():
