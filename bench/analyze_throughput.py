@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import publish, write_random_cache
+from common import command_line, loader_rate, publish, write_random_cache
 
 from vitscope.cache_spec import open_cache
 from vitscope.train.card import SAECard
@@ -40,12 +40,8 @@ def plain_read(cache_path: Path) -> float:
 def loader_read(cache_path: Path) -> float:
     """Tokens/s of the training loader's shuffled batches over one epoch."""
     stream = ActivationStream(open_cache(cache_path), LAYER, heldout_fraction=1e-9)
-    start, seen = time.perf_counter(), 0
-    for batch in stream.batches(0):
-        seen += len(batch.acts_BD)
-        if seen >= stream.epoch_tokens:
-            break
-    return seen / (time.perf_counter() - start)
+    seen, seconds = loader_rate(stream, stream.epoch_tokens)
+    return seen / seconds
 
 
 MEASURED = """
@@ -104,10 +100,10 @@ def main() -> None:
         ]
         read_rate = plain_read(cache_path)
         rows.append(f"| plain read (read_chunks, 4 threads) | {read_rate:,.0f} | 1.00 | - |")
-        loader_rate = loader_read(cache_path)
+        loader_tokens_s = loader_read(cache_path)
         rows.append(
-            f"| training loader (shuffled batches) | {loader_rate:,.0f} | "
-            f"{loader_rate / read_rate:.2f} | - |"
+            f"| training loader (shuffled batches) | {loader_tokens_s:,.0f} | "
+            f"{loader_tokens_s / read_rate:.2f} | - |"
         )
         for width in (int(w) for w in args.widths.split(",")):
             sae_dir = random_sae(work / f"sae{width}", width, cache_path)
@@ -125,8 +121,7 @@ def main() -> None:
         "",
         *rows,
     ]
-    command = "python bench/analyze_throughput.py " + " ".join(sys.argv[1:])
-    publish(args.out, torch.device("cpu"), command.strip(), body)
+    publish(args.out, torch.device("cpu"), command_line(), body)
 
 
 if __name__ == "__main__":

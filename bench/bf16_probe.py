@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import publish
+from common import command_line, publish
 
 from vitscope.train.kernels import _product_seconds
 
@@ -49,8 +49,7 @@ def main() -> None:
         f"(ratio {bf16 / fp32:.2f}): bfloat16 faster = {truth}; probes agreeing: "
         f"{sum(d == truth for _, d in probes)} of {len(probes)}.",
     ]
-    command = "python bench/bf16_probe.py " + " ".join(sys.argv[1:])
-    publish(args.out, torch.device("cpu"), command.strip(), body)
+    publish(args.out, torch.device("cpu"), command_line(), body)
 
 
 if __name__ == "__main__":

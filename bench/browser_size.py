@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from common import publish
+from common import command_line, publish
 from test_browser import wide_analysis
 
 from vitscope.analysis.browser import size_per_feature, write_browser
@@ -41,8 +41,7 @@ def main() -> None:
         f"data {sum(p.stat().st_size for p in data) / args.features:,.0f} bytes per feature in "
         f"{len(data)} files; {len(images)} distinct top images, {image_bytes:,.0f} bytes each.",
     ]
-    command = "python bench/browser_size.py " + " ".join(sys.argv[1:])
-    publish(args.out, torch.device("cpu"), command.strip(), body)
+    publish(args.out, torch.device("cpu"), command_line(), body)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import platform
+import shlex
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from datetime import datetime, timezone
@@ -32,6 +34,11 @@ def machine(device: torch.device) -> str:
         platform.processor(),
     )
     return f"{model}, {torch.get_num_threads()} threads"
+
+
+def command_line() -> str:
+    """How this benchmark was run, from the project root, for its results section."""
+    return shlex.join(["python", f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]])
 
 
 def publish(out: Path, device: torch.device, command: str, body: list[str]) -> None:

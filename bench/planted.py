@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import publish, write_single_shard_cache
+from common import command_line, publish, write_single_shard_cache
 
 from vitscope.pipeline.model import import_open_clip
 from vitscope.support.configs import load_config
@@ -85,7 +85,11 @@ def saelens_run(args, world, train_ND, heldout_ND, b_dec_at_mean: bool) -> list[
     SAETrainer(cfg, sae, provider).fit()
     seconds = time.perf_counter() - start
     sae.eval()
-    autoencode = lambda x: (sae.decode(sae.encode(x)), sae.encode(x))  # noqa: E731
+
+    def autoencode(x):
+        z = sae.encode(x)
+        return sae.decode(z), z
+
     return scores(sae.W_dec, autoencode, world, heldout_ND, seconds, args.tokens)
 
 
@@ -208,8 +212,7 @@ def main() -> None:
         "",
         *rows,
     ]
-    command = "python bench/planted.py " + " ".join(sys.argv[1:])
-    publish(args.out, torch.device("cpu"), command.strip(), body)
+    publish(args.out, torch.device("cpu"), command_line(), body)
 
 
 if __name__ == "__main__":
