@@ -23,4 +23,5 @@ for codec in none zstd-1; do
       --max-repeats 1 --quiet-wait 0 --codec "$codec" --append --out "$OUT/cache_throughput_gpu.md" \
       --workdir "/tmp/cache-bench-$codec"
 done
+timeout 90 python3 bench/decode_paths.py --device cuda --images 256 --out "$OUT/decode_paths_gpu.md"
 ls -la "$OUT"

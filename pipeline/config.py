@@ -10,6 +10,8 @@ from vitscope.cache_spec.layout import CLIP_SCOPE_LAYERS, Storage
 from vitscope.pipeline.model import ModelDtype
 from vitscope.support.configs import AtLeast, check_bounds
 
+Decode = Literal["pil", "device"]
+
 
 @dataclass(frozen=True)
 class DownloadConfig:
@@ -63,7 +65,11 @@ class CacheConfig:
     batch_size: Annotated[int, AtLeast(1)] = 64
     """Images per forward pass."""
     num_workers: Annotated[int, AtLeast(0)] = 4
-    """DataLoader workers decoding and preprocessing images (each reads whole shards)."""
+    """DataLoader workers reading shards, and with --decode pil decoding their images too."""
+    decode: Decode = "pil"
+    """Where images are decoded, resized and cropped: pil in the DataLoader workers (the
+    reference), or device: as tensors on the model's device, with nvJPEG on a GPU (close to pil but
+    not equal; BENCHMARKS.md, issue 12)."""
     write_threads: Annotated[int, AtLeast(1)] = 4
     """Threads encoding, compressing and writing chunks while the model runs."""
     storage: Storage = "float16"

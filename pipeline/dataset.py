@@ -1,4 +1,5 @@
-"""Decode and preprocess shards in DataLoader workers, one whole shard per worker at a time.
+"""Read shards in DataLoader workers, one whole shard per worker at a time, and decode and
+preprocess their images there (`--decode pil`) or hand the bytes on (`--decode device`).
 
 Each worker yields batches that never mix shards, and marks a shard's last batch, so the main
 process can commit a shard the moment its last rows are written.
@@ -8,13 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vitscope.pipeline.shards import SampleRecord, ShardReadError, decode_sample, read_samples
+from vitscope.pipeline.shards import (
+    SampleRecord,
+    ShardReadError,
+    decode_with_pil,
+    model_input,
+    read_samples,
+    sample_record,
+)
 
 
 @dataclass
@@ -30,6 +39,8 @@ class ShardBatch:
     error: str | None = None
     """Set when the tar itself failed: the shard must not be committed."""
     source_bytes: int = 0
+    encoded: list[bytes] = field(default_factory=list)
+    """Undecoded image bytes (`--decode device`), one per record without an error, in order."""
     n_images: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -42,12 +53,13 @@ class ShardBatch:
 
 
 class ShardImages(IterableDataset):
-    """Batches of preprocessed images from the given (index, shard) pairs."""
+    """Batches of preprocessed images from the given (index, shard) pairs; with no `preprocess`,
+    batches of the images' bytes for the main process to decode on the device."""
 
     def __init__(
         self,
         shards: list[tuple[int, Path]],
-        preprocess: Callable[[Image.Image], torch.Tensor],
+        preprocess: Callable[[Image.Image], torch.Tensor] | None,
         batch_size: int,
         image_size: int,
     ) -> None:
@@ -63,22 +75,47 @@ class ShardImages(IterableDataset):
             yield from self._shard_batches(index, shard)
 
     def _shard_batches(self, index: int, shard: Path) -> Iterator[ShardBatch]:
-        images: list[torch.Tensor] = []
+        images: list[torch.Tensor | bytes] = []
         records: list[SampleRecord] = []
         try:
             for sample in read_samples(shard):
-                decoded = decode_sample(sample, self.preprocess)
-                records.append(decoded.record)
-                if decoded.image_CHW is not None:
-                    images.append(decoded.image_CHW)
+                record, image = self._image(sample)
+                records.append(record)
+                if image is not None:
+                    images.append(image)
                 if len(images) == self.batch_size:
-                    yield ShardBatch(index, shard, torch.stack(images), records)
+                    yield self._batch(index, shard, images, records)
                     images, records = [], []
         except ShardReadError as err:
-            yield ShardBatch(index, shard, self._stack([]), [], last=True, error=str(err))
+            yield self._batch(index, shard, [], [], last=True, error=str(err))
             return
         size = shard.stat().st_size
-        yield ShardBatch(index, shard, self._stack(images), records, last=True, source_bytes=size)
+        yield self._batch(index, shard, images, records, last=True, source_bytes=size)
+
+    def _image(self, sample: dict[str, bytes]) -> tuple[SampleRecord, torch.Tensor | bytes | None]:
+        record, data = sample_record(sample)
+        if data is None or self.preprocess is None:
+            return record, data
+        return record, decode_with_pil(
+            record, data, partial(model_input, preprocess=self.preprocess)
+        )
+
+    def _batch(
+        self,
+        index: int,
+        shard: Path,
+        images: list,
+        records: list[SampleRecord],
+        last: bool = False,
+        error: str | None = None,
+        source_bytes: int = 0,
+    ) -> ShardBatch:
+        """Stack the preprocessed images, or pass the bytes on as they are (`--decode device`)."""
+        if self.preprocess is None:
+            images_BCHW, encoded = self._stack([]), images
+        else:
+            images_BCHW, encoded = self._stack(images), []
+        return ShardBatch(index, shard, images_BCHW, records, last, error, source_bytes, encoded)
 
     def _stack(self, images: list[torch.Tensor]) -> torch.Tensor:
         if images:

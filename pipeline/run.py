@@ -23,6 +23,7 @@ from vitscope.cache_spec.store import (
 )
 from vitscope.pipeline.config import CacheConfig
 from vitscope.pipeline.dataset import ShardBatch, ShardImages, shard_loader
+from vitscope.pipeline.device_decode import DeviceDecoder
 from vitscope.pipeline.model import VisionTower, load_vision_tower, residual_stream
 from vitscope.pipeline.shards import expected_images, list_shards
 from vitscope.pipeline.writer import CommitQueue, ShardTooLargeError, ShardWriter, WriteQueue
@@ -59,7 +60,9 @@ class CacheRunSummary:
 
 
 def cache_attrs(config: CacheConfig, tower: VisionTower, shards: list[str]) -> CacheAttrs:
-    """What the cache will record: the run's settings plus what the model itself says."""
+    """What the cache will record: the run's settings plus what the model itself says, and
+    where its images were decoded, so a resume cannot mix the two decode paths in one cache."""
+    preprocess = " | ".join(repr(t) for t in tower.preprocess.transforms)
     return CacheAttrs(
         model=tower.model,
         pretrained=tower.pretrained,
@@ -74,7 +77,7 @@ def cache_attrs(config: CacheConfig, tower: VisionTower, shards: list[str]) -> C
         rows_per_shard=config.rows_per_shard,
         shards=tuple(shards),
         model_dtype=str(tower.dtype).removeprefix("torch."),
-        preprocess=" | ".join(repr(t) for t in tower.preprocess.transforms),
+        preprocess=preprocess if config.decode == "pil" else f"{preprocess} (--decode device)",
         source_shards=str(Path(config.shards).resolve()),
     )
 
@@ -89,6 +92,7 @@ def cache(config: CacheConfig) -> CacheRunSummary:
     tower = load_vision_tower(
         config.model, config.pretrained, device, config.model_dtype, config.seed
     )
+    decoder = DeviceDecoder(tower) if config.decode == "device" else None
     store = create_or_open(config.out, cache_attrs(config, tower, sorted(shard_paths)))
     summary = CacheRunSummary(cache=store.path)
     todo = []
@@ -101,7 +105,7 @@ def cache(config: CacheConfig) -> CacheRunSummary:
         else:
             todo.append((index, shard_paths[name]))
     if todo:
-        _encode(store, tower, config, todo, summary)
+        _encode(store, tower, decoder, config, todo, summary)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -109,12 +113,14 @@ def cache(config: CacheConfig) -> CacheRunSummary:
 def _encode(
     store: Cache,
     tower: VisionTower,
+    decoder: DeviceDecoder | None,
     config: CacheConfig,
     todo: list,
     summary: CacheRunSummary,
 ) -> None:
     attrs = store.attrs
-    dataset = ShardImages(todo, tower.preprocess, config.batch_size, tower.image_size)
+    preprocess = tower.preprocess if decoder is None else None
+    dataset = ShardImages(todo, preprocess, config.batch_size, tower.image_size)
     loader = shard_loader(dataset, config.num_workers, pin_memory=tower.device.type == "cuda")
     bytes_per_row = (
         len(attrs.layers)
@@ -137,6 +143,8 @@ def _encode(
             writer = writers.setdefault(
                 batch.shard_index, ShardWriter(store, batch.shard_index, queue)
             )
+            if decoder is not None:
+                batch = decoder(batch)
             try:
                 _write_batch(tower, layers, writer, batch)
             except ShardTooLargeError as err:

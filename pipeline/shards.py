@@ -34,13 +34,6 @@ class SampleRecord:
     error: str | None = None
 
 
-@dataclass
-class DecodedSample:
-    record: SampleRecord
-    image_CHW: torch.Tensor | None
-    """The preprocessed image, or None when the sample was skipped."""
-
-
 def list_shards(shards_dir: Path) -> list[Path]:
     """The .tar shards of a folder, by name; a one-line error if there are none."""
     if not shards_dir.is_dir():
@@ -88,10 +81,9 @@ def model_input(
     return preprocess(image.convert("RGB"))
 
 
-def decode_sample(
-    sample: dict[str, bytes], preprocess: Callable[[Image.Image], torch.Tensor]
-) -> DecodedSample:
-    """Decode and preprocess one sample's image; a bad one becomes a record with the reason."""
+def sample_record(sample: dict[str, bytes]) -> tuple[SampleRecord, bytes | None]:
+    """One sample's record and its image bytes; no bytes (and the reason in the record) when the
+    sample holds no image."""
     meta = _json(sample.get("json"))
     record = SampleRecord(
         key=sample["__key__"].decode(),
@@ -103,13 +95,20 @@ def decode_sample(
     data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
     if data is None:
         record.error = "no image in sample"
-        return DecodedSample(record, None)
+    return record, data
+
+
+def decode_with_pil(
+    record: SampleRecord, data: bytes, transform: Callable[[Image.Image], torch.Tensor]
+) -> torch.Tensor | None:
+    """`transform` of the decoded image; None, with the reason in the record, when PIL cannot
+    decode it. Both decode paths end here for a bad image, so both record the same reason."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return DecodedSample(record, model_input(image, preprocess))
+            return transform(image)
     except Exception as err:  # PIL raises many types for bad bytes; all mean "skip this one"
         record.error = f"undecodable image: {type(err).__name__}: {err}"
-        return DecodedSample(record, None)
+        return None
 
 
 def _json(data: bytes | None) -> dict:

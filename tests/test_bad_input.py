@@ -62,7 +62,8 @@ def test_unreadable_tar_fails_its_shard_only(shards_copy: Path, tmp_path: Path, 
     assert not error_path(store.path, "00001.tar").exists()
 
 
-def test_bad_images_are_skipped_and_recorded(tmp_path: Path):
+@pytest.mark.parametrize("decode", ["pil", "device"])
+def test_bad_images_are_skipped_and_recorded(tmp_path: Path, decode: str):
     shards = tmp_path / "shards"
     shards.mkdir()
     with tarfile.open(shards / "00000.tar", "w") as tar:
@@ -72,7 +73,7 @@ def test_bad_images_are_skipped_and_recorded(tmp_path: Path):
             add_member(tar, f"{key}.txt", f"caption {key}".encode())
             add_member(tar, f"{key}.json", json.dumps({"url": f"http://x/{key}"}).encode())
         add_member(tar, "000004.jpg", jpeg_bytes())
-    summary = cache(cache_config(shards, tmp_path / "cache"))
+    summary = cache(cache_config(shards, tmp_path / "cache", decode=decode))
     assert summary.rows == 2
     assert summary.skipped == {"undecodable image": 1, "no image in sample": 1}
     records = {r["key"]: r for r in open_cache(tmp_path / "cache").rows_table().to_pylist()}
