@@ -55,7 +55,7 @@ def main() -> None:
                 seconds.setdefault("plain read", []).append(plain)
                 for readers in map(int, args.readers.split(",")):
                     stream = ActivationStream(
-                        cache, LAYER, heldout_fraction=1e-9, read_threads=readers
+                        cache, LAYER, heldout_fraction=1e-9, readers=readers
                     )
                     _, took = loader_rate(stream, args.epochs * stream.epoch_tokens)
                     share = args.epochs * stream.epoch_tokens / total_tokens  # 1 chunk held out

@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--latents", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=262_144, help="tokens to train on")
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--read-threads", type=int, default=4)
+    parser.add_argument("--readers", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("bench/results/train_throughput.md"))
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -59,7 +59,7 @@ def main() -> None:
         batch_size=args.batch,
         buffer_tokens=2**17,
         heldout_fraction=0.0,
-        read_threads=args.read_threads,
+        readers=args.readers,
     )
     disk_bytes, disk_seconds = sequential_read(cache.path / layer_array_name(args.layer))
     tokens, loader_seconds = loader_rate(stream, stream.epoch_tokens)
@@ -87,7 +87,7 @@ def main() -> None:
     command = (
         f"python bench/train_throughput.py --device {args.device} --latents {args.latents} "
         f"--tokens {args.tokens} --batch {args.batch} --images {args.images} "
-        f"--read-threads {args.read_threads}" + (f" --cache {args.cache}" if args.cache else "")
+        f"--readers {args.readers}" + (f" --cache {args.cache}" if args.cache else "")
     )
     body = [
         "| what | rate |",

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
+from vitscope.cache_spec.chunk_files import ChunkFile, chunk_decoder, read_chunk_file
 from vitscope.cache_spec.codecs import compressors
 from vitscope.cache_spec.errors import CacheSpecError
 from vitscope.cache_spec.layout import (
@@ -118,9 +119,27 @@ class Cache:
         self, layer: int, ref: ChunkRef, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
         """The committed rows of one chunk, shape (n_rows, T, D), float32 unless asked otherwise."""
-        stored = self._array(layer)[ref.first_row : ref.first_row + ref.n_rows]
-        scales_1D = self._scales(layer, [ref.index])
-        return self.encoding.decode(stored, scales_1D, dtype)
+        file = self.chunk_file(layer, ref)
+        chunk_NTD = torch.empty(file.shape, dtype=dtype)
+        read_chunk_file(file, chunk_NTD)
+        return chunk_NTD
+
+    def chunk_file(self, layer: int, ref: ChunkRef) -> ChunkFile:
+        """Where one chunk of committed rows is stored, for `read_chunk_file` (in any process)."""
+        array = self._array(layer)
+        scale_path = None
+        if self.encoding.scaled:
+            scales = self._array(layer, scale=True)
+            scale_path = self.path / scales.path / scales.metadata.encode_chunk_key((ref.index, 0))
+        return ChunkFile(
+            path=self.path / array.path / array.metadata.encode_chunk_key((ref.index, 0, 0)),
+            decoder=chunk_decoder(array.metadata.codecs),
+            storage=self.attrs.storage,
+            shape=(ref.n_rows, self.attrs.n_tokens, self.attrs.d_model),
+            chunk_rows=self.attrs.chunk_images,
+            scale_path=scale_path,
+            rows=(ref.first_row, ref.first_row + ref.n_rows - 1),
+        )
 
     def read_rows(self, layer: int, rows: Sequence[int]) -> torch.Tensor:
         """Arbitrary committed rows, in the order given, as float32 (len(rows), T, D)."""
@@ -359,6 +378,12 @@ def _validate_arrays(cache: Cache, layer: int) -> None:
             "shape {}, chunks {}, dtype {}".format(*expected),
             "shape {}, chunks {}, dtype {}".format(*found),
         )
+    try:
+        chunk_decoder(array.metadata.codecs)
+    except ValueError as err:
+        raise CacheSpecError(
+            cache.path / name / "zarr.json", "the codecs SPEC.md allows", str(err)
+        ) from None
 
 
 def _check_compatible(path: Path, existing: CacheAttrs, wanted: CacheAttrs) -> None:

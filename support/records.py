@@ -23,6 +23,17 @@ class FileFormatError(Exception):
         message = f"{path}: expected {expected}, found {found}"
         super().__init__(f"{message}; {fix}" if fix else message)
 
+    def __reduce__(self) -> tuple:
+        """Pickled as its message, so it comes back intact from a reader process."""
+        return (_rebuilt_error, (type(self), self.path, str(self)))
+
+
+def _rebuilt_error(cls: type[FileFormatError], path: Path, message: str) -> FileFormatError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.path = path
+    return error
+
 
 def parse_record(cls: type, data: Any, where: Path, what: str, error: type[FileFormatError]) -> Any:
     """Build a record field by field, so a bad file gets an error naming the field."""

@@ -110,6 +110,8 @@ def synthetic_cache(
     rows_per_shard: int = 16,
     uncommitted_shards: int = 0,
     seed: int = 0,
+    storage: str = "float32",
+    codec: str = "zstd-1",
 ) -> Path:
     """A cache written through the real cache_spec API without a model: float32 random activations
     whose channels 0 and 1 name the token (its row and its position), so tests can tell tokens
@@ -123,8 +125,8 @@ def synthetic_cache(
         d_model=d_model,
         n_blocks=4,
         layers=(3,),
-        storage="float32",
-        codec="zstd-1",
+        storage=storage,
+        codec=codec,
         chunk_images=chunk_images,
         rows_per_shard=rows_per_shard,
         shards=tuple(f"{i:05d}.tar" for i in range(n_shards)),

@@ -11,7 +11,8 @@ import zarr
 
 from conftest import synthetic_cache
 from vitscope.cache_spec import open_cache
-from vitscope.train.loader import ActivationStream, all_finite, distinct_images
+from vitscope.train.loader import ActivationStream, distinct_images
+from vitscope.train.readers import all_finite
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def test_finite_check_finds_every_nan_and_inf(dtype: torch.dtype):
     x = torch.randn(64, 33).to(dtype)
     x[0, 0] = torch.finfo(dtype).max  # the largest finite value is finite
     assert all_finite(x) and all_finite(x[:0])
-    for bad in (float("nan"), float("inf"), float("-inf")):
+    for bad in (float("nan"), -float("nan"), float("inf"), float("-inf")):
         y = x.clone()
         y[17, 5] = bad
         assert not all_finite(y), bad

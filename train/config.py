@@ -95,8 +95,8 @@ class TrainConfig:
     """A latent that has not fired for this many tokens is dead (and trained by AuxK)."""
     buffer_tokens: Annotated[int, AtLeast(1)] = 2**19
     """Tokens shuffled together (a window of whole chunks); 2^19 mixes ~2,000 images."""
-    read_threads: Annotated[int, AtLeast(1)] = 4
-    """Threads reading and decompressing chunks ahead of training."""
+    readers: Annotated[int, AtLeast(1)] = 4
+    """Processes reading and decompressing chunks ahead of training."""
     heldout_fraction: Annotated[float, Above(0)] = 0.01
     """Share of chunks (whole images) held out for evaluation."""
     eval_images: Annotated[int, AtLeast(1)] = 64

@@ -6,8 +6,11 @@ each window. Batches are consecutive slices of that stream, so the position of a
 of tokens it has consumed, and resuming is a seek: load the window holding that position and skip
 into it. Every training token is used exactly once per epoch.
 
-Whole chunks are read and decoded by background threads, a window ahead of the trainer, so that
-reading overlaps training. Held-out images are whole chunks set aside by the same seed.
+Whole chunks are read and decoded by reader processes (train/readers.py) straight from their files
+into a shared buffer, a window ahead of the trainer, so that reading overlaps training and needs
+none of its GIL; one gather then lays a window's tokens out in their shuffled order, float16 as
+stored (in page-locked memory for a GPU, which converts them). Held-out images are whole chunks
+set aside by the same seed.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,8 +29,12 @@ import torch
 from torch import Tensor
 
 from vitscope.cache_spec.store import Cache, ChunkRef
+from vitscope.train.readers import ChunkReaders, all_finite
 
 TokenChoice = Literal["all", "cls", "patches"]
+
+BATCHES_AHEAD = 8
+"""Batches gathered ahead of the trainer; reading runs a whole window ahead of that."""
 
 
 @dataclass
@@ -43,10 +50,51 @@ class Batch:
 
 @dataclass
 class _Window:
+    """Chunks whose tokens are shuffled together."""
+
     start: int
     """Stream position of the window's first token."""
-    acts_ND: Tensor
-    rows_N: Tensor
+    key: tuple[int, int]
+    """(epoch, index in the epoch): seeds the window's permutation."""
+    refs: list[ChunkRef]
+    skip: int = 0
+    """Tokens at its start already consumed (a resumed stream's first window)."""
+
+
+class _BatchFiller:
+    """Batches gathered token by token from the readers' buffer, a batch spanning two windows
+    filled from both: each batch is fresh memory of its own, safe to keep, and batch-sized
+    allocations are recycled by malloc where window-sized ones would fault in every page."""
+
+    def __init__(self, batch_size: int, d_model: int, dtype: torch.dtype, position: int) -> None:
+        self.batch_size, self.d_model, self.dtype = batch_size, d_model, dtype
+        self.position = position
+        self._acts: Tensor | None = None
+        self._rows: Tensor | None = None
+        self._filled = 0
+
+    def fill(
+        self, buffer_ND: Tensor, source_N: Tensor, rows_N: Tensor, pin_memory: bool
+    ) -> Iterator[Batch]:
+        """Gather the tokens at `source_N` of the buffer, yielding each batch once it is full."""
+        taken = 0
+        while taken < len(source_N):
+            if self._acts is None:
+                self._acts = torch.empty(
+                    self.batch_size, self.d_model, dtype=self.dtype, pin_memory=pin_memory
+                )
+                self._rows = torch.empty(self.batch_size, dtype=torch.long)
+            assert self._rows is not None
+            n = min(self.batch_size - self._filled, len(source_N) - taken)
+            into = slice(self._filled, self._filled + n)
+            torch.index_select(buffer_ND, 0, source_N[taken : taken + n], out=self._acts[into])
+            self._rows[into] = rows_N[taken : taken + n]
+            taken += n
+            self._filled += n
+            if self._filled == self.batch_size:
+                self.position += self.batch_size
+                yield Batch(self._acts, self._rows, self.position)
+                self._acts, self._rows, self._filled = None, None, 0
 
 
 class ActivationStream:
@@ -61,10 +109,13 @@ class ActivationStream:
         buffer_tokens: int = 2**19,
         seed: int = 0,
         heldout_fraction: float = 0.01,
-        read_threads: int = 4,
+        readers: int = 4,
+        pin_memory: bool = False,
     ) -> None:
         self.cache, self.layer, self.tokens = cache, layer, tokens
-        self.batch_size, self.seed, self.read_threads = batch_size, seed, read_threads
+        self.batch_size, self.seed, self.readers = batch_size, seed, readers
+        self.pin_memory = pin_memory
+        """Windows in page-locked memory, for batches that copy to a GPU while it computes."""
         chunks = cache.chunks()
         order = np.random.default_rng([seed, 2**31]).permutation(len(chunks))
         n_heldout = min(len(chunks) - 1, int(np.ceil(heldout_fraction * len(chunks))))
@@ -89,95 +140,93 @@ class ActivationStream:
 
     def batches(self, position: int = 0) -> Iterator[Batch]:
         """Batches from stream position `position` on, forever (epoch after epoch)."""
-        windows: queue.Queue = queue.Queue(maxsize=2)
+        ready: queue.Queue = queue.Queue(maxsize=BATCHES_AHEAD)
         stop = threading.Event()
-        producer = threading.Thread(
-            target=self._produce, args=(position, windows, stop), daemon=True
-        )
+        producer = threading.Thread(target=self._produce, args=(position, ready, stop), daemon=True)
         producer.start()
         try:
-            yield from self._slice(position, windows)
+            while True:
+                batch = ready.get()
+                if isinstance(batch, BaseException):
+                    raise batch
+                yield batch
         finally:
             stop.set()
             while producer.is_alive():
                 try:
-                    windows.get_nowait()
+                    ready.get_nowait()
                 except queue.Empty:
                     producer.join(timeout=0.05)
 
-    def _slice(self, position: int, windows: queue.Queue) -> Iterator[Batch]:
-        pending_acts: list[Tensor] = []
-        pending_rows: list[Tensor] = []
-        pending = 0
-        while True:
-            window = windows.get()
-            if isinstance(window, BaseException):
-                raise window
-            skip = max(0, position - window.start)
-            acts, rows = window.acts_ND[skip:], window.rows_N[skip:]
-            while len(acts):
-                take = min(self.batch_size - pending, len(acts))
-                pending_acts.append(acts[:take])
-                pending_rows.append(rows[:take])
-                acts, rows = acts[take:], rows[take:]
-                pending += take
-                if pending == self.batch_size:
-                    position += pending
-                    yield Batch(_joined(pending_acts), _joined(pending_rows), position)
-                    pending_acts, pending_rows, pending = [], [], 0
-
-    def _produce(self, position: int, windows: queue.Queue, stop: threading.Event) -> None:
-        """Build windows in stream order from the one holding `position`, a window ahead."""
+    def _produce(self, position: int, ready: queue.Queue, stop: threading.Event) -> None:
+        """Gather batches in stream order from `position` on: the readers fill one half of their
+        buffer with the next window's chunks while batches are gathered from the other half."""
         try:
-            epoch = position // self.epoch_tokens
-            with ThreadPoolExecutor(self.read_threads, thread_name_prefix="chunk-reader") as pool:
-                while not stop.is_set():
-                    start = epoch * self.epoch_tokens
-                    for index, chunk_refs in enumerate(self.epoch_windows(epoch)):
-                        size = sum(c.n_rows for c in chunk_refs) * self.tokens_per_image
-                        if start + size <= position:
-                            start += size
-                            continue
-                        window = self._window(pool, chunk_refs, start, (epoch, index))
-                        while not stop.is_set():
-                            try:
-                                windows.put(window, timeout=0.1)
-                                break
-                            except queue.Full:
-                                continue
-                        if stop.is_set():
-                            return
-                        start += size
-                    epoch += 1
+            slots, attrs = self.chunks_per_window, self.cache.attrs
+            slot_numel = attrs.chunk_images * attrs.n_tokens * attrs.d_model
+            batches = _BatchFiller(self.batch_size, attrs.d_model, self.window_dtype, position)
+            with ChunkReaders(self.readers, 2 * slots, slot_numel, self.window_dtype) as readers:
+                buffer_ND, pending = readers.buffer.view(-1, attrs.d_model), None
+                for half, window in zip(
+                    itertools.cycle((0, slots)), self._windows_from(position), strict=False
+                ):
+                    files = [self.cache.chunk_file(self.layer, ref) for ref in window.refs]
+                    reads = readers.submit(half, files)
+                    if pending is not None:
+                        source, rows = self._window_tokens(*pending)
+                        for batch in batches.fill(buffer_ND, source, rows, self.pin_memory):
+                            if not _put(batch, ready, stop):
+                                return
+                    pending = (half, window, reads)
         except BaseException as err:  # handed to the consumer, which raises it
-            windows.put(err)
+            ready.put(err)
 
-    def _window(
-        self, pool: ThreadPoolExecutor, chunk_refs: list[ChunkRef], start: int, key: tuple
-    ) -> _Window:
-        """Read the chunks in parallel, each thread writing its tokens straight to their shuffled
-        places: the window is the concatenation of the chunks' tokens, permuted by the seed."""
-        sizes = [ref.n_rows * self.tokens_per_image for ref in chunk_refs]
-        permutation = np.random.default_rng([self.seed, *key, 2**30]).permutation(sum(sizes))
-        destination = np.empty_like(permutation)
-        destination[permutation] = np.arange(len(permutation))
-        acts = torch.empty(sum(sizes), self.cache.attrs.d_model, dtype=self.window_dtype)
-        rows = torch.empty(sum(sizes), dtype=torch.long)
-        offsets = np.cumsum([0, *sizes])
+    def _windows_from(self, position: int) -> Iterator[_Window]:
+        """Every window from the one holding `position` on, forever."""
+        epoch = position // self.epoch_tokens
+        while True:
+            start = epoch * self.epoch_tokens
+            for index, refs in enumerate(self.epoch_windows(epoch)):
+                size = sum(ref.n_rows for ref in refs) * self.tokens_per_image
+                if start + size > position:
+                    yield _Window(start, (epoch, index), refs, skip=max(0, position - start))
+                start += size
+            epoch += 1
 
-        def fill(i: int) -> None:
-            where = torch.from_numpy(destination[offsets[i] : offsets[i + 1]])
-            acts[where], rows[where] = self._read_tokens(chunk_refs[i])
-
-        list(pool.map(fill, range(len(chunk_refs))))
-        return _Window(start, acts, rows)
-
-    def _read_tokens(self, ref: ChunkRef) -> tuple[Tensor, Tensor]:
-        chunk_NTD = read_finite_chunk(self.cache, self.layer, ref, self.window_dtype)
-        tokens = chunk_NTD[:, token_slice(self.tokens, chunk_NTD.shape[1])]
-        rows = torch.arange(ref.first_row, ref.first_row + ref.n_rows)
-        n, t, d = tokens.shape
-        return tokens.reshape(n * t, d), rows.repeat_interleave(t)
+    def _window_tokens(
+        self, first_slot: int, window: _Window, reads: list[Future[list[bool]]]
+    ) -> tuple[Tensor, Tensor]:
+        """Where the window's tokens lie in the readers' buffer, in their shuffled order from its
+        first unconsumed token, and their rows: the window is the concatenation of its chunks'
+        chosen tokens, permuted by the seed."""
+        finite = [ok for read in reads for ok in read.result()]
+        for ref, ok in zip(window.refs, finite, strict=True):
+            if not ok:
+                raise ValueError(non_finite_message(self.cache, self.layer, ref))
+        n_tokens = self.cache.attrs.n_tokens
+        chosen = np.arange(n_tokens)[token_slice(self.tokens, n_tokens)]
+        slot_tokens = self.cache.attrs.chunk_images * n_tokens
+        source = np.concatenate(
+            [
+                (
+                    slot_tokens * (first_slot + i)
+                    + n_tokens * np.arange(ref.n_rows)[:, None]
+                    + chosen
+                ).ravel()
+                for i, ref in enumerate(window.refs)
+            ]
+        )
+        rows = np.concatenate(
+            [
+                np.arange(ref.first_row, ref.first_row + ref.n_rows).repeat(len(chosen))
+                for ref in window.refs
+            ]
+        )
+        permutation = np.random.default_rng([self.seed, *window.key, 2**30]).permutation(
+            len(source)
+        )
+        kept = permutation[window.skip :]
+        return torch.from_numpy(source[kept]), torch.from_numpy(rows[kept])
 
     # ---------------------------------------------------------------- held out
     def heldout_images(self, max_images: int) -> tuple[Tensor, Tensor]:
@@ -199,25 +248,16 @@ def read_finite_chunk(
     """One whole chunk (n_rows, T, D); NaN or inf activations are a one-line error naming rows."""
     chunk_NTD = cache.read_chunk(layer, ref, dtype)
     if not all_finite(chunk_NTD):
-        raise ValueError(
-            f"{cache.path}: layer {layer}, rows {ref.first_row}..{ref.first_row + ref.n_rows - 1} "
-            f"hold NaN or inf activations; re-cache shard {cache.attrs.shards[ref.shard_index]} "
-            "or write a new cache"
-        )
+        raise ValueError(non_finite_message(cache, layer, ref))
     return chunk_NTD
 
 
-_EXPONENT_BITS = {torch.float16: (torch.int16, 0x7C00), torch.float32: (torch.int32, 0x7F800000)}
-"""Per float dtype: the integer view and the mask of the exponent, all ones for NaN and inf."""
-
-
-def all_finite(t: Tensor) -> bool:
-    """No NaN or inf in `t`. float16 and float32 are checked through their exponent bits as
-    integers, which the CPU vectorises; float16 arithmetic (abs, max) it does not."""
-    if t.dtype not in _EXPONENT_BITS:
-        return bool(torch.isfinite(t).all())
-    int_dtype, mask = _EXPONENT_BITS[t.dtype]
-    return t.numel() == 0 or int((t.view(int_dtype) & mask).max()) != mask
+def non_finite_message(cache: Cache, layer: int, ref: ChunkRef) -> str:
+    return (
+        f"{cache.path}: layer {layer}, rows {ref.first_row}..{ref.first_row + ref.n_rows - 1} "
+        f"hold NaN or inf activations; re-cache shard {cache.attrs.shards[ref.shard_index]} "
+        "or write a new cache"
+    )
 
 
 def read_chunks(
@@ -238,9 +278,15 @@ def read_chunks(
             yield ref, future.result()
 
 
-def _joined(parts: list[Tensor]) -> Tensor:
-    """One tensor from the parts of a batch; a batch inside one window is a view, not a copy."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+def _put(batch: Batch, ready: queue.Queue, stop: threading.Event) -> bool:
+    """Hand a batch to the consumer unless it stopped; False once it has."""
+    while not stop.is_set():
+        try:
+            ready.put(batch, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 def token_slice(tokens: TokenChoice, n_tokens: int) -> slice:

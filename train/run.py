@@ -45,7 +45,8 @@ def train(configs: list[TrainConfig]) -> list[Path]:
         buffer_tokens=base.buffer_tokens,
         seed=base.data_seed,
         heldout_fraction=base.heldout_fraction,
-        read_threads=base.read_threads,
+        readers=base.readers,
+        pin_memory=device.type == "cuda",
     )
     status(f"reading {base.eval_images} held-out images of {cache.path}")
     heldout_NTD, _ = stream.heldout_images(base.eval_images)

@@ -1,0 +1,117 @@
+"""Read one stored chunk straight from its file into memory the caller owns.
+
+Zarr's own whole-chunk read runs an event loop and copies the chunk three times: 0.7 GB/s per
+thread where a plain read of the same file gets 4.6 (BENCHMARKS.md, issue 12). SPEC.md fixes the
+layer arrays' layout, which `store._validate_arrays` checks on opening: one file per chunk, its
+values little-endian behind at most one compressor (zstd or blosc), so a chunk's committed rows
+are a prefix of its decoded bytes, and an uncompressed chunk can be read into its destination
+with no copy at all. A `ChunkFile` is plain data, so reader processes can be handed one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numcodecs
+import numpy as np
+import torch
+from numcodecs.abc import Codec
+from zarr.abc.codec import Codec as ZarrCodec
+from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
+from zarr.codecs.bytes import Endian
+
+from vitscope.cache_spec.errors import CacheSpecError
+from vitscope.cache_spec.storage import ENCODINGS
+
+_DECODERS: dict[type, type[Codec]] = {ZstdCodec: numcodecs.Zstd, BloscCodec: numcodecs.Blosc}
+"""The numcodecs class that decodes what each zarr compressor wrote (zarr uses the same ones)."""
+
+
+def chunk_decoder(codecs: tuple[ZarrCodec, ...]) -> Codec | None:
+    """The decompressor of a layer array's codec chain, None if uncompressed; ValueError when the
+    chain is not the little-endian bytes codec behind at most one known compressor."""
+    first, *compressors = codecs
+    if not isinstance(first, BytesCodec) or first.endian not in (None, Endian.little):
+        raise ValueError(f"the codecs start with {first!r}, not little-endian bytes")
+    if len(compressors) > 1 or any(type(c) not in _DECODERS for c in compressors):
+        raise ValueError(f"compressors {compressors!r}, not one of zstd or blosc")
+    return _DECODERS[type(compressors[0])]() if compressors else None
+
+
+@dataclass(frozen=True)
+class ChunkFile:
+    """Where a chunk's committed rows are stored and how to decode them."""
+
+    path: Path
+    decoder: Codec | None
+    storage: str
+    """The cache's storage encoding (cache_spec/storage.py)."""
+    shape: tuple[int, int, int]
+    """Committed rows, tokens, channels: the prefix of the chunk that holds images."""
+    chunk_rows: int
+    """Rows of the whole stored chunk (a shard's tail chunk is padded to it)."""
+    scale_path: Path | None
+    """The chunk's per-channel scales (8-bit storage), uncompressed float32."""
+    rows: tuple[int, int]
+    """First and last cache row, for error messages."""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_chunk_file(file: ChunkFile, out: torch.Tensor) -> None:
+    """Decode the chunk's committed rows into `out` (contiguous, `file.numel` values of float16 or
+    float32): storage of out's dtype is read straight into it, anything else through a buffer."""
+    encoding = ENCODINGS[file.storage]
+    stored_dtype = np.dtype(encoding.zarr_dtype)
+    direct = not encoding.scaled and stored_dtype == _numpy_dtype(out.dtype)
+    stored = out if direct else torch.empty(file.numel * stored_dtype.itemsize, dtype=torch.uint8)
+    _read_stored(file, stored.view(torch.uint8).reshape(-1))
+    if not direct:
+        scale_D = None if file.scale_path is None else np.fromfile(file.scale_path, "<f4")
+        values = stored.numpy().view(stored_dtype)
+        decoded = encoding.decode(values.reshape(-1, file.shape[-1]), scale_D, out.dtype)
+        out.view(-1).copy_(decoded.view(-1))
+
+
+def _read_stored(file: ChunkFile, out_bytes: torch.Tensor) -> None:
+    """The committed prefix of the chunk's stored bytes into `out_bytes` (uint8)."""
+    try:
+        if file.decoder is None:
+            _read_exactly(file.path, out_bytes.numpy())
+            return
+        encoded = file.path.read_bytes()
+    except FileNotFoundError:
+        raise CacheSpecError(
+            file.path,
+            f"the stored chunk of committed rows {file.rows[0]}..{file.rows[1]}",
+            "no file",
+            fix="re-cache the shard holding these rows, or write a new cache",
+        ) from None
+    whole_chunk = len(out_bytes) // file.shape[0] * file.chunk_rows
+    if whole_chunk == len(out_bytes):
+        file.decoder.decode(encoded, out=out_bytes.numpy())
+    else:  # a shard's tail chunk: decode the whole padded chunk, keep its committed rows
+        padded = torch.empty(whole_chunk, dtype=torch.uint8)
+        file.decoder.decode(encoded, out=padded.numpy())
+        out_bytes.copy_(padded[: len(out_bytes)])
+
+
+def _read_exactly(path: Path, out: np.ndarray) -> None:
+    """Fill `out` from the start of the file (reads may return less than asked)."""
+    with open(path, "rb", buffering=0) as f:
+        view, filled = memoryview(out).cast("B"), 0
+        while filled < len(view):
+            got = f.readinto(view[filled:])
+            if not got:
+                raise CacheSpecError(
+                    path, f"at least {len(view)} bytes", f"{filled}", fix="re-cache its shard"
+                )
+            filled += got
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return np.dtype({torch.float16: "float16", torch.float32: "float32"}[dtype])
