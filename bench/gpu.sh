@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, zarr, open_clip; print(torch.__version__, zarr.__version__, open_clip.__version__)"
 timeout 80 python3 bench/train_step.py --device cuda --repeats 10 --out "$OUT/train_step_gpu.md"
 timeout 100 python3 bench/train_throughput.py --device cuda --latents 65536 --tokens 1048576 \
-    --images 1024 --read-threads 12 --out "$OUT/train_throughput_gpu.md"
+    --images 1024 --readers 12 --out "$OUT/train_throughput_gpu.md"
 timeout 100 python3 bench/gradcheck.py --device cuda
 for codec in none zstd-1; do
   timeout 75 python3 bench/cache_throughput.py --model ViT-L-14 --device cuda --images 512 \
