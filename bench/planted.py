@@ -27,7 +27,6 @@ from common import command_line, publish, write_single_shard_cache
 from vitscope.pipeline.model import import_open_clip
 from vitscope.support.configs import load_config
 from vitscope.train.config import TrainConfig
-from vitscope.train.kernels import bfloat16_is_faster
 from vitscope.train.loader import tensor_batches
 from vitscope.train.run import INIT_SAMPLE_TOKENS, train
 from vitscope.train.sae_folder import load_sae_folder
@@ -106,7 +105,6 @@ def vitscope_fit_run(args, world, train_ND, heldout_ND, work: Path, **settings) 
     sample = torch.cat([b.acts_BD for b in first_batches(train_ND, args)])
     member = new_member(cfg, D, sample, torch.device("cpu"))
     batches = tensor_batches(train_ND, args.batch, seed=args.seed)
-    bfloat16_is_faster(torch.device("cpu"))  # the once-per-process probe, outside the clock
     start = time.perf_counter()
     fit([member], batches, heldout_ND[:4096].view(16, TOKENS_PER_IMAGE, D), slice(None))
     seconds = time.perf_counter() - start

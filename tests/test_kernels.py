@@ -23,17 +23,22 @@ def random_problem(n_tokens: int, d: int, n_latents: int, seed: int):
     return x, w, b
 
 
-@pytest.mark.parametrize("n_candidates", [16, 9, 0])
 @pytest.mark.parametrize("n_latents", [1024, 1000])
-def test_topk_preacts_equal_the_dense_selection(n_candidates: int, n_latents: int):
-    """16: certified bfloat16 candidates; 9: K' = K + 1, so many tokens take the dense fallback."""
+def test_topk_preacts_select_as_the_dense_product(n_latents: int):
+    """float32: the dense selection. bfloat16: exact float32 values at its choices, which differ
+    from the exact top k only by near-ties (a few latents in a thousand here)."""
     for seed in range(3):
         x, w, b = random_problem(300, 64, n_latents, seed)
-        values, idx = topk_preacts(x, w, b, k=8, n_candidates=n_candidates)
-        dense_values, dense_idx = dense_preacts(x, w, b).topk(8, dim=1)
+        dense_BF = dense_preacts(x, w, b)
+        dense_values, dense_idx = dense_BF.topk(8, dim=1)
         dense_idx, order = dense_idx.sort(dim=1)
+        values, idx = topk_preacts(x, w, b, k=8, precision="float32")
         assert torch.equal(idx, dense_idx)
         torch.testing.assert_close(values, dense_values.gather(1, order), rtol=1e-5, atol=1e-5)
+        values, idx = topk_preacts(x, w, b, k=8, precision="bfloat16")
+        torch.testing.assert_close(values, dense_BF.gather(1, idx), rtol=1e-5, atol=1e-5)
+        agree = (idx[:, :, None] == dense_idx[:, None, :]).any(dim=2).float().mean()
+        assert agree > 0.97
 
 
 def test_sparse_primitives_equal_their_dense_formulas():

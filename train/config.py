@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_type_hints
 
 import tomllib
+import torch
 
 from vitscope.support.configs import Above, AtLeast, check_bounds, load_config, parse_field
 from vitscope.train.card import Activation, InputNorm
+from vitscope.train.kernels import SelectionPrecision
 from vitscope.train.loader import TokenChoice
 
 SWEEPABLE = ("k", "n_latents", "k_aux", "lr", "seed")
@@ -113,8 +115,9 @@ class TrainConfig:
     """Seed of the held-out split and the token order."""
     device: str = "auto"
     """Torch device: auto = cuda when present, else cpu."""
-    n_candidates: Annotated[int, AtLeast(0)] = 0
-    """Candidates per token for the certified top-k search; 0 = automatic (see kernels.py)."""
+    selection: Literal["auto", "float32", "bfloat16"] = "auto"
+    """The product that picks each token's top k (kept values are float32 either way): auto =
+    bfloat16 on a GPU, where the planted-feature FVU did not move (BENCHMARKS.md), else float32."""
     d_in: Annotated[int, AtLeast(0)] = 0
     """Expected activation width; 0 = take it from the cache, else it must match."""
     allow_partial: bool = False
@@ -146,6 +149,12 @@ class TrainConfig:
         if self.decay_fraction and progress > 1 - self.decay_fraction:
             scale = min(scale, (1 - progress) / self.decay_fraction)
         return self.peak_lr * max(scale, 0.0)
+
+    def selection_on(self, device: torch.device) -> SelectionPrecision:
+        """`selection` with auto resolved for the device that trains."""
+        if self.selection != "auto":
+            return self.selection
+        return "bfloat16" if device.type == "cuda" else "float32"
 
     @property
     def peak_lr(self) -> float:

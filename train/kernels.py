@@ -6,10 +6,12 @@ A TopK SAE touches K of F latents per token, yet a dense implementation pays for
 times after the encoder: the decoder product, and the two gradient products behind it. Here only
 the encoder's selection is dense; everything else works on the (B, K) active entries:
 
-- `topk_preacts`: exact top-K of x·W_encᵀ + b_enc. Candidates come from one product in bfloat16
-  where that is faster than float32; the K' best are re-scored exactly in float32 by a sampled
-  product (SDDMM), and every token's selection is certified by a bound on the bfloat16 rounding
-  error. Tokens the bound cannot certify are recomputed densely, so the result is always exact.
+- `topk_preacts`: top-K of x·W_encᵀ + b_enc, selected by a float32 product, or by a bfloat16
+  one (a GPU's fast path) whose K winners are then re-scored exactly in float32 by a sampled
+  product (SDDMM), so the kept values are exact and only near-ties may be chosen differently. (A
+  certified exact search with a dense fallback stood here until issue 12: once training starts,
+  the K-th and 2K-th pre-activations of nearly every token lie within bfloat16's error bound, so
+  ~all tokens fell back to the dense product and steps slowed 2x: BENCHMARKS.md.)
 - `SparseEncode`: z = relu(pre-activations at the selected entries); the weight gradient is
   scattered to the K active rows per token, never formed as a dense (B, F) product.
 - `SparseDecode`: x̂ = Σ_k z_bk W_dec[idx_bk] (embedding_bag); its weight gradient is scattered the
@@ -18,22 +20,14 @@ the encoder's selection is dense; everything else works on the (B, K) active ent
 
 from __future__ import annotations
 
-import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import cache
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.nn import functional
 
-BF16_UNIT_ROUNDOFF = 2.0**-9
-"""Relative rounding error of one bfloat16 rounding (8-bit significand, round to nearest)."""
-
-ACCUMULATION_SLACK = 1e-4
-"""Bound on float32 accumulation error relative to ‖x‖·‖w‖, far above D · 2⁻²⁴ for D ≤ 16384."""
+SelectionPrecision = Literal["float32", "bfloat16"]
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -88,114 +82,31 @@ def gather_sum(idx_BK: Tensor, values_BK: Tensor, m_FD: Tensor) -> Tensor:
     return functional.embedding_bag(idx_BK, m_FD, per_sample_weights=values_BK, mode="sum")
 
 
-@cache
-def bfloat16_is_faster(device: torch.device) -> bool:
-    """GPUs always; CPUs only where bfloat16 products beat float32 (many emulate them slowly).
-
-    Costs milliseconds: a tiny product first, where emulated bfloat16 (3-40x slower) shows at
-    once, then a medium one (256x1024x1024) to see whether native bfloat16 really is faster.
-    """
-    if device.type == "cuda":
-        return True
-    if _product_seconds(torch.bfloat16, 32, 512, 512) > 2 * _product_seconds(
-        torch.float32, 32, 512, 512
-    ):
-        return False
-    bf16, fp32 = (
-        _product_seconds(dtype, 256, 1024, 1024) for dtype in (torch.bfloat16, torch.float32)
-    )
-    return bf16 < 0.8 * fp32
-
-
-def _product_seconds(dtype: torch.dtype, m: int, k: int, n: int, repeats: int = 5) -> float:
-    """Fastest of `repeats` (m, k) @ (k, n) products after a warm-up: the least noisy timing."""
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    a @ b
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        timings.append(time.perf_counter() - start)
-    return min(timings)
-
-
 def dense_preacts(x_BD: Tensor, w_enc_FD: Tensor, b_enc_F: Tensor) -> Tensor:
     return torch.addmm(b_enc_F, x_BD, w_enc_FD.T)
 
 
 def topk_preacts(
-    x_BD: Tensor, w_enc_FD: Tensor, b_enc_F: Tensor, k: int, n_candidates: int = 0
+    x_BD: Tensor, w_enc_FD: Tensor, b_enc_F: Tensor, k: int, precision: SelectionPrecision
 ) -> tuple[Tensor, Tensor]:
-    """Exact top-k pre-activations and their latents, idx sorted ascending per token.
+    """Top-k pre-activations and their latents, idx sorted ascending per token.
 
-    `n_candidates` (K') > k turns on the certified bfloat16 candidate search; 0 picks 2k where
-    bfloat16 is faster than float32 on this device, and the plain dense product elsewhere.
+    "float32": the exact selection. "bfloat16": the k best by a bfloat16 product (on a CPU, the
+    same rounded inputs multiplied in float32: the products of bfloat16 numbers are exact in
+    float32, so only the order of accumulation differs), their values re-scored in float32.
     """
-    if n_candidates == 0:
-        n_candidates = 2 * k if bfloat16_is_faster(x_BD.device) else k
-    if n_candidates <= k:
+    if precision == "float32":
         values, idx = dense_preacts(x_BD, w_enc_FD, b_enc_F).topk(k, dim=1)
         return _sorted_by_latent(values, idx)
     with torch.no_grad():
-        candidates = _bf16_candidates(x_BD, w_enc_FD, b_enc_F, k, n_candidates)
-        exact_BC = gather_dot(candidates.idx, x_BD, w_enc_FD) + b_enc_F[candidates.idx]
-        values, position = exact_BC.topk(k, dim=1)
-        idx = candidates.idx.gather(1, position)
-        uncertain = values[:, -1] <= candidates.bound
-        if bool(uncertain.any()):
-            rows = uncertain.nonzero().squeeze(1)
-            values[rows], idx[rows] = dense_preacts(x_BD[rows], w_enc_FD, b_enc_F).topk(k, dim=1)
-    return _sorted_by_latent(values, idx)
-
-
-class _Candidates:
-    """The K' best latents by bfloat16 estimate, and per token an upper bound on the exact value
-    of every latent that is not a candidate."""
-
-    def __init__(self, idx: Tensor, bound: Tensor) -> None:
-        self.idx, self.bound = idx, bound
-
-
-def _bf16_candidates(
-    x_BD: Tensor, w_enc_FD: Tensor, b_enc_F: Tensor, k: int, n_candidates: int
-) -> _Candidates:
-    x_bf, w_bf, b_bf = x_BD.bfloat16(), w_enc_FD.bfloat16(), b_enc_F.bfloat16()
-    with _float32_accumulation():
-        estimate_BF = torch.addmm(b_bf, x_bf, w_bf.T)
-    estimate, idx = estimate_BF.topk(n_candidates, dim=1, sorted=False)
-    del estimate_BF
-    # |exact - estimate| <= ‖x-x̃‖‖w‖ + ‖x̃‖‖w-w̃‖ + |b-b̃| + u·|estimate| + slack (Cauchy-Schwarz
-    # on the rounded inputs, one output rounding); a non-candidate's estimate is at most the
-    # smallest candidate's, and v + u|v| grows with v, so one bound per token covers them all.
-    # (‖w - w̃‖ <= u‖w‖ row by row: rounding W's residuals exactly would cost a pass over W.)
-    x_norm = x_BD.norm(dim=1)
-    w_norm_max = w_enc_FD.norm(dim=1).max()
-    input_error = (x_BD - x_bf.float()).norm(dim=1) * w_norm_max + x_bf.float().norm(dim=1) * (
-        BF16_UNIT_ROUNDOFF * w_norm_max
-    )
-    bias_error = (b_enc_F - b_bf.float()).abs().max()
-    floor = estimate.float().amin(dim=1)
-    bound = (
-        floor
-        + BF16_UNIT_ROUNDOFF * floor.abs()
-        + input_error
-        + bias_error
-        + ACCUMULATION_SLACK * x_norm * w_norm_max
-    )
-    return _Candidates(idx.sort(dim=1).values, bound)
-
-
-@contextmanager
-def _float32_accumulation() -> Iterator[None]:
-    """cuBLAS may reduce bfloat16 products in bfloat16 unless told not to; the bound assumes float32
-    accumulation (as CPU kernels do), so turn that off for the candidate product."""
-    matmul = torch.backends.cuda.matmul
-    saved = matmul.allow_bf16_reduced_precision_reduction
-    matmul.allow_bf16_reduced_precision_reduction = False
-    try:
-        yield
-    finally:
-        matmul.allow_bf16_reduced_precision_reduction = saved
+        x_bf, w_bf, b_bf = x_BD.bfloat16(), w_enc_FD.bfloat16(), b_enc_F.bfloat16()
+        if x_BD.device.type != "cuda":  # CPUs mostly emulate bfloat16 products, 3-40x slower
+            x_bf, w_bf, b_bf = x_bf.float(), w_bf.float(), b_bf.float()
+        idx = (
+            torch.addmm(b_bf, x_bf, w_bf.T).topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        )
+        values = gather_dot(idx, x_BD, w_enc_FD) + b_enc_F[idx]
+    return values, idx
 
 
 def _sorted_by_latent(values: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:

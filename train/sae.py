@@ -21,7 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from vitscope.train.card import Activation, InputNorm, SAECard
-from vitscope.train.kernels import SparseDecode, SparseEncode, topk_preacts
+from vitscope.train.kernels import (
+    SelectionPrecision,
+    SparseDecode,
+    SparseEncode,
+    topk_preacts,
+)
 
 STANDARDIZE_EPS = 1e-6
 """CLIP-Scope's epsilon in (x − mean) / (std + eps)."""
@@ -80,13 +85,14 @@ class TopKSAE(nn.Module):
         k_aux: int = 0,
         seed: int = 0,
         activation: Activation = "relu",
-        n_candidates: int = 0,
+        selection: SelectionPrecision = "float32",
     ) -> None:
         super().__init__()
         self.d_in, self.n_latents, self.k, self.k_aux = d_in, n_latents, k, k_aux
         self.activation = activation
-        self.n_candidates = n_candidates
-        """Candidates of the certified top-k search (kernels.topk_preacts); 0 = automatic."""
+        self.selection: SelectionPrecision = selection
+        """The product that picks each token's top k in training (kernels.topk_preacts); the
+        kept values are float32 either way."""
         self.input_norm: InputNorm = "scale"
         self.card = SAECard(d_in, n_latents, k, activation=activation)
         generator = torch.Generator().manual_seed(seed)
@@ -183,11 +189,8 @@ class TopKSAE(nn.Module):
             idx, order = idx.sort(dim=1)
             values = values.gather(1, order)
             return (values.relu() if relu else values), idx
-        # The certified candidate search bounds float32 weights' bfloat16 rounding; other
-        # weights take the plain product.
-        n_candidates = self.n_candidates if self.w_enc.dtype == torch.float32 else self.k
         preacts_BK, idx_BK = topk_preacts(
-            x_centered.detach(), self.w_enc, self.b_enc, self.k, n_candidates
+            x_centered.detach(), self.w_enc, self.b_enc, self.k, self.selection
         )
         z_BK = SparseEncode.apply(x_centered, self.w_enc, self.b_enc, preacts_BK, idx_BK, relu)
         return z_BK, idx_BK

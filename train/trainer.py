@@ -83,7 +83,7 @@ def new_member(
         cfg.k_aux,
         seed=cfg.seed,
         activation=cfg.activation,
-        n_candidates=cfg.n_candidates,
+        selection=cfg.selection_on(device),
     )
     sae.set_input_norm(cfg.input_norm)
     sae.initialise_from(sample_ND)
