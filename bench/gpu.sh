@@ -1,27 +1,44 @@
 #!/usr/bin/env bash
-# The GPU benchmarks of issues 3 and 4 in one call of the lent device machine (see BENCHMARKS.md).
+# The GPU benchmarks of issues 3, 4 and 12 in one call of the lent device machine (BENCHMARKS.md).
 # Its image has torch but not open_clip, zarr or numcodecs: those travel as wheels in .whl/.
 #   device run: bash bench/gpu.sh   (with carry [".whl"]; results land in $OUT)
+#   CPU dry run first: DRY=1 PYTHON=.venv/bin/python bash bench/gpu.sh (same scripts, tiny sizes)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
 OUT=${OUT:-bench/results}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    .whl/*.whl || exit 1
-# vitscope as pyproject.toml installs it (stage folders under one namespace), without a build step
-mkdir -p /tmp/site/vitscope && cp -r vitscope/. /tmp/site/vitscope/
-for stage in support cache_spec pipeline train saes analysis; do cp -r "$stage" "/tmp/site/vitscope/$stage"; done
-export PYTHONPATH=/tmp/site
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import torch, zarr, open_clip; print(torch.__version__, zarr.__version__, open_clip.__version__)"
-timeout 80 python3 bench/train_step.py --device cuda --repeats 10 --out "$OUT/train_step_gpu.md"
-timeout 100 python3 bench/train_throughput.py --device cuda --latents 65536 --tokens 1048576 \
-    --images 1024 --readers 12 --out "$OUT/train_throughput_gpu.md"
-timeout 100 python3 bench/gradcheck.py --device cuda
+PY=${PYTHON:-python3}
+if [ -n "${DRY:-}" ]; then
+  DEV=cpu MODEL=ViT-B-32 LAYERS=2,5,8,11 LATENTS=4096 TOKENS=65536 IMAGES=64 STEPS=5 WORKERS=2 READERS=1,2 T=4
+else
+  DEV=cuda MODEL=ViT-L-14 LAYERS=2,5,8,11,14,17,20,22 LATENTS=65536 TOKENS=1048576 IMAGES=1024 STEPS=50 WORKERS=12 \
+      READERS=4,8,12 T=1
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+      .whl/*.whl || exit 1
+  # vitscope as pyproject.toml installs it (stage folders under one namespace), no build step
+  mkdir -p /tmp/site/vitscope && cp -r vitscope/. /tmp/site/vitscope/
+  for stage in support cache_spec pipeline train saes analysis; do
+    cp -r "$stage" "/tmp/site/vitscope/$stage"
+  done
+  export PYTHONPATH=/tmp/site
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+fi
+$PY -c "import torch, zarr, open_clip; print(torch.__version__, zarr.__version__, open_clip.__version__)"
+# each timeout is the device budget of one script; T stretches them for the slower dry run
+timeout $((80 * T)) $PY bench/train_step.py --device $DEV --latents $LATENTS --repeats $STEPS \
+    --out "$OUT/train_step_gpu.md"
+timeout $((100 * T)) $PY bench/train_throughput.py --device $DEV --latents $LATENTS \
+    --tokens $TOKENS --images $IMAGES --readers ${READERS##*,} --out "$OUT/train_throughput_gpu.md"
+timeout $((60 * T)) $PY bench/sweep.py --device $DEV --latents $LATENTS --images $((IMAGES / 4)) \
+    --tokens $((TOKENS / 4)) --out "$OUT/sweep_gpu.md"
+timeout $((100 * T)) $PY bench/gradcheck.py --device $DEV
 for codec in none zstd-1; do
-  timeout 75 python3 bench/cache_throughput.py --model ViT-L-14 --device cuda --images 512 \
-      --batch-size 128 --num-workers 12 --write-threads 12 --shard-size 32 --repeats 1 \
-      --max-repeats 1 --quiet-wait 0 --codec "$codec" --append --out "$OUT/cache_throughput_gpu.md" \
-      --workdir "/tmp/cache-bench-$codec"
+  timeout $((75 * T)) $PY bench/cache_throughput.py --model $MODEL --device $DEV \
+      --images $((IMAGES / 2)) --batch-size 128 --num-workers $WORKERS --write-threads $WORKERS \
+      --shard-size 32 --repeats 1 --max-repeats 1 --quiet-wait 0 --codec "$codec" --append \
+      --out "$OUT/cache_throughput_gpu.md" --workdir "/tmp/cache-bench-$codec"
 done
-timeout 90 python3 bench/decode_paths.py --device cuda --images 256 --out "$OUT/decode_paths_gpu.md"
+timeout $((90 * T)) $PY bench/decode_paths.py --device $DEV --model $MODEL --layers $LAYERS \
+    --images $((IMAGES / 4)) --out "$OUT/decode_paths_gpu.md"
+timeout $((90 * T)) $PY bench/loader_rate.py --images $((IMAGES / 2)) --readers $READERS \
+    --repeats 1 --out "$OUT/loader_rate_gpu_host.md"
 ls -la "$OUT"

@@ -60,6 +60,7 @@ def main() -> None:
         buffer_tokens=2**17,
         heldout_fraction=0.0,
         readers=args.readers,
+        pin_memory=device.type == "cuda",
     )
     disk_bytes, disk_seconds = sequential_read(cache.path / layer_array_name(args.layer))
     tokens, loader_seconds = loader_rate(stream, stream.epoch_tokens)
