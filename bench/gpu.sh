@@ -22,13 +22,14 @@ else
   export PYTHONPATH=/tmp/site
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 fi
-$PY -c "import torch, zarr, open_clip; print(torch.__version__, zarr.__version__, open_clip.__version__)"
+$PY -c "import torch, zarr; from vitscope.pipeline.model import import_open_clip as o
+print(torch.__version__, zarr.__version__, o().__version__)"
 # each timeout is the device budget of one script; T stretches them for the slower dry run
 timeout $((80 * T)) $PY bench/train_step.py --device $DEV --latents $LATENTS --repeats $STEPS \
     --out "$OUT/train_step_gpu.md"
 timeout $((100 * T)) $PY bench/train_throughput.py --device $DEV --latents $LATENTS \
     --tokens $TOKENS --images $IMAGES --readers ${READERS##*,} --out "$OUT/train_throughput_gpu.md"
-timeout $((60 * T)) $PY bench/sweep.py --device $DEV --latents $LATENTS --images $((IMAGES / 4)) \
+timeout $((60 * T)) $PY bench/sweep.py --device $DEV --latents $LATENTS --images $((IMAGES / 2)) \
     --tokens $((TOKENS / 4)) --out "$OUT/sweep_gpu.md"
 timeout $((100 * T)) $PY bench/gradcheck.py --device $DEV
 for codec in none zstd-1; do
