@@ -11,6 +11,7 @@ of ViT-L/14's shape (T=257, D=1024) filled with random float16 values is written
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -28,13 +29,16 @@ from vitscope.train.trainer import fit, new_member
 LAYER = 20
 
 
-def train_rate(cfg: TrainConfig, batches, sample, heldout, device) -> float:
+def train_rate(cfg: TrainConfig, batches, sample, heldout, device) -> tuple[float, float]:
+    """Tokens/s of one training run, and the share of it spent waiting for batches (its log)."""
     member = new_member(cfg, 1024, sample, device)
     start = time.perf_counter()
     fit([member], batches, heldout, slice(0, 257))
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return cfg.tokens / (time.perf_counter() - start)
+    rate = cfg.tokens / (time.perf_counter() - start)
+    last = (cfg.run_dir / "log.jsonl").read_text().splitlines()[-1]
+    return rate, json.loads(last)["loader_wait_fraction"]
 
 
 def main() -> None:
@@ -79,11 +83,13 @@ def main() -> None:
         checkpoint_every=10**15,
         device=args.device,
     )
-    rates = {}
+    rates, waits = {}, {}
     for name in ("ram", "zarr", "ram", "zarr"):
         shutil.rmtree(workdir / "run", ignore_errors=True)
         batches = tensor_batches(in_ram, args.batch) if name == "ram" else stream.batches(0)
-        rates.setdefault(name, []).append(train_rate(cfg, batches, sample, heldout, device))
+        rate, wait = train_rate(cfg, batches, sample, heldout, device)
+        rates.setdefault(name, []).append(rate)
+        waits.setdefault(name, []).append(wait)
     best = {name: max(values) for name, values in rates.items()}
     command = (
         f"python bench/train_throughput.py --device {args.device} --latents {args.latents} "
@@ -100,7 +106,8 @@ def main() -> None:
         f"{disk_bytes / loader_seconds / 1e9:.2f} GB/s on disk |",
         *(
             f"| training, {name} (k=32, {args.latents} latents) | "
-            f"{', '.join(f'{r:,.0f}' for r in values)} tokens/s |"
+            f"{', '.join(f'{r:,.0f}' for r in values)} tokens/s, waiting for data "
+            f"{', '.join(f'{w:.0%}' for w in waits[name])} |"
             for name, values in rates.items()
         ),
         "",
