@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
-from common import command_line, publish
+from common import command_line, publish, timed
 
 from vitscope.train.sae import TopKSAE, losses
 
@@ -42,22 +42,11 @@ def make_step(sae: TopKSAE, dense: bool, dead_F: torch.Tensor | None):
     return step
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_steps(step, batches: list[torch.Tensor], repeats: int) -> list[float]:
     """Seconds of each of `repeats` steps, cycling through `batches`, after one warm-up step."""
     step(batches[0])  # warm-up: allocations, kernel choice
-    synchronize(batches[0].device)
-    times = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        step(batches[i % len(batches)])
-        synchronize(batches[0].device)
-        times.append(time.perf_counter() - start)
-    return times
+    device = batches[0].device
+    return [timed(partial(step, batches[i % len(batches)]), device).wall for i in range(repeats)]
 
 
 def product_seconds(x_BD: torch.Tensor, w_FD: torch.Tensor, repeats: int) -> list[float]:

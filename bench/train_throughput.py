@@ -11,14 +11,23 @@ of ViT-L/14's shape (T=257, D=1024) filled with random float16 values is written
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
-from common import loader_rate, publish, sequential_read, write_random_cache
+from common import (
+    Timing,
+    alternate,
+    loader_rate,
+    publish,
+    sequential_read,
+    timed,
+    write_random_cache,
+)
 
 from vitscope.cache_spec import open_cache
 from vitscope.cache_spec.layout import layer_array_name
@@ -29,16 +38,14 @@ from vitscope.train.trainer import fit, new_member
 LAYER = 20
 
 
-def train_rate(cfg: TrainConfig, batches, sample, heldout, device) -> tuple[float, float]:
-    """Tokens/s of one training run, and the share of it spent waiting for batches (its log)."""
-    member = new_member(cfg, 1024, sample, device)
-    start = time.perf_counter()
-    fit([member], batches, heldout, slice(0, 257))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    rate = cfg.tokens / (time.perf_counter() - start)
+def train_run(cfg: TrainConfig, batches, sample, heldout, device) -> Timing:
+    """One training run, timed; its result is the share of it spent waiting for batches (its
+    log)."""
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    member, source = new_member(cfg, 1024, sample, device), batches()
+    timing = timed(lambda: fit([member], source, heldout, slice(0, 257)), device)
     last = (cfg.run_dir / "log.jsonl").read_text().splitlines()[-1]
-    return rate, json.loads(last)["loader_wait_fraction"]
+    return dataclasses.replace(timing, result=json.loads(last)["loader_wait_fraction"])
 
 
 def main() -> None:
@@ -83,13 +90,14 @@ def main() -> None:
         checkpoint_every=10**15,
         device=args.device,
     )
-    rates, waits = {}, {}
-    for name in ("ram", "zarr", "ram", "zarr"):
-        shutil.rmtree(workdir / "run", ignore_errors=True)
-        batches = tensor_batches(in_ram, args.batch) if name == "ram" else stream.batches(0)
-        rate, wait = train_rate(cfg, batches, sample, heldout, device)
-        rates.setdefault(name, []).append(rate)
-        waits.setdefault(name, []).append(wait)
+    sources = {"ram": lambda: tensor_batches(in_ram, args.batch), "zarr": lambda: stream.batches(0)}
+    runs = {
+        name: partial(train_run, cfg, batches, sample, heldout, device)
+        for name, batches in sources.items()
+    }
+    timings = alternate(runs, 2).timings  # ram, zarr, zarr, ram
+    rates = {name: [cfg.tokens / t.wall for t in found] for name, found in timings.items()}
+    waits = {name: [t.result for t in found] for name, found in timings.items()}
     best = {name: max(values) for name, values in rates.items()}
     command = (
         f"python bench/train_throughput.py --device {args.device} --latents {args.latents} "
