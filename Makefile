@@ -19,6 +19,9 @@ LAYER ?= 20
 RUN ?= runs/layer$(LAYER)
 TRAIN_FLAGS ?=
 SWEEP ?= sweep.toml
+# NPROC=8: run the cache and train steps under torchrun, one process per GPU (README "Running at scale")
+NPROC ?=
+LAUNCH := $(if $(NPROC),.venv/bin/torchrun --standalone --nproc-per-node $(NPROC) -m vitscope,$(VITSCOPE))
 
 .PHONY: install download cache train sweep demo test bench lint
 
@@ -35,12 +38,12 @@ download: install
 	$(VITSCOPE) download --url-list $(URLS) --out $(SHARDS) --url-col URL --caption-col TEXT
 
 cache: install
-	$(VITSCOPE) cache --shards $(SHARDS) --out $(CACHE) --layers $(LAYERS) \
+	$(LAUNCH) cache --shards $(SHARDS) --out $(CACHE) --layers $(LAYERS) \
 		--model $(MODEL) --pretrained $(PRETRAINED) $(CACHE_FLAGS)
 	$(VITSCOPE) cache-info $(CACHE)
 
 train: install
-	$(VITSCOPE) train --cache $(CACHE) --layer $(LAYER) --out $(RUN) $(TRAIN_FLAGS)
+	$(LAUNCH) train --cache $(CACHE) --layer $(LAYER) --out $(RUN) $(TRAIN_FLAGS)
 
 sweep: install
 	$(VITSCOPE) sweep $(SWEEP)

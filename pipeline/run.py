@@ -6,6 +6,7 @@ writer's part is encoded from its first image, so a killed run re-run ends with 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from vitscope.pipeline.model import VisionTower, load_vision_tower, residual_str
 from vitscope.pipeline.shards import expected_images, list_shards
 from vitscope.pipeline.writer import CommitQueue, ShardTooLargeError, ShardWriter, WriteQueue
 from vitscope.support.devices import resolve_device
+from vitscope.support.launch import launch_from_environment
 from vitscope.support.progress import status
 
 
@@ -85,6 +87,7 @@ def cache_attrs(config: CacheConfig, tower: VisionTower, shards: list[str]) -> C
 def cache(config: CacheConfig) -> CacheRunSummary:
     """Encode every not-yet-committed shard of this writer's part into the cache."""
     started = time.perf_counter()
+    config = part_from_launch(config)
     shard_paths = {path.name: path for path in list_shards(Path(config.shards))}
     check_cache_destination(config.out)
     device = resolve_device(config.device)
@@ -108,6 +111,20 @@ def cache(config: CacheConfig) -> CacheRunSummary:
         _encode(store, tower, decoder, config, todo, summary)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def part_from_launch(config: CacheConfig) -> CacheConfig:
+    """Under torchrun each rank is one writer: part = rank, parts = world size, so N processes
+    (on any number of nodes) split the shards with no overlap and no gap, and need no flags."""
+    launch = launch_from_environment()
+    if not launch.distributed:
+        return config
+    if config.parts != 1:
+        raise ValueError(
+            f"--parts {config.parts} under torchrun ({launch.world} ranks): torchrun's ranks are "
+            "the parts; drop --part/--parts, or run without torchrun"
+        )
+    return dataclasses.replace(config, part=launch.rank, parts=launch.world)
 
 
 def _encode(
@@ -135,7 +152,8 @@ def _encode(
     writers: dict[int, ShardWriter] = {}
     failed: set[int] = set()
     layers = list(attrs.layers)
-    progress = tqdm(total=total, unit="img", desc="cache", dynamic_ncols=True, smoothing=0.1)
+    desc = "cache" if config.parts == 1 else f"cache part {config.part}/{config.parts}"
+    progress = tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, smoothing=0.1)
     try:
         for batch in loader:
             if batch.shard_index in failed:
