@@ -5,18 +5,27 @@ batches."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from safetensors.torch import load_file
 from test_resume import open_fifo_for_writing, rows_by_key, wait_for
+from test_training import cli_flags
 
-from conftest import TEST_LAYERS, cache_config, cli_args
+from conftest import TEST_LAYERS, cache_config, cli_args, small_config
 from vitscope.cache_spec import open_cache
 from vitscope.cache_spec.layout import layer_array_name
+from vitscope.support.launch import Launch
+from vitscope.train.loader import Batch, token_slice
+from vitscope.train.run import INIT_SAMPLE_TOKENS, _first_batches, member_devices, training_stream
+from vitscope.train.trainer import fit, new_member
 
 RANKS = 2
 
@@ -117,3 +126,49 @@ def test_parts_flag_under_torchrun_is_a_one_line_error(shards: Path, tmp_path: P
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert "torchrun's ranks are the parts; drop --part/--parts" in out
+
+
+def test_two_ranks_train_the_sae_one_process_trains_on_their_global_batches(
+    small_cache: Path, tmp_path: Path
+):
+    """The reference is one process fed, at every step, both ranks' batches concatenated, and
+    initialised on both ranks' first batches: what data parallelism claims to equal."""
+    cfg = small_config(small_cache, tmp_path / "ranks", tokens=3_840, aux_coefficient=0.0)
+    finished(torchrun("train", *cli_flags(cfg)))
+    trained = load_file(cfg.run_dir / "sae.safetensors")
+
+    cache, device = open_cache(small_cache), torch.device("cpu")
+    streams = [training_stream(cfg, cache, device, Launch(r, RANKS)) for r in range(RANKS)]
+    shares, firsts = [], []
+    for stream in streams:
+        batches = stream.batches(0)
+        first = _first_batches(batches, min(INIT_SAMPLE_TOKENS // RANKS, stream.epoch_tokens))
+        firsts.append(torch.cat([b.acts_BD for b in first]))
+        shares.append(itertools.chain(first, batches))
+    global_batches = (
+        Batch(torch.cat([b.acts_BD for b in step]), torch.cat([b.rows_B for b in step]), 0)
+        for step in zip(*shares, strict=True)
+    )
+    reference_cfg = dataclasses.replace(cfg, out=str(tmp_path / "one"))
+    member = new_member(reference_cfg, 16, torch.cat(firsts).float(), device, cache.attrs)
+    heldout, _ = streams[0].heldout_images(cfg.eval_images)
+    fit([member], global_batches, heldout, token_slice("all", cache.attrs.n_tokens))
+    reference = load_file(reference_cfg.run_dir / "sae.safetensors")
+    assert trained.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(trained[name], tensor, rtol=1e-4, atol=1e-5)
+    assert not (cfg.run_dir.parent / "rank1").exists()
+
+
+def test_distribute_saes_places_a_sweep_on_the_gpus_in_turn(
+    small_cache: Path, tmp_path: Path, monkeypatch
+):
+    cfg = small_config(small_cache, tmp_path, distribute_saes=True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    gpus = [torch.device("cuda", i) for i in (0, 1, 0)]
+    assert member_devices(cfg, 3, cuda, gpus=2) == gpus
+    assert member_devices(dataclasses.replace(cfg, distribute_saes=False), 2, cuda, 2) == [cuda] * 2
+    assert member_devices(cfg, 2, cpu, gpus=0) == [cpu, cpu]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="run it without torchrun"):
+        member_devices(cfg, 2, cuda, gpus=2)

@@ -115,6 +115,9 @@ class TrainConfig:
     """Seed of the held-out split and the token order."""
     device: str = "auto"
     """Torch device: auto = cuda when present, else cpu."""
+    distribute_saes: bool = False
+    """A sweep's SAEs on the node's GPUs in turn (SAE i on GPU i mod N), one read of the data
+    for all of them: each batch is copied once to each GPU."""
     selection: Literal["auto", "float32", "bfloat16"] = "auto"
     """The product that picks each token's top k (kept values are float32 either way): auto =
     bfloat16 on a GPU, where the planted-feature FVU did not move (BENCHMARKS.md), else float32."""

@@ -111,6 +111,8 @@ class ActivationStream:
         heldout_fraction: float = 0.01,
         readers: int = 4,
         pin_memory: bool = False,
+        part: int = 0,
+        parts: int = 1,
     ) -> None:
         self.cache, self.layer, self.tokens = cache, layer, tokens
         self.batch_size, self.seed, self.readers = batch_size, seed, readers
@@ -120,7 +122,15 @@ class ActivationStream:
         order = np.random.default_rng([seed, 2**31]).permutation(len(chunks))
         n_heldout = min(len(chunks) - 1, int(np.ceil(heldout_fraction * len(chunks))))
         self.heldout_chunks = sorted((chunks[i] for i in order[:n_heldout]), key=_row_order)
-        self.train_chunks = sorted((chunks[i] for i in order[n_heldout:]), key=_row_order)
+        train_chunks = sorted((chunks[i] for i in order[n_heldout:]), key=_row_order)
+        self.train_chunks = train_chunks[part::parts]
+        """This stream's chunks: with `parts` streams (data-parallel ranks), every part-th one,
+        so the parts are disjoint and together hold every training chunk."""
+        if parts > 1 and len(train_chunks) < parts:
+            raise ValueError(
+                f"{cache.path}: {len(train_chunks)} training chunks cannot be shared by {parts} "
+                "ranks; use fewer ranks or a larger cache"
+            )
         n_tokens = cache.attrs.n_tokens
         self.tokens_per_image = len(range(n_tokens)[token_slice(tokens, n_tokens)])
         full_chunk_tokens = cache.attrs.chunk_images * self.tokens_per_image

@@ -16,9 +16,11 @@ from vitscope.cache_spec.layout import CacheAttrs
 from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.support.devices import resolve_device
 from vitscope.support.extras import has_module
+from vitscope.support.launch import Launch, launch_from_environment
 from vitscope.support.progress import status
 from vitscope.train.checkpoint import checkpoint_dirs, load_checkpoint
 from vitscope.train.config import TrainConfig
+from vitscope.train.data_parallel import DataParallel
 from vitscope.train.loader import ActivationStream, Batch, token_slice
 from vitscope.train.trainer import Member, fit, new_member
 
@@ -27,7 +29,9 @@ INIT_SAMPLE_TOKENS = 65536
 
 
 def train(configs: list[TrainConfig]) -> list[Path]:
-    """Train the SAEs of `configs` (one, or a sweep sharing every batch); returns run folders."""
+    """Train the SAEs of `configs` (one, or a sweep sharing every batch); returns run folders.
+    Under torchrun the ranks train them data-parallel (train/data_parallel.py): each streams its
+    part of the cache, `batch_size` is the global batch, and rank 0 logs and saves."""
     base = configs[0]
     for cfg in configs:
         if cfg.run_dir.is_file():
@@ -36,47 +40,99 @@ def train(configs: list[TrainConfig]) -> list[Path]:
             )
     cache = open_cache(base.cache, layer=base.layer)
     _check_ready(cache, base)
+    launch = launch_from_environment()
     device = torch.device(resolve_device(base.device))
-    stream = ActivationStream(
-        cache,
-        base.layer,
-        tokens=base.token_set,
-        batch_size=base.batch_size,
-        buffer_tokens=base.buffer_tokens,
-        seed=base.data_seed,
-        heldout_fraction=base.heldout_fraction,
-        readers=base.readers,
-        pin_memory=device.type == "cuda",
-    )
-    status(f"reading {base.eval_images} held-out images of {cache.path}")
-    heldout_NTD, _ = stream.heldout_images(base.eval_images)
-    d_in = cache.attrs.d_model
-    if base.resume:
-        members = [resume_member(cfg, cache.attrs, device) for cfg in configs]
-        positions = {m.state.tokens for m in members}
-        if len(positions) > 1:
-            raise ValueError(f"the sweep's newest checkpoints are at different tokens: {positions}")
-        batches = stream.batches(positions.pop())
-    else:
-        for cfg in configs:
-            if checkpoint_dirs(cfg.run_dir):
+    stream = training_stream(base, cache, device, launch)
+    parallel = DataParallel(launch, device)
+    try:
+        status(f"reading {base.eval_images} held-out images of {cache.path}")
+        heldout_NTD, _ = stream.heldout_images(base.eval_images)
+        if base.resume:
+            members = [
+                resume_member(cfg, cache.attrs, on, launch)
+                for cfg, on in zip(configs, member_devices(base, len(configs), device), strict=True)
+            ]
+            positions = {m.state.tokens for m in members}
+            if len(positions) > 1:
                 raise ValueError(
-                    f"{cfg.run_dir} already has checkpoints; pass --resume to continue it, "
-                    "or choose a new --out"
+                    f"the sweep's newest checkpoints are at different tokens: {positions}"
                 )
-        batches = stream.batches(0)
-        status(
-            f"initialising {len(configs)} SAE(s) on the first {INIT_SAMPLE_TOKENS:,} tokens "
-            "(input scale, b_pre at their geometric median)"
+            batches = stream.batches(positions.pop() // launch.world)
+        else:
+            for cfg in configs:
+                if checkpoint_dirs(cfg.run_dir):
+                    raise ValueError(
+                        f"{cfg.run_dir} already has checkpoints; pass --resume to continue it, "
+                        "or choose a new --out"
+                    )
+            batches = stream.batches(0)
+            status(
+                f"initialising {len(configs)} SAE(s) on the first {INIT_SAMPLE_TOKENS:,} tokens "
+                "(input scale, b_pre at their geometric median)"
+            )
+            share = min(INIT_SAMPLE_TOKENS // launch.world, stream.epoch_tokens)
+            first = _first_batches(batches, share)
+            sample = parallel.gather(torch.cat([batch.acts_BD for batch in first]).float())
+            members = [
+                new_member(cfg, cache.attrs.d_model, sample, device, cache.attrs) for cfg in configs
+            ]
+            for member in members:
+                parallel.broadcast(member.sae)
+            batches = itertools.chain(first, batches)
+        fit(
+            members,
+            batches,
+            heldout_NTD,
+            token_slice(base.token_set, cache.attrs.n_tokens),
+            parallel,
         )
-        first = _first_batches(batches, min(INIT_SAMPLE_TOKENS, stream.epoch_tokens))
-        sample = torch.cat([batch.acts_BD for batch in first]).float()
-        members = [new_member(cfg, d_in, sample, device, cache.attrs) for cfg in configs]
-        batches = itertools.chain(first, batches)
-    fit(members, batches, heldout_NTD, token_slice(base.token_set, cache.attrs.n_tokens))
+    finally:
+        parallel.close()
     run_dirs = [member.run_dir for member in members]
-    _draw_reports(run_dirs)
+    if launch.is_main:
+        _draw_reports(run_dirs)
     return run_dirs
+
+
+def member_devices(
+    cfg: TrainConfig, n_members: int, device: torch.device, gpus: int | None = None
+) -> list[torch.device]:
+    """Where each SAE of a sweep trains: all on `device`, or with `distribute_saes` on the
+    node's `gpus` in turn (without GPUs, on `device`)."""
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if not cfg.distribute_saes or device.type != "cuda" or gpus < 2:
+        return [device] * n_members
+    if launch_from_environment().distributed:
+        raise ValueError(
+            "--distribute-saes places a sweep's SAEs on one node's GPUs from one process; "
+            "run it without torchrun (or train each SAE data-parallel without the flag)"
+        )
+    return [torch.device("cuda", i % gpus) for i in range(n_members)]
+
+
+def training_stream(
+    cfg: TrainConfig, cache: Cache, device: torch.device, launch: Launch
+) -> ActivationStream:
+    """This process's stream of training batches: under torchrun, its rank's part of the
+    cache in batches of batch_size / world tokens."""
+    if cfg.batch_size % launch.world:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} must be a multiple of the {launch.world} ranks: it is "
+            "the global batch, split evenly between them"
+        )
+    return ActivationStream(
+        cache,
+        cfg.layer,
+        tokens=cfg.token_set,
+        batch_size=cfg.batch_size // launch.world,
+        buffer_tokens=cfg.buffer_tokens,
+        seed=cfg.data_seed,
+        heldout_fraction=cfg.heldout_fraction,
+        readers=cfg.readers,
+        pin_memory=device.type == "cuda",
+        part=launch.rank,
+        parts=launch.world,
+    )
 
 
 def _draw_reports(run_dirs: list[Path]) -> None:
@@ -90,8 +146,11 @@ def _draw_reports(run_dirs: list[Path]) -> None:
         plot_run(run_dir)
 
 
-def resume_member(cfg: TrainConfig, cache: CacheAttrs, device: torch.device) -> Member:
-    """Rebuild a member from the newest checkpoint of its run folder."""
+def resume_member(
+    cfg: TrainConfig, cache: CacheAttrs, device: torch.device, launch: Launch | None = None
+) -> Member:
+    """Rebuild a member from the newest checkpoint of its run folder (every rank reads it; the
+    main rank trims the log)."""
     d_in = cache.d_model
     found = checkpoint_dirs(cfg.run_dir)
     if not found:
@@ -104,7 +163,8 @@ def resume_member(cfg: TrainConfig, cache: CacheAttrs, device: torch.device) -> 
         )
     member = new_member(cfg, d_in, torch.zeros(1, d_in), device, cache)
     member.state = load_checkpoint(found[-1], member.sae, member.optimizer, device)
-    _drop_log_after(cfg.run_dir, member.state.tokens)
+    if launch is None or launch.is_main:
+        _drop_log_after(cfg.run_dir, member.state.tokens)
     return member
 
 

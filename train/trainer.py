@@ -24,6 +24,7 @@ from vitscope.support.configs import config_dict
 from vitscope.train.card import SAECard
 from vitscope.train.checkpoint import TrainState, save_checkpoint
 from vitscope.train.config import TrainConfig
+from vitscope.train.data_parallel import DataParallel
 from vitscope.train.loader import Batch, distinct_images
 from vitscope.train.metrics import WindowStats, heldout_metrics
 from vitscope.train.sae import TopKSAE, losses
@@ -106,14 +107,18 @@ def new_member(
     return Member(cfg, sae, optimizer, TrainState(since_fired_F=since_fired))
 
 
-def train_step(member: Member, x_BD: torch.Tensor) -> None:
-    """One optimizer step of the recipe on a batch of training inputs (`training_inputs`)."""
+def train_step(member: Member, x_BD: torch.Tensor, parallel: DataParallel | None = None) -> None:
+    """One optimizer step of the recipe on a batch of training inputs (`training_inputs`): this
+    process's share of the global batch when `parallel` spans several ranks."""
     cfg, sae, state = member.cfg, member.sae, member.state
+    world = parallel.world if parallel else 1
     dead_F = state.since_fired_F > cfg.dead_tokens
     out = sae.autoencode(x_BD, dead_F=dead_F if cfg.aux_coefficient else None)
     terms = losses(out, x_BD, cfg.aux_coefficient)
     member.optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
+    if parallel:
+        parallel.average_gradients(sae)
     if cfg.unit_decoder:
         sae.remove_parallel_decoder_grad()
     for group in member.optimizer.param_groups:
@@ -122,10 +127,14 @@ def train_step(member: Member, x_BD: torch.Tensor) -> None:
     if cfg.unit_decoder:
         sae.normalize_decoder()
     with torch.no_grad():
-        state.since_fired_F += len(x_BD)
-        state.since_fired_F[out.idx_BK[out.active_BK]] = 0
+        fired_F = torch.zeros_like(dead_F)
+        fired_F[out.idx_BK[out.active_BK]] = True
+        if parallel:
+            fired_F = parallel.fired_anywhere(fired_F)
+        state.since_fired_F += len(x_BD) * world
+        state.since_fired_F[fired_F] = 0
     state.step += 1
-    state.tokens += len(x_BD)
+    state.tokens += len(x_BD) * world
     member.stats.add(terms, out, dead_F)
 
 
@@ -134,35 +143,51 @@ def fit(
     batches: Iterator[Batch],
     heldout_NTD: torch.Tensor,
     token_slice: slice,
+    parallel: DataParallel | None = None,
 ) -> None:
-    """Train every member to its cfg.tokens on the same batches."""
+    """Train every member to its cfg.tokens on the same batches; with `parallel`, each rank's
+    batches are its share of the global batch, and only the main rank logs and saves."""
+    main = parallel is None or parallel.is_main
+    world = parallel.world if parallel else 1
     cfg = members[0].cfg
-    device = members[0].sae.b_pre.device
+    devices = list(dict.fromkeys(member.sae.b_pre.device for member in members))
     tokens = members[0].state.tokens
-    for member in members:
-        member.open_board()
-    progress = tqdm(total=cfg.tokens, initial=tokens, unit="tok", unit_scale=True, desc="train")
+    if main:
+        for member in members:
+            member.open_board()
+    progress = tqdm(
+        total=cfg.tokens,
+        initial=tokens,
+        unit="tok",
+        unit_scale=True,
+        desc="train",
+        disable=not main,
+    )
     window = _Clock()
     while tokens < cfg.tokens:
         waited = time.perf_counter()
         batch = next(batches)
         window.wait += time.perf_counter() - waited
-        x_BD = batch.acts_BD.to(device, non_blocking=True).float()
+        on_device = _on_devices(batch.acts_BD, devices)
         for member in members:
-            train_step(member, member.sae.training_inputs(x_BD))
-        tokens += len(x_BD)
-        window.tokens += len(x_BD)
+            x_BD = on_device[member.sae.b_pre.device]
+            train_step(member, member.sae.training_inputs(x_BD), parallel)
+        step_tokens = len(batch.acts_BD) * world
+        tokens += step_tokens
+        window.tokens += step_tokens
         window.distinct.append(distinct_images(batch))
-        progress.update(len(x_BD))
+        progress.update(step_tokens)
         done = tokens >= cfg.tokens
+        if not main:
+            continue
         logged = (cfg.log_every, cfg.checkpoint_every)  # a window per checkpoint, at least
-        if done or any(_crossed(tokens, len(x_BD), every) for every in logged):
+        if done or any(_crossed(tokens, step_tokens, every) for every in logged):
             for member in members:
                 record = _log_record(member, heldout_NTD, token_slice, window)
                 member.log(record)
             progress.set_postfix_str(_postfix(record))
             window = _Clock()
-        if not done and _crossed(tokens, len(x_BD), cfg.checkpoint_every):
+        if not done and _crossed(tokens, step_tokens, cfg.checkpoint_every):
             for member in members:
                 save_checkpoint(
                     member.run_dir,
@@ -173,10 +198,20 @@ def fit(
                     member.cfg.keep_checkpoints,
                 )
     progress.close()
+    if not main:
+        return
     for member in members:
         save_sae_folder(member.run_dir, member.sae, member.card())
         if member.board is not None:
             member.board.close()
+
+
+def _on_devices(
+    acts_BD: torch.Tensor, devices: list[torch.device]
+) -> dict[torch.device, torch.Tensor]:
+    """The batch as float32 on every device that trains an SAE: one copy per device, converted
+    there (the batch arrives float16, so half the bytes cross each link)."""
+    return {device: acts_BD.to(device, non_blocking=True).float() for device in devices}
 
 
 @dataclass
