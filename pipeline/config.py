@@ -37,6 +37,9 @@ class DownloadConfig:
     """Download threads per process."""
     timeout: Annotated[int, AtLeast(1)] = 10
     """Seconds before a download is given up."""
+    distributor: Literal["multiprocessing", "pyspark", "ray"] = "multiprocessing"
+    """img2dataset's distributor: multiprocessing on this machine, or pyspark / ray across the
+    nodes of a running Spark or Ray cluster (README "Running at scale")."""
 
     def __post_init__(self) -> None:
         check_bounds(self)

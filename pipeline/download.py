@@ -10,6 +10,8 @@ from vitscope.support.extras import require
 from vitscope.support.progress import status
 
 INPUT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".txt": "txt"}
+CLUSTER_EXTRAS = {"pyspark": "spark", "ray": "ray"}
+"""The package each cluster distributor needs, and the extra that brings it."""
 
 
 def input_format(url_list: Path) -> str:
@@ -29,9 +31,13 @@ def download(config: DownloadConfig) -> Path:
     # albumentations, imported by img2dataset, phones home for updates unless told not to.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     img2dataset_download = require("img2dataset", "cache", "vitscope download").download
+    if config.distributor in CLUSTER_EXTRAS:
+        extra = CLUSTER_EXTRAS[config.distributor]
+        require(config.distributor, extra, f"vitscope download --distributor {config.distributor}")
     status(
         f"downloading {url_list} into {config.out} with img2dataset "
-        f"({config.processes} process(es) x {config.threads} threads; its bar counts shards)"
+        f"({config.processes} process(es) x {config.threads} threads, {config.distributor}; "
+        "its bar counts shards)"
     )
     img2dataset_download(
         url_list=str(url_list),
@@ -45,6 +51,7 @@ def download(config: DownloadConfig) -> Path:
         encode_format="jpg",
         number_sample_per_shard=config.samples_per_shard,
         processes_count=config.processes,
+        distributor=config.distributor,
         thread_count=config.threads,
         timeout=config.timeout,
         enable_wandb=False,

@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import cache_config, cli_args, run_vitscope
 from vitscope.cache_spec import CacheSpecError, open_cache
 from vitscope.cache_spec.info import summary_lines
-from vitscope.cache_spec.layout import commit_path, error_path, rows_path
+from vitscope.cache_spec.layout import commit_key, error_key, rows_key
 from vitscope.pipeline.run import cache
 
 
@@ -53,13 +53,13 @@ def test_unreadable_tar_fails_its_shard_only(shards_copy: Path, tmp_path: Path, 
 
     store = open_cache(config.out)
     assert sorted(store.committed) == [0, 2]
-    assert error_path(store.path, "00001.tar").exists()
+    assert (store.path / error_key("00001.tar")).exists()
     assert any("failed 00001.tar" in line for line in summary_lines(store))
 
     bad.write_bytes(good_bytes)
     summary = cache(config)
     assert (summary.already_committed, summary.committed, summary.failed) == (2, 1, {})
-    assert not error_path(store.path, "00001.tar").exists()
+    assert not (store.path / error_key("00001.tar")).exists()
 
 
 @pytest.mark.parametrize("decode", ["pil", "device"])
@@ -146,7 +146,7 @@ def test_full_disk_fails_cleanly_and_keeps_committed_shards(shards: Path, tmp_pa
     store = open_cache(snapshot)
     assert 0 < len(store.committed) < 3
     for commit in store.committed.values():
-        assert commit.n_rows == 8 and rows_path(snapshot, commit.shard).exists()
+        assert commit.n_rows == 8 and (snapshot / rows_key(commit.shard)).exists()
     store.read_rows(11, range(store.chunks()[-1].first_row + 1))
 
 
@@ -181,8 +181,11 @@ def edit_attrs(cache_path: Path, **changes: object) -> None:
         (lambda c: edit_attrs(c, storage="int4"), "field 'storage' to be one of 'float16', "),
         (lambda c: edit_attrs(c, chunk_images="4"), "field 'chunk_images' to be int, found '4'"),
         (lambda c: shutil.rmtree(c / "layer_05"), "expected the array of cached layer 5"),
-        (lambda c: commit_path(c, "00001.tar").write_text("{"), "00001.commit.json: expected JSON"),
-        (lambda c: rows_path(c, "00002.tar").unlink(), "expected the row table of a committed"),
+        (
+            lambda c: (c / commit_key("00001.tar")).write_text("{"),
+            "00001.commit.json: expected JSON",
+        ),
+        (lambda c: (c / rows_key("00002.tar")).unlink(), "expected the row table of a committed"),
     ],
     ids=["missing", "not-zarr", "version", "shape", "storage", "type", "layer", "commit", "rows"],
 )
@@ -195,3 +198,17 @@ def test_opening_validates_and_names_the_file(
         open_cache(copy)
     message = str(err.value)
     assert message.startswith(str(copy)) and expected in message and "\n" not in message
+
+
+@pytest.mark.parametrize(("distributor", "extra"), [("pyspark", "spark"), ("ray", "ray")])
+def test_cluster_distributor_without_its_package_is_one_line(
+    tmp_path: Path, distributor: str, extra: str
+):
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a\n")
+    result = run_vitscope("download", "--url-list", str(urls), "--distributor", distributor)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: vitscope download --distributor {distributor} needs {distributor}, which is not "
+        f"installed; pip install 'vitscope[{extra}]'"
+    )
