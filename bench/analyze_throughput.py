@@ -3,21 +3,33 @@ side by side in one run, and the analysis pass's peak memory at each width.
 
 A random float16 cache of ViT-L/14's shape (T = 257, D = 1024) is written once; an SAE of each
 width (random weights, k = 32) is saved as a real SAE folder. Each analysis pass runs in a fresh
-process (`vitscope analyze`), so its peak resident memory (ru_maxrss) is its own.
+process (`vitscope analyze`), so its peak resident memory (ru_maxrss) is its own. All passes are
+timed in one round (`common.alternate`).
+
+    .venv/bin/python bench/analyze_throughput.py --images 64 --widths 4096,65536
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import dataclasses
 import subprocess
 import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
-from common import command_line, loader_rate, publish, write_random_cache
+from common import (
+    Timing,
+    alternate,
+    command_line,
+    md_table,
+    publish,
+    take_tokens,
+    timed,
+    write_random_cache,
+)
 
 from vitscope.cache_spec import open_cache
 from vitscope.train.card import SAECard
@@ -26,22 +38,21 @@ from vitscope.train.sae import TopKSAE
 from vitscope.train.sae_folder import save_sae_folder
 
 LAYER = 20
+PLAIN = "plain read (read_chunks, 4 threads)"
 
 
-def plain_read(cache_path: Path) -> float:
-    """Tokens/s of reading and decoding every chunk once, in order (stage two's chunk reader)."""
+def plain_read(cache_path: Path) -> Timing:
+    """Every chunk read and decoded once, in order (stage two's chunk reader); result: tokens
+    and no peak RSS, as for each run."""
     cache = open_cache(cache_path)
-    start, tokens = time.perf_counter(), 0
-    for _, chunk in read_chunks(cache, LAYER, cache.chunks(), threads=4):
-        tokens += chunk.shape[0] * chunk.shape[1]
-    return tokens / (time.perf_counter() - start)
+    chunks = read_chunks(cache, LAYER, cache.chunks(), threads=4)
+    return timed(lambda: (sum(chunk.shape[0] * chunk.shape[1] for _, chunk in chunks), "-"))
 
 
-def loader_read(cache_path: Path) -> float:
-    """Tokens/s of the training loader's shuffled batches over one epoch."""
+def loader_read(cache_path: Path) -> Timing:
+    """The training loader's shuffled batches over one epoch."""
     stream = ActivationStream(open_cache(cache_path), LAYER, heldout_fraction=1e-9)
-    seen, seconds = loader_rate(stream, stream.epoch_tokens)
-    return seen / seconds
+    return timed(lambda: (take_tokens(stream.batches(0), stream.epoch_tokens), "-"))
 
 
 MEASURED = """
@@ -54,20 +65,16 @@ finally:
 """
 
 
-def analysis_pass(sae_dir: Path, cache_path: Path, out: Path) -> tuple[float, float]:
-    """Tokens/s and peak RSS (GB) of `vitscope analyze`, run in its own process."""
+def analysis_pass(sae_dir: Path, cache_path: Path, out: Path) -> Timing:
+    """`vitscope analyze`, run in its own process, and its peak RSS (GB)."""
     args = ["analyze", str(sae_dir), "--cache", str(cache_path), "--out", str(out)]
-    start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-c", MEASURED, *args, "--grids", "0", "--device", "cpu"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    seconds = time.perf_counter() - start
-    peak_kb = int(done.stderr.rsplit("peak_kb", 1)[1].split()[0])
+    command = [sys.executable, "-c", MEASURED, *args, "--grids", "0", "--device", "cpu"]
+    timing = timed(lambda: subprocess.run(command, check=True, capture_output=True, text=True))
+    peak_kb = int(timing.result.stderr.rsplit("peak_kb", 1)[1].split()[0])
     cache = open_cache(cache_path)
-    return cache.n_rows * cache.attrs.n_tokens / seconds, peak_kb / 1e6
+    return dataclasses.replace(
+        timing, result=(cache.n_rows * cache.attrs.n_tokens, f"{peak_kb / 1e6:.2f}")
+    )
 
 
 def random_sae(folder: Path, n_latents: int, cache_path: Path) -> Path:
@@ -91,35 +98,31 @@ def main() -> None:
     parser.add_argument("--widths", default="4096,65536")
     parser.add_argument("--out", type=Path, default=Path("bench/results/analyze_throughput.md"))
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="analyze-bench-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="analyze-bench-") as tmp:
+        work = Path(tmp)
         cache_path = write_random_cache(work / "cache", args.images, chunk_images=16, layer=LAYER)
-        rows = [
-            "| pass | tokens/s | ratio to plain read | peak RSS (GB) |",
-            "| --- | --- | --- | --- |",
-        ]
-        read_rate = plain_read(cache_path)
-        rows.append(f"| plain read (read_chunks, 4 threads) | {read_rate:,.0f} | 1.00 | - |")
-        loader_tokens_s = loader_read(cache_path)
-        rows.append(
-            f"| training loader (shuffled batches) | {loader_tokens_s:,.0f} | "
-            f"{loader_tokens_s / read_rate:.2f} | - |"
-        )
+        runs = {
+            PLAIN: partial(plain_read, cache_path),
+            "training loader (shuffled batches)": partial(loader_read, cache_path),
+        }
         for width in (int(w) for w in args.widths.split(",")):
             sae_dir = random_sae(work / f"sae{width}", width, cache_path)
-            rate, peak = analysis_pass(sae_dir, cache_path, work / f"analysis{width}")
-            rows.append(
-                f"| analyze, {width:,} latents, k = 32 | {rate:,.0f} | {rate / read_rate:.3f} | "
-                f"{peak:.2f} |"
+            out = work / f"analysis{width}"
+            runs[f"analyze, {width:,} latents, k = 32"] = partial(
+                analysis_pass, sae_dir, cache_path, out
             )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        timings = {name: found[0] for name, found in alternate(runs, 1).timings.items()}
+    rate = {name: t.result[0] / t.wall for name, t in timings.items()}
+    rows = (
+        f"{name} | {rate[name]:,.0f} | {rate[name] / rate[PLAIN]:.3f} | {t.result[1]}"
+        for name, t in timings.items()
+    )
     tokens = args.images * 257
     body = [
         f"{args.images} images x 257 tokens = {tokens:,} tokens of float16 (D = 1024), "
         f"torch threads {torch.get_num_threads()}.",
         "",
-        *rows,
+        *md_table("pass | tokens/s | ratio to plain read | peak RSS (GB)", rows),
     ]
     publish(args.out, torch.device("cpu"), command_line(), body)
 

@@ -5,7 +5,7 @@ Harness: `timed` (wall seconds, own CPU seconds and the rest of the machine's me
 up), `Profile` (a run's time by function, on patched names), `md_table` and `publish` (a results
 section with date, machine and exact command).
 Caches: `write_random_cache` and `write_single_shard_cache` (the real writer, no model),
-`layer_bytes`, `sequential_read` and `loader_rate`.
+`layer_bytes`, `sequential_read` and `take_tokens` (the training loader's batches).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 from vitscope.cache_spec import Cache, CacheAttrs, ShardCommit, create_or_open
 from vitscope.cache_spec.codecs import DEFAULT_CODEC
 from vitscope.cache_spec.layout import ROWS_SCHEMA
-from vitscope.train.loader import ActivationStream
+from vitscope.train.loader import Batch
 
 DISTURBED_CORES = 0.05
 """A timing is disturbed when other processes used more than this share of a core meanwhile."""
@@ -364,19 +364,16 @@ def layer_bytes(path: Path) -> int:
     return sum(f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file())
 
 
-def sequential_read(folder: Path) -> tuple[int, float]:
-    """Bytes and seconds to read every chunk file once, in name order, into memory."""
-    start, total = time.perf_counter(), 0
-    for file in sorted(folder.rglob("*")):
-        if file.is_file():
-            total += len(file.read_bytes())
-    return total, time.perf_counter() - start
+def sequential_read(folder: Path) -> int:
+    """Read every chunk file once, in name order, into memory; returns the bytes read."""
+    return sum(len(f.read_bytes()) for f in sorted(folder.rglob("*")) if f.is_file())
 
 
-def loader_rate(stream: ActivationStream, n_tokens: int) -> tuple[int, float]:
-    start, seen = time.perf_counter(), 0
-    for batch in stream.batches(0):
+def take_tokens(batches: Iterator[Batch], n_tokens: int) -> int:
+    """Draw batches until `n_tokens` tokens have come; returns how many did."""
+    seen = 0
+    for batch in batches:
         seen += len(batch.acts_BD)
         if seen >= n_tokens:
             break
-    return seen, time.perf_counter() - start
+    return seen

@@ -3,7 +3,8 @@ activations from the PIL path's, against the float16 rounding the cache applies 
 fast each path decodes and preprocesses.
 
 Both paths read the same shards (scikit-image's photos, img2dataset's layout) in this process, one
-batch at a time: PIL in the way DataLoader workers run it, and `DeviceDecoder` (nvJPEG on CUDA).
+batch at a time: PIL in the way DataLoader workers run it, and `DeviceDecoder` (nvJPEG on CUDA),
+in two ABBA rounds (`common.alternate`; the first device pass starts nvJPEG and its kernels).
 The tower runs in float32 so that only the pixels differ. Per cached layer: the mean and minimum
 per-token cosine (printed as 1 - cos) and ||a_dev - a_pil|| / ||a_pil||; the same numbers for
 the PIL path's float32 activations against their own float16 rounding are the yardstick.
@@ -14,14 +15,11 @@ the PIL path's float32 activations against their own float16 rounding are the ya
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import command_line, publish
+from common import alternate, command_line, md_table, publish, timed
 from photo_shards import write_photo_shards
 
 from vitscope.cache_spec.layout import CLIP_SCOPE_LAYERS
@@ -64,31 +62,26 @@ def main() -> None:
     device = torch.device(args.device)
     tower = load_vision_tower(args.model, "none", args.device, "float32")
     decoder = DeviceDecoder(tower)
-    workdir = Path(tempfile.mkdtemp(prefix="vitscope-decode-bench-"))
-    shards_dir = write_photo_shards(
-        workdir, args.images, shard_size=128, image_size=args.image_size
-    )
-    shards = list(enumerate(list_shards(shards_dir)))
+    with tempfile.TemporaryDirectory(prefix="vitscope-decode-bench-") as workdir:
+        shards_dir = write_photo_shards(
+            Path(workdir), args.images, shard_size=128, image_size=args.image_size
+        )
+        shards = list(enumerate(list_shards(shards_dir)))
 
-    def pil_path() -> list[torch.Tensor]:
-        dataset = ShardImages(shards, tower.preprocess, args.batch_size, tower.image_size)
-        return [batch.images_BCHW for batch in dataset if batch.n_images]
+        def pil_path() -> list[torch.Tensor]:
+            dataset = ShardImages(shards, tower.preprocess, args.batch_size, tower.image_size)
+            return [batch.images_BCHW for batch in dataset if batch.n_images]
 
-    def device_path() -> list[torch.Tensor]:
-        dataset = ShardImages(shards, None, args.batch_size, tower.image_size)
-        return [decoder(batch).images_BCHW for batch in dataset if batch.encoded]
+        def device_path() -> list[torch.Tensor]:
+            dataset = ShardImages(shards, None, args.batch_size, tower.image_size)
+            return [decoder(batch).images_BCHW for batch in dataset if batch.encoded]
 
-    def timed(path: Callable[[], list[torch.Tensor]]) -> tuple[list[torch.Tensor], float]:
-        start = time.perf_counter()
-        batches = path()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return batches, time.perf_counter() - start
-
-    pil_batches, pil_s = timed(pil_path)
-    device_batches, device_s = timed(device_path)  # first pass: nvJPEG and kernels start up
-    pil_s = min(pil_s, timed(pil_path)[1])
-    device_s = min(device_s, timed(device_path)[1])
+        paths = {"PIL": pil_path, "device": device_path}
+        rounds = alternate(
+            {name: lambda p=path: timed(p, device) for name, path in paths.items()}, 2
+        )
+    pil_s, device_s = (min(t.wall for t in rounds.timings[name]) for name in paths)
+    pil_batches, device_batches = (rounds.timings[name][0].result for name in paths)
     device_vs_pil = {layer: Distance() for layer in layers}
     float16 = {layer: Distance() for layer in layers}
     for pil_BCHW, device_BCHW in zip(pil_batches, device_batches, strict=True):
@@ -101,19 +94,19 @@ def main() -> None:
     body = [
         f"Random-weight {args.model} in float32, {args.images} photos stored as "
         f"{args.image_size} px JPEGs (quality 95), batches of {args.batch_size}; decode and "
-        "preprocess timed in one process (tar read included), best of two passes.",
+        "preprocess timed in one process (tar read included), best of two ABBA rounds.",
         "",
-        "| layer | device vs PIL: 1 - mean cos | 1 - min cos | rel. error "
-        "| PIL f32 vs f16: 1 - mean cos | 1 - min cos | rel. error |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-        *(f"| {n} | {device_vs_pil[n].cells()} | {float16[n].cells()} |" for n in layers),
+        *md_table(
+            "layer | device vs PIL: 1 - mean cos | 1 - min cos | rel. error "
+            "| PIL f32 vs f16: 1 - mean cos | 1 - min cos | rel. error",
+            (f"{n} | {device_vs_pil[n].cells()} | {float16[n].cells()}" for n in layers),
+        ),
         "",
         f"Decode + preprocess: PIL {args.images / pil_s:.0f} images/s, device "
         f"{args.images / device_s:.0f} images/s ({pil_s / device_s:.2f}x).",
         f"Beyond float16 rounding at layers: {', '.join(map(str, beyond)) or 'none'}.",
     ]
     publish(args.out, device, command_line(), body)
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

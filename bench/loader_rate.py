@@ -5,9 +5,10 @@ Issue 12 asks the loader (read, decompress, check, shuffle, batch) for at least 
 a plain read with `--codec none`, and the zstd-1 rate per reader. A random float16 cache of
 ViT-L/14's shape (T = 257, D = 1024) is written per codec first. The loader is timed in steady
 state: over `--epochs` epochs after `--warm` (its reader processes started and their shared
-buffer's pages faulted in, as they are a few seconds into any training run). Two more rows per
-codec read every chunk once on one thread, through Zarr and through `Cache.read_chunk` (the
-chunk file decoded directly, what each reader process does).
+buffer's pages faulted in, as they are a few seconds into any training run), its time scaled to
+the whole layer. Two more rows per codec read every chunk once on one thread, through Zarr and
+through `Cache.read_chunk` (the chunk file decoded directly, what each reader process does).
+Per codec, all rows alternate in ABBA rounds (`common.alternate`); the fastest round counts.
 
     .venv/bin/python bench/loader_rate.py
 """
@@ -15,15 +16,23 @@ chunk file decoded directly, what each reader process does).
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
-from common import command_line, publish, sequential_read, write_random_cache
+from common import (
+    Timing,
+    alternate,
+    command_line,
+    md_table,
+    publish,
+    sequential_read,
+    take_tokens,
+    timed,
+    write_random_cache,
+)
 
 from vitscope.cache_spec import Cache, ChunkRef, open_cache
 from vitscope.cache_spec.layout import layer_array_name
@@ -32,16 +41,13 @@ from vitscope.train.loader import ActivationStream
 LAYER = 20
 
 
-def steady_seconds(stream: ActivationStream, warm: int, epochs: int) -> float:
-    """Seconds the loader takes for `epochs` epochs of batches after `warm` epochs."""
-    seen, start = 0, 0.0
-    for batch in stream.batches(0):
-        seen += len(batch.acts_BD)
-        if seen <= warm * stream.epoch_tokens:
-            start = time.perf_counter()
-        elif seen >= (warm + epochs) * stream.epoch_tokens:
-            return time.perf_counter() - start
-    raise AssertionError("the stream is endless")
+def steady_loader(stream: ActivationStream, warm: int, epochs: int) -> Timing:
+    """The loader timed over `epochs` epochs of batches after `warm` untimed ones."""
+    batches = stream.batches(0)
+    take_tokens(batches, warm * stream.epoch_tokens)
+    timing = timed(lambda: take_tokens(batches, epochs * stream.epoch_tokens))
+    batches.close()  # stops the reader processes
+    return timing
 
 
 def zarr_read(cache: Cache, ref: ChunkRef) -> torch.Tensor:
@@ -50,12 +56,43 @@ def zarr_read(cache: Cache, ref: ChunkRef) -> torch.Tensor:
     return cache.encoding.decode(stored, None, torch.float16)
 
 
-def one_thread_read(cache: Cache, read: Callable[[ChunkRef], torch.Tensor]) -> float:
-    """Seconds to read every chunk once, one after another."""
-    start = time.perf_counter()
+def one_thread_read(cache: Cache, read: Callable[[ChunkRef], torch.Tensor]) -> None:
+    """Read every chunk once, one after another."""
     for ref in cache.chunks():
         read(ref)
-    return time.perf_counter() - start
+
+
+def codec_rows(path: Path, args: argparse.Namespace) -> list[str]:
+    """One codec's rows: GB/s on disk of each way to read the layer, and its share of a plain
+    read's rate."""
+    cache = open_cache(path, layer=LAYER)
+    files = cache.path / layer_array_name(LAYER)
+    size = sequential_read(files)  # into the page cache
+    runs = {
+        "plain read": lambda: timed(partial(sequential_read, files)),
+        "Zarr read, 1 thread": lambda: timed(
+            partial(one_thread_read, cache, partial(zarr_read, cache))
+        ),
+        "chunk file read, 1 thread": lambda: timed(
+            partial(one_thread_read, cache, partial(cache.read_chunk, LAYER, dtype=torch.float16))
+        ),
+    }
+    share = {name: 1.0 for name in runs}
+    total_tokens = sum(ref.n_rows for ref in cache.chunks()) * cache.attrs.n_tokens
+    for readers in map(int, args.readers.split(",")):
+        stream = ActivationStream(cache, LAYER, heldout_fraction=1e-9, readers=readers)
+        name = f"loader, {readers} reader(s)"
+        runs[name] = partial(steady_loader, stream, args.warm, args.epochs)
+        share[name] = args.epochs * stream.epoch_tokens / total_tokens  # 1 chunk held out
+    rounds = alternate(runs, args.repeats)
+    best = {
+        name: min(t.wall for t in found) / share[name] for name, found in rounds.timings.items()
+    }
+    return [
+        f"{cache.attrs.codec} | {name} | {size / seconds / 1e9:.2f} | "
+        f"{best['plain read'] / seconds:.2f}"
+        for name, seconds in best.items()
+    ]
 
 
 def main() -> None:
@@ -63,7 +100,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512, help="images per written cache")
     parser.add_argument("--codecs", default="none,zstd-1")
     parser.add_argument("--readers", default="1,2,4", help="reader counts to measure")
-    parser.add_argument("--repeats", type=int, default=3, help="alternations (best is kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="ABBA rounds (best is kept)")
     parser.add_argument(
         "--epochs",
         type=int,
@@ -74,44 +111,18 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=2, help="epochs before the clock starts")
     parser.add_argument("--out", type=Path, default=Path("bench/results/loader_rate.md"))
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="vitscope-loader-bench-"))
-    rows = ["| codec | reader | GB/s on disk | of a plain read |", "| --- | --- | --- | --- |"]
-    try:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vitscope-loader-bench-") as workdir:
         for codec in args.codecs.split(","):
-            path = write_random_cache(workdir / codec, args.images, 16, LAYER, codec)
-            cache = open_cache(path, layer=LAYER)
-            files = cache.path / layer_array_name(LAYER)
-            total_tokens = sum(ref.n_rows for ref in cache.chunks()) * cache.attrs.n_tokens
-            sequential_read(files)  # into the page cache
-            seconds: dict[str, list[float]] = {}
-            for _ in range(args.repeats):
-                size, plain = sequential_read(files)
-                seconds.setdefault("plain read", []).append(plain)
-                direct = partial(cache.read_chunk, LAYER, dtype=torch.float16)
-                for name, read in (("Zarr", partial(zarr_read, cache)), ("chunk file", direct)):
-                    took = one_thread_read(cache, read)
-                    seconds.setdefault(f"{name} read, 1 thread", []).append(took)
-                for readers in map(int, args.readers.split(",")):
-                    stream = ActivationStream(cache, LAYER, heldout_fraction=1e-9, readers=readers)
-                    took = steady_seconds(stream, args.warm, args.epochs)
-                    share = args.epochs * stream.epoch_tokens / total_tokens  # 1 chunk held out
-                    seconds.setdefault(f"loader, {readers} reader(s)", []).append(took / share)
-            best_plain = min(seconds["plain read"])
-            for what, values in seconds.items():
-                rows.append(
-                    f"| {codec} | {what} | {size / min(values) / 1e9:.2f} | "
-                    f"{best_plain / min(values):.2f} |"
-                )
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+            path = write_random_cache(Path(workdir) / codec, args.images, 16, LAYER, codec)
+            rows += codec_rows(path, args)
     body = [
         f"{args.images} images x 257 tokens x 1024 float16 per cache, chunks of 16 images; "
-        f"best of {args.repeats} alternations; torch threads {torch.get_num_threads()}.",
+        f"best of {args.repeats} ABBA rounds; torch threads {torch.get_num_threads()}.",
         "",
-        *rows,
+        *md_table("codec | reader | GB/s on disk | of a plain read", rows),
     ]
-    command = command_line()
-    publish(args.out, torch.device("cpu"), command, body)
+    publish(args.out, torch.device("cpu"), command_line(), body)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ import torch
 from common import (
     Timing,
     alternate,
-    loader_rate,
     publish,
     sequential_read,
+    take_tokens,
     timed,
     write_random_cache,
 )
@@ -73,8 +73,10 @@ def main() -> None:
         readers=args.readers,
         pin_memory=device.type == "cuda",
     )
-    disk_bytes, disk_seconds = sequential_read(cache.path / layer_array_name(args.layer))
-    tokens, loader_seconds = loader_rate(stream, stream.epoch_tokens)
+    disk = timed(partial(sequential_read, cache.path / layer_array_name(args.layer)))
+    loader = timed(lambda: take_tokens(stream.batches(0), stream.epoch_tokens))
+    disk_bytes, disk_seconds = disk.result, disk.wall
+    tokens, loader_seconds = loader.result, loader.wall
     decoded_gb = tokens * 1024 * 4 / 1e9
 
     in_ram = torch.cat([cache.read_chunk(args.layer, ref) for ref in cache.chunks()])
