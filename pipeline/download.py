@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -23,6 +24,21 @@ def input_format(url_list: Path) -> str:
     raise ValueError(f"{url_list}: no URL list with a known extension ({', '.join(INPUT_FORMATS)})")
 
 
+def join_cluster(distributor: str) -> None:
+    """Connect to the cluster the distributor runs on before img2dataset looks for it: it uses an
+    active Spark session (under spark-submit, the cluster's; without one it would start a local
+    one) and Ray's initialised connection (ray.init joins the cluster `ray start` made, or
+    RAY_ADDRESS's)."""
+    module = require(
+        distributor, CLUSTER_EXTRAS[distributor], f"vitscope download --distributor {distributor}"
+    )
+    if distributor == "pyspark":
+        spark_sql = importlib.import_module("pyspark.sql")
+        spark_sql.SparkSession.builder.appName("vitscope download").getOrCreate()
+    else:
+        module.init(ignore_reinit_error=True)
+
+
 def download(config: DownloadConfig) -> Path:
     """Fetch every URL into shards of `samples_per_shard`; re-running skips finished shards."""
     url_list = Path(config.url_list)
@@ -32,8 +48,7 @@ def download(config: DownloadConfig) -> Path:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     img2dataset_download = require("img2dataset", "cache", "vitscope download").download
     if config.distributor in CLUSTER_EXTRAS:
-        extra = CLUSTER_EXTRAS[config.distributor]
-        require(config.distributor, extra, f"vitscope download --distributor {config.distributor}")
+        join_cluster(config.distributor)
     status(
         f"downloading {url_list} into {config.out} with img2dataset "
         f"({config.processes} process(es) x {config.threads} threads, {config.distributor}; "

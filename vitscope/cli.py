@@ -200,19 +200,23 @@ def grid(
 def sweep(
     path: Annotated[Path, typer.Argument(help="Sweep TOML: shared settings, one [[sae]] each.")],
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoints.")] = False,
+    distribute_saes: Annotated[
+        bool, typer.Option(help="Place the SAEs on the node's GPUs in turn (one read of the data).")
+    ] = False,
 ) -> None:
     """Train several SAEs (k, width, lr, seed) on one pass over the cache, sharing every batch."""
     from vitscope.train.config import sweep_configs
     from vitscope.train.run import train
 
-    for run_dir in train(sweep_configs(path, resume=resume or None)):
+    overrides = {"resume": resume or None, "distribute_saes": distribute_saes or None}
+    for run_dir in train(sweep_configs(path, **overrides)):
         print(f"SAE in {run_dir}")
 
 
 @app.command("cache-info")
 @one_line_errors
 def cache_info(
-    path: Annotated[Path, typer.Argument(help="The cache folder.")],
+    path: Annotated[str, typer.Argument(help="The cache folder, or its URL (s3://...).")],
     plot: Annotated[
         Path | None, typer.Option(help="Also draw activation norms by token position (PNG).")
     ] = None,
