@@ -168,10 +168,14 @@ def synthetic_cache(
 @pytest.fixture(scope="session")
 def photo_sae(tmp_path_factory: pytest.TempPathFactory, reference_cache: Path) -> Path:
     """A small SAE trained by the real trainer on layer 5 of the photo cache (read-only)."""
+    return train_photo_sae(reference_cache, tmp_path_factory.mktemp("photo-sae") / "run")
+
+
+def train_photo_sae(reference_cache: Path, out: Path, **changes: object) -> Path:
+    """The photo SAE's training run (64 latents, k = 4, 4,096 tokens), with `changes`."""
     from vitscope.train.config import TrainConfig
     from vitscope.train.run import train
 
-    out = tmp_path_factory.mktemp("photo-sae") / "run"
     config = TrainConfig(
         cache=str(reference_cache),
         layer=5,
@@ -188,6 +192,7 @@ def photo_sae(tmp_path_factory: pytest.TempPathFactory, reference_cache: Path) -
         eval_images=4,
         log_every=2048,
         device="cpu",
+        **changes,  # type: ignore[arg-type]
     )
     (run_dir,) = train([config])
     return run_dir

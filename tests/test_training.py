@@ -144,7 +144,9 @@ def test_clip_scope_preset_trains_its_recipe_under_explicit_flags(small_cache: P
 def test_sweep_refuses_settings_that_cannot_differ(tmp_path: Path):
     sweep_file = tmp_path / "sweep.toml"
     sweep_file.write_text('cache = "c"\n[[sae]]\nk = 4\n[[sae]]\nlayer = 5\n')
-    with pytest.raises(ValueError, match=r"may only set k, n_latents, k_aux, lr, seed, not layer"):
+    with pytest.raises(
+        ValueError, match=r"may only set architecture, k, n_latents, k_aux, lr, seed, not layer"
+    ):
         sweep_configs(sweep_file)
 
 

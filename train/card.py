@@ -16,11 +16,12 @@ from typing import Any, Literal
 from vitscope.support.records import FileFormatError, parse_record, read_json
 
 SAE_FORMAT = "vitscope-sae"
-SAE_FORMAT_VERSION = "1.0"
+SAE_FORMAT_VERSION = "1.1"
 RESID_POST = "resid_post"
 """The hook of cache_spec/SPEC.md: the residual stream after transformer block `layer`."""
 
 Activation = Literal["relu", "none"]
+Architecture = Literal["topk", "batchtopk", "matryoshka"]
 InputNorm = Literal["scale", "standardize"]
 
 
@@ -37,11 +38,16 @@ class SAECard:
     n_latents: int
     """Dictionary size F."""
     k: int
-    """Active latents per input vector."""
+    """Active latents per input vector (batchtopk, matryoshka: on average, in training)."""
     input_scale: float = 1.0
     """Activations are multiplied by this before encoding (E‖x‖² = 1 on the training data)."""
-    architecture: Literal["topk"] = "topk"
-    """The encoder's sparsity rule: the k largest pre-activations of each vector."""
+    architecture: Architecture = "topk"
+    """The encoder's sparsity rule: topk keeps the k largest pre-activations of each vector;
+    batchtopk and matryoshka (Matryoshka-BatchTopK) those above the `threshold` tensor, which
+    training estimated from the batch-wide top B·k (train/SAE_FORMAT.md)."""
+    matryoshka_widths: tuple[int, ...] = ()
+    """matryoshka: the nested prefix sizes whose reconstruction losses were summed, ascending,
+    the last = n_latents (empty for the other architectures)."""
     activation: Activation = "relu"
     """Applied to the k kept values: relu (Gao et al.) or none (CLIP-Scope keeps raw values)."""
     input_norm: InputNorm = "scale"
@@ -69,6 +75,25 @@ class SAECard:
     """Always vitscope-sae."""
     format_version: str = SAE_FORMAT_VERSION
     """major.minor of this format; readers refuse another major."""
+
+    def __post_init__(self) -> None:
+        if self.architecture != "topk" and self.activation != "relu":
+            raise ValueError(
+                f"architecture {self.architecture} applies ReLU; activation must be relu, not "
+                f"{self.activation}"
+            )
+        widths = self.matryoshka_widths
+        if self.architecture != "matryoshka" and widths:
+            raise ValueError(f"matryoshka_widths is for matryoshka SAEs, not {self.architecture}")
+        if self.architecture == "matryoshka" and not (
+            widths
+            and widths[-1] == self.n_latents
+            and all(a < b for a, b in zip((0, *widths), widths, strict=False))
+        ):
+            raise ValueError(
+                f"matryoshka_widths must ascend from above 0 to n_latents ({self.n_latents}), "
+                f"not {list(widths)}"
+            )
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

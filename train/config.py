@@ -12,11 +12,11 @@ import tomllib
 import torch
 
 from vitscope.support.configs import Above, AtLeast, check_bounds, load_config, parse_field
-from vitscope.train.card import Activation, InputNorm
+from vitscope.train.card import Activation, Architecture, InputNorm
 from vitscope.train.kernels import SelectionPrecision
 from vitscope.train.loader import TokenChoice
 
-SWEEPABLE = ("k", "n_latents", "k_aux", "lr", "seed")
+SWEEPABLE = ("architecture", "k", "n_latents", "k_aux", "lr", "seed")
 """Settings that may differ between the SAEs of one sweep; all others are shared, because every
 batch is shared: the data (cache, layer, token set, batch, order) and the schedule."""
 
@@ -67,8 +67,15 @@ class TrainConfig:
     """Which tokens of each image: all (CLS and patches, as CLIP-Scope), cls, or patches."""
     tokens: Annotated[int, AtLeast(1)] = 1_200_000_000
     """Training tokens in all (CLIP-Scope: 1.2 billion)."""
+    architecture: Architecture = "topk"
+    """topk: each token's k largest pre-activations (Gao et al.); batchtopk: the whole batch's
+    B·k largest, at inference a threshold estimated in training; matryoshka: batchtopk whose
+    nested prefixes (matryoshka_prefixes) each reconstruct too (train/architectures.py)."""
+    matryoshka_prefixes: tuple[float, ...] = (1 / 16, 1 / 4)
+    """matryoshka: the inner prefixes' sizes as fractions of n_latents, ascending (all of it is
+    the outermost); their reconstruction losses are summed with the full one."""
     k: Annotated[int, AtLeast(1)] = 32
-    """Active latents per token."""
+    """Active latents per token (batchtopk, matryoshka: on average over a batch)."""
     n_latents: Annotated[int, AtLeast(1)] = 65536
     """Dictionary size (16 x 1024 for ViT-L/14)."""
     k_aux: Annotated[int, AtLeast(1)] = 512
@@ -138,6 +145,17 @@ class TrainConfig:
             raise ValueError(f"tokens ({self.tokens}) must be at least batch_size")
         if not 0 <= self.warmup_fraction + self.decay_fraction <= 1:
             raise ValueError("warmup_fraction + decay_fraction must be within 0..1")
+        if self.architecture != "topk" and self.activation != "relu":
+            raise ValueError(
+                f"architecture {self.architecture} keeps positive values only; pass "
+                "--activation relu (the clip-scope preset sets none)"
+            )
+        widths = (0, *self.matryoshka_widths[:-1], self.n_latents)
+        if self.architecture == "matryoshka" and not all(map(int.__lt__, widths, widths[1:])):
+            raise ValueError(
+                f"matryoshka_prefixes must ascend within 0..1 and give distinct prefixes of the "
+                f"{self.n_latents} latents, not {list(self.matryoshka_prefixes)}"
+            )
 
     @property
     def run_dir(self) -> Path:
@@ -158,6 +176,13 @@ class TrainConfig:
         if self.selection != "auto":
             return self.selection
         return "bfloat16" if device.type == "cuda" else "float32"
+
+    @property
+    def matryoshka_widths(self) -> tuple[int, ...]:
+        """matryoshka: the prefix sizes in latents, the last n_latents; () otherwise."""
+        if self.architecture != "matryoshka":
+            return ()
+        return (*(round(f * self.n_latents) for f in self.matryoshka_prefixes), self.n_latents)
 
     @property
     def peak_lr(self) -> float:

@@ -12,6 +12,9 @@ the encoder's selection is dense; everything else works on the (B, K) active ent
   certified exact search with a dense fallback stood here until issue 12: once training starts,
   the K-th and 2K-th pre-activations of nearly every token lie within bfloat16's error bound, so
   ~all tokens fell back to the dense product and steps slowed 2x: BENCHMARKS.md.)
+- `kept_preacts`: for rules that keep a varying number of latents per token (BatchTopK and
+  Matryoshka SAEs, train/architectures.py), the kept pre-activations padded to one width K', so
+  the two functions below serve all three architectures unchanged.
 - `SparseEncode`: z = relu(pre-activations at the selected entries); the weight gradient is
   scattered to the K active rows per token, never formed as a dense (B, F) product.
 - `SparseDecode`: x̂ = Σ_k z_bk W_dec[idx_bk] (embedding_bag); its weight gradient is scattered the
@@ -21,6 +24,7 @@ the encoder's selection is dense; everything else works on the (B, K) active ent
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -95,18 +99,86 @@ def topk_preacts(
     same rounded inputs multiplied in float32: the products of bfloat16 numbers are exact in
     float32, so only the order of accumulation differs), their values re-scored in float32.
     """
+    product_BF = selection_product(x_BD, w_enc_FD, b_enc_F, precision)
     if precision == "float32":
-        values, idx = dense_preacts(x_BD, w_enc_FD, b_enc_F).topk(k, dim=1)
-        return _sorted_by_latent(values, idx)
+        return _sorted_by_latent(*product_BF.topk(k, dim=1))
+    idx = product_BF.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+    return _rescored(idx, x_BD, w_enc_FD, b_enc_F), idx
+
+
+def selection_product(
+    x_BD: Tensor, w_enc_FD: Tensor, b_enc_F: Tensor, precision: SelectionPrecision
+) -> Tensor:
+    """The (B, F) pre-activations a selection ranks by: exact in "float32", else bfloat16's."""
+    if precision == "float32":
+        return dense_preacts(x_BD, w_enc_FD, b_enc_F)
     with torch.no_grad():
         x_bf, w_bf, b_bf = x_BD.bfloat16(), w_enc_FD.bfloat16(), b_enc_F.bfloat16()
         if x_BD.device.type != "cuda":  # CPUs mostly emulate bfloat16 products, 3-40x slower
             x_bf, w_bf, b_bf = x_bf.float(), w_bf.float(), b_bf.float()
-        idx = (
-            torch.addmm(b_bf, x_bf, w_bf.T).topk(k, dim=1, sorted=False).indices.sort(dim=1).values
-        )
-        values = gather_dot(idx, x_BD, w_enc_FD) + b_enc_F[idx]
-    return values, idx
+        return torch.addmm(b_bf, x_bf, w_bf.T)
+
+
+@torch.no_grad()
+def _rescored(idx_BK: Tensor, x_BD: Tensor, w_enc_FD: Tensor, b_enc_F: Tensor) -> Tensor:
+    """Exact float32 pre-activations at the chosen latents (a sampled product)."""
+    return gather_dot(idx_BK, x_BD, w_enc_FD) + b_enc_F[idx_BK]
+
+
+KeepRule = Callable[[Tensor], Tensor]
+"""Given the (B, C) exact pre-activations of each token's C best candidates, which to keep."""
+
+
+@torch.no_grad()
+def kept_preacts(
+    x_BD: Tensor,
+    w_enc_FD: Tensor,
+    b_enc_F: Tensor,
+    keep: KeepRule,
+    precision: SelectionPrecision,
+    candidates: int,
+) -> tuple[Tensor, Tensor]:
+    """Pre-activations kept by a rule that may keep a different number per token (BatchTopK's
+    batch-wide top B·k, or a threshold), in the padded (B, K') layout the sparse paths take.
+
+    K' is the most any token keeps; a token that keeps fewer fills its row with other candidate
+    latents whose pre-activation is −inf, so SparseEncode's ReLU makes them 0 with no gradient
+    and SparseDecode adds nothing for them. Each token offers its `candidates` best latents; if
+    one token keeps them all, the offer doubles (up to all F), so the result is the rule applied
+    to every latent. idx is ascending per row, as everywhere.
+    """
+    product_BF = selection_product(x_BD, w_enc_FD, b_enc_F, precision)
+    n_latents = product_BF.shape[1]
+    width = min(candidates, n_latents)
+    while True:
+        values, idx = product_BF.topk(width, dim=1, sorted=False)
+        if precision != "float32":
+            values = _rescored(idx, x_BD, w_enc_FD, b_enc_F)
+        kept = keep(values)
+        if width == n_latents or not bool(kept.all(dim=1).any()):
+            break
+        width = min(2 * width, n_latents)
+    most = max(int(kept.sum(dim=1).max()), 1)
+    first = kept.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :most]
+    values = values.gather(1, first).masked_fill(~kept.gather(1, first), float("-inf"))
+    return _sorted_by_latent(values, idx.gather(1, first))
+
+
+def batch_topk_rule(k: int) -> KeepRule:
+    """BatchTopK's training rule: the B·k largest positive pre-activations of the whole batch."""
+
+    def keep(values_BC: Tensor) -> Tensor:
+        flat = values_BC.flatten()
+        kept = torch.zeros_like(flat, dtype=torch.bool)
+        kept[flat.topk(min(k * len(values_BC), len(flat))).indices] = True
+        return kept.view(values_BC.shape) & (values_BC > 0)
+
+    return keep
+
+
+def threshold_rule(threshold: Tensor | float) -> KeepRule:
+    """BatchTopK's inference rule (a JumpReLU): every pre-activation above the threshold."""
+    return lambda values_BC: values_BC > threshold
 
 
 def _sorted_by_latent(values: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:

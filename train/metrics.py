@@ -49,8 +49,11 @@ class WindowStats:
 def heldout_metrics(
     sae: TopKSAE, acts_NTD: torch.Tensor, token_slice: slice, batch_size: int
 ) -> dict[str, Any]:
-    """MSE, FVU, explained variance and L0 on the chosen tokens; MSE at every token position."""
+    """MSE, FVU, explained variance and L0 on the chosen tokens; MSE at every token position.
+    The SAE is evaluated as it is used (in eval mode: a BatchTopK SAE by its threshold)."""
     device = sae.b_pre.device
+    was_training = sae.training
+    sae.eval()
     n_images, n_tokens, d = acts_NTD.shape
     errors, l0, chosen = [], [], []
     for images in acts_NTD.split(max(1, batch_size // n_tokens)):  # whole images per batch
@@ -59,6 +62,7 @@ def heldout_metrics(
         errors.append((out.recon_BD - x).pow(2).sum(dim=1).cpu())
         l0.append(out.active_BK.sum(dim=1).cpu())
         chosen.append(x.view(len(images), n_tokens, d)[:, token_slice].reshape(-1, d).cpu())
+    sae.train(was_training)
     error_NT = torch.cat(errors).view(n_images, n_tokens)
     l0_NT = torch.cat(l0).view(n_images, n_tokens).float()
     chosen = torch.cat(chosen).double()

@@ -38,7 +38,9 @@ AUX_COEFFICIENT = 1 / 32
 @dataclass
 class SparseCodes:
     """Which latents each input vector uses, and how strongly: shapes (..., K), one row per
-    vector of the input's leading shape; indices ascending within a row."""
+    vector of the input's leading shape; indices ascending within a row. K = k for TopK SAEs;
+    BatchTopK and Matryoshka SAEs keep a varying number per vector, so K is the most any vector
+    of the call keeps and the other rows are padded with zero values (`dense()` is exact)."""
 
     indices: Tensor
     values: Tensor
@@ -67,6 +69,8 @@ class SAEOutput:
     """Their latent indices, ascending per token."""
     aux_recon_BD: Tensor | None
     """AuxK's reconstruction of the residual from dead latents (None when none are dead)."""
+    prefix_recons: tuple[Tensor, ...] = ()
+    """Matryoshka SAEs: the reconstruction from each inner prefix of the dictionary."""
 
     @property
     def active_BK(self) -> Tensor:
@@ -113,10 +117,10 @@ class TopKSAE(nn.Module):
             x_BD, stats = standardize(x_BD)
         else:
             x_BD = x_BD * self.input_scale
-        z_BK, idx_BK = self._select(x_BD - self.b_pre, dense=False)
-        lead = acts.shape[:-1]
-        values = z_BK.view(*lead, self.k).to(acts.dtype)
-        return SparseCodes(idx_BK.view(*lead, self.k), values, self.n_latents, stats)
+        z_BK, idx_BK = self._encode_rows(x_BD - self.b_pre)
+        shape = (*acts.shape[:-1], idx_BK.shape[1])
+        values = z_BK.view(shape).to(acts.dtype)
+        return SparseCodes(idx_BK.view(shape), values, self.n_latents, stats)
 
     def decode(self, codes: SparseCodes) -> Tensor:
         """Reconstructed activations (..., d_in) from codes, in the codes' dtype."""
@@ -179,6 +183,10 @@ class TopKSAE(nn.Module):
         if dead_F is not None and bool(dead_F.any()):
             aux = self._aux_recon(x_centered.detach(), dead_F, dense)
         return SAEOutput(recon, z_BK, idx_BK, aux)
+
+    def _encode_rows(self, x_centered: Tensor) -> tuple[Tensor, Tensor]:
+        """Inference's codes of (B, D) centred inputs: for TopK, training's selection."""
+        return self._select(x_centered, dense=False)
 
     def _select(self, x_centered: Tensor, dense: bool) -> tuple[Tensor, Tensor]:
         """The K kept latents of each token after the activation, indices ascending."""
@@ -249,15 +257,20 @@ def standardize(x_BD: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
 def losses(
     out: SAEOutput, x_BD: Tensor, aux_coefficient: float = AUX_COEFFICIENT
 ) -> dict[str, Tensor]:
-    """Reconstruction MSE (sum over D, mean over B) and normalised AuxK loss, and their total."""
+    """Reconstruction MSE (sum over D, mean over B), normalised AuxK loss, and their total;
+    a Matryoshka SAE adds each inner prefix's reconstruction MSE, unweighted, to the total."""
     mse = (out.recon_BD - x_BD).pow(2).sum(dim=1).mean()
+    prefix_mse = x_BD.new_zeros(())
+    for recon in out.prefix_recons:
+        prefix_mse = prefix_mse + (recon - x_BD).pow(2).sum(dim=1).mean()
     aux = torch.zeros((), device=x_BD.device)
     if out.aux_recon_BD is not None:
         residual = (x_BD - out.recon_BD).detach()
         aux = (out.aux_recon_BD - residual).pow(2).sum(dim=1).mean() / residual.pow(2).sum(
             dim=1
         ).mean().clamp_min(1e-12)
-    return {"mse": mse, "aux": aux, "loss": mse + aux_coefficient * aux}
+    total = mse + prefix_mse + aux_coefficient * aux
+    return {"mse": mse, "prefix_mse": prefix_mse, "aux": aux, "loss": total}
 
 
 @torch.no_grad()

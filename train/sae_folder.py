@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from vitscope.support.records import write_atomically
+from vitscope.train.architectures import build_sae
 from vitscope.train.card import SAECard, SAEFormatError, read_card
 from vitscope.train.sae import TopKSAE
 
@@ -42,7 +43,15 @@ def load_sae_folder(folder: Path, device: str | torch.device = "cpu") -> TopKSAE
         )
     card = read_card(card_path)
     k_aux = (card.training or {}).get("k_aux", 0)
-    sae = TopKSAE(card.d_in, card.n_latents, card.k, k_aux, activation=card.activation)
+    sae = build_sae(
+        card.architecture,
+        card.d_in,
+        card.n_latents,
+        card.k,
+        k_aux,
+        card.matryoshka_widths,
+        activation=card.activation,
+    )
     weights_path = folder / WEIGHTS_FILE
     try:
         tensors = load_file(weights_path, device=str(device))

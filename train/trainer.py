@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from vitscope.cache_spec.layout import CacheAttrs
 from vitscope.support.configs import config_dict
+from vitscope.train.architectures import build_sae
 from vitscope.train.card import SAECard
 from vitscope.train.checkpoint import TrainState, save_checkpoint
 from vitscope.train.config import TrainConfig
@@ -77,11 +78,13 @@ def new_member(
 ) -> Member:
     """A fresh SAE initialised on a sample of the training data (input scale, b_pre); `cache`
     names the model and weights the SAE's card records."""
-    sae = TopKSAE(
+    sae = build_sae(
+        cfg.architecture,
         d_in,
         cfg.n_latents,
         cfg.k,
         cfg.k_aux,
+        cfg.matryoshka_widths,
         seed=cfg.seed,
         activation=cfg.activation,
         selection=cfg.selection_on(device),
@@ -93,6 +96,8 @@ def new_member(
         d_in=d_in,
         n_latents=cfg.n_latents,
         k=cfg.k,
+        architecture=cfg.architecture,
+        matryoshka_widths=cfg.matryoshka_widths,
         activation=cfg.activation,
         input_norm=cfg.input_norm,
         model=cache.model if cache else None,

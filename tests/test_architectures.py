@@ -1,0 +1,215 @@
+"""BatchTopK and Matryoshka SAEs: their sparse paths equal the dense computation (values and
+every gradient), inference codes of one image ignore its neighbours, the threshold is the running
+mean it is documented to be, and a trained SAE of each goes through folder, load_sae, analysis,
+sort eval's encoder and the browser."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import vitscope
+from conftest import train_photo_sae
+from vitscope.analysis.analyze import analyze
+from vitscope.analysis.browser import write_browser
+from vitscope.analysis.config import AnalyzeConfig
+from vitscope.analysis.files import load_analysis
+from vitscope.analysis.sorteval import feature_peaks
+from vitscope.cache_spec import open_cache
+from vitscope.support.configs import load_config
+from vitscope.train.architectures import THRESHOLD_RATE, build_sae
+from vitscope.train.card import SAEFormatError
+from vitscope.train.config import TrainConfig, sweep_configs
+from vitscope.train.kernels import (
+    batch_topk_rule,
+    dense_preacts,
+    kept_preacts,
+    threshold_rule,
+)
+from vitscope.train.sae import TopKSAE, losses
+from vitscope.train.sae_folder import save_sae_folder
+
+WIDTHS = (16, 64, 500)
+
+
+def problem(n_tokens: int = 96, d: int = 32, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_tokens, d, generator=generator) * 2 + 0.5
+    return x, generator
+
+
+def new_sae(architecture: str, n_latents: int = 500) -> TopKSAE:
+    widths = WIDTHS if architecture == "matryoshka" else ()
+    sae = build_sae(architecture, 32, n_latents, 6, 16, widths, seed=3)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
+        sae.b_pre.fill_(0.3)
+    return sae
+
+
+def dense_codes(values_BK: torch.Tensor, idx_BK: torch.Tensor, n_latents: int) -> torch.Tensor:
+    return values_BK.new_zeros(len(values_BK), n_latents).scatter(1, idx_BK, values_BK)
+
+
+@pytest.mark.parametrize("rule", ["batch", "threshold"])
+def test_kept_preacts_apply_the_rule_to_every_latent(rule: str):
+    """Two candidates per token force the doubling; the result is the rule on the dense matrix."""
+    x, generator = problem()
+    w = torch.randn(300, 32, generator=generator) / 32**0.5
+    b = torch.randn(300, generator=generator) * 0.1
+    dense_BF = dense_preacts(x, w, b)
+    keep = batch_topk_rule(8) if rule == "batch" else threshold_rule(1.5)
+    expected = dense_BF.clamp_min(0) * keep(dense_BF)
+    preacts, idx = kept_preacts(x, w, b, keep, "float32", candidates=2)
+    assert bool((idx.diff(dim=1) > 0).all())
+    assert idx.shape[1] == int((expected > 0).sum(dim=1).max()) > 8
+    torch.testing.assert_close(dense_codes(preacts.clamp_min(0), idx, 300), expected)
+    if rule == "batch":
+        assert int((expected > 0).sum()) == 8 * len(x)
+    preacts, idx = kept_preacts(x, w, b, keep, "bfloat16", candidates=2)
+    kept = preacts > float("-inf")
+    torch.testing.assert_close(preacts[kept], dense_BF.gather(1, idx)[kept])
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_sparse_paths_have_the_dense_loss_and_gradients(architecture: str, mode: str):
+    x, _ = problem()
+    results = {}
+    for dense in (True, False):
+        sae = new_sae(architecture)
+        sae.train(mode == "train")
+        sae.get_buffer("threshold").fill_(0.8)
+        dead = torch.zeros(500, dtype=torch.bool)
+        dead[::3] = True
+        out = sae.autoencode(x, dead_F=dead, dense=dense)
+        terms = losses(out, x)
+        terms["loss"].backward()
+        grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+        results[dense] = (out, terms, grads, sae.get_buffer("threshold").clone())
+    (d_out, d_terms, d_grads, d_threshold), (s_out, s_terms, s_grads, s_threshold) = (
+        results[True],
+        results[False],
+    )
+    torch.testing.assert_close(
+        dense_codes(s_out.z_BK, s_out.idx_BK, 500), dense_codes(d_out.z_BK, d_out.idx_BK, 500)
+    )
+    if mode == "train":
+        assert int(s_out.active_BK.sum()) == 6 * len(x)  # B·k in all, not k per token
+        assert s_out.active_BK.sum(dim=1).max() > 6 > s_out.active_BK.sum(dim=1).min()
+    torch.testing.assert_close(s_out.recon_BD, d_out.recon_BD, rtol=1e-5, atol=1e-5)
+    assert len(s_out.prefix_recons) == (2 if architecture == "matryoshka" else 0)
+    for got, expected in zip(s_out.prefix_recons, d_out.prefix_recons, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for name in ("mse", "prefix_mse", "aux", "loss"):
+        torch.testing.assert_close(s_terms[name], d_terms[name], rtol=1e-5, atol=1e-6)
+    assert (s_terms["prefix_mse"] > 0) == (architecture == "matryoshka")
+    for name, grad in d_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(s_grads[name], grad, rtol=1e-4, atol=1e-5)
+    assert torch.equal(s_threshold, d_threshold)
+
+
+def test_threshold_is_the_running_mean_of_the_smallest_kept_activation():
+    sae = new_sae("batchtopk")
+    smallest = []
+    for seed in range(3):
+        out = sae.autoencode(problem(seed=seed)[0])
+        smallest.append(float(out.z_BK.detach()[out.z_BK > 0].min()))
+    expected = smallest[0]
+    for value in smallest[1:]:
+        expected += THRESHOLD_RATE * (value - expected)
+    assert float(sae.get_buffer("threshold")) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka"])
+def test_inference_codes_of_a_vector_do_not_depend_on_its_neighbours(architecture: str):
+    sae = new_sae(architecture)
+    sae.autoencode(problem()[0])  # a training step's batch sets the threshold
+    sae.eval()
+    acts = problem(seed=5)[0] / float(sae.input_scale)
+    together = sae.encode(acts).dense()
+    alone = torch.cat([sae.encode(row[None]).dense() for row in acts])
+    torch.testing.assert_close(together, alone)
+    threshold = float(sae.get_buffer("threshold"))
+    preacts = dense_preacts(acts - sae.b_pre, sae.w_enc, sae.b_enc)
+    torch.testing.assert_close(together, preacts * (preacts > threshold))
+    torch.testing.assert_close(sae(acts), sae.decode(sae.encode(acts)))
+
+
+def test_config_names_the_architecture_and_sweeps_it(tmp_path: Path):
+    cfg = load_config(TrainConfig, None, cache="c", architecture="matryoshka", n_latents=1024)
+    assert cfg.matryoshka_widths == (64, 256, 1024)
+    with pytest.raises(ValueError, match="pass --activation relu"):
+        load_config(TrainConfig, None, cache="c", preset="clip-scope", architecture="batchtopk")
+    with pytest.raises(ValueError, match="matryoshka_prefixes must ascend"):
+        load_config(
+            TrainConfig, None, cache="c", architecture="matryoshka", matryoshka_prefixes="0.5,0.25"
+        )
+    sweep_file = tmp_path / "sweep.toml"
+    sweep_file.write_text(
+        'cache = "c"\nout = "s"\n[[sae]]\narchitecture = "topk"\n'
+        '[[sae]]\narchitecture = "batchtopk"\n[[sae]]\narchitecture = "matryoshka"\n'
+    )
+    members = sweep_configs(sweep_file)
+    assert [m.architecture for m in members] == ["topk", "batchtopk", "matryoshka"]
+    assert members[2].run_dir.name == "architecturematryoshka"
+
+
+@pytest.fixture(scope="module", params=["batchtopk", "matryoshka"])
+def trained(request, tmp_path_factory: pytest.TempPathFactory, reference_cache: Path) -> Path:
+    """The photo SAE of the architecture, trained by the real trainer on the photo cache."""
+    out = tmp_path_factory.mktemp(request.param) / "run"
+    return train_photo_sae(reference_cache, out, architecture=request.param)
+
+
+def test_a_trained_sae_goes_through_every_consumer(
+    trained: Path, reference_cache: Path, tmp_path: Path
+):
+    card = json.loads((trained / "cfg.json").read_text())
+    sae = vitscope.load_sae(trained)
+    assert sae.card.architecture == card["architecture"] == trained.parent.name[:-1]
+    assert card["matryoshka_widths"] == (
+        [4, 16, 64] if card["architecture"] == "matryoshka" else []
+    )
+    assert float(sae.get_buffer("threshold")) > 0
+    acts = open_cache(reference_cache).read_rows(5, range(4))
+    codes = sae.encode(acts)
+    assert 0 < float((codes.values > 0).sum(dim=-1).float().mean()) < 64
+    analysis = analyze(
+        AnalyzeConfig(
+            run=str(trained), cache=str(reference_cache), out=str(tmp_path / "a"), device="cpu"
+        )
+    )
+    loaded = load_analysis(analysis)
+    assert loaded.features["fire_images"].to_numpy().sum() > 0
+    peaks, _ = feature_peaks(sae, open_cache(reference_cache), 5, torch.arange(64).numpy(), "all")
+    best = loaded.features["max_act"].to_numpy()
+    fired = best > 0
+    torch.testing.assert_close(torch.tensor(peaks.max(axis=0))[fired], torch.tensor(best)[fired])
+    assert write_browser(loaded, tmp_path / "site").is_file()
+
+
+def test_a_bad_matryoshka_card_is_one_line_naming_the_file(trained: Path, tmp_path: Path):
+    folder = tmp_path / "sae"
+    folder.mkdir()
+    card = json.loads((trained / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**card, "matryoshka_widths": [8, 4]}))
+    (folder / "sae.safetensors").write_bytes((trained / "sae.safetensors").read_bytes())
+    with pytest.raises(SAEFormatError, match=r"cfg\.json.*matryoshka_widths") as err:
+        vitscope.load_sae(folder)
+    assert "\n" not in str(err.value)
+
+
+def test_a_format_1_0_card_without_the_new_fields_loads_as_topk(tmp_path: Path):
+    sae = TopKSAE(32, 64, 4)
+    save_sae_folder(tmp_path, sae, sae.card)
+    card = json.loads((tmp_path / "cfg.json").read_text())
+    del card["architecture"], card["matryoshka_widths"]
+    (tmp_path / "cfg.json").write_text(json.dumps({**card, "format_version": "1.0"}))
+    loaded = vitscope.load_sae(tmp_path)
+    assert type(loaded) is TopKSAE and loaded.card.architecture == "topk"
+    assert loaded.encode(torch.randn(3, 32)).indices.shape == (3, 4)
