@@ -6,13 +6,17 @@ layer arrays' layout, which `store._validate_arrays` checks on opening: one file
 values little-endian behind at most one compressor (zstd or blosc), so a chunk's committed rows
 are a prefix of its decoded bytes, and an uncompressed chunk can be read into its destination
 with no copy at all. A `ChunkFile` is plain data, so reader processes can be handed one.
+
+On an object store a `ChunkFile` names the chunk by URL, and each process (and thread) reads it
+through its own fsspec filesystem, made on first use from the URL and the environment: fsspec's
+instances and its event loop are per process (a forked child that used its parent's would fail,
+"This class is not fork-safe"), so nothing but the URL crosses the fork.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numcodecs
 import numpy as np
@@ -23,6 +27,7 @@ from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 from zarr.codecs.bytes import Endian
 
 from vitscope.cache_spec.errors import CacheSpecError
+from vitscope.cache_spec.location import is_url
 from vitscope.cache_spec.storage import ENCODINGS
 
 _DECODERS: dict[type, type[Codec]] = {ZstdCodec: numcodecs.Zstd, BloscCodec: numcodecs.Blosc}
@@ -44,7 +49,8 @@ def chunk_decoder(codecs: tuple[ZarrCodec, ...]) -> Codec | None:
 class ChunkFile:
     """Where a chunk's committed rows are stored and how to decode them."""
 
-    path: Path
+    path: str
+    """A local path, or an fsspec URL (s3://...) for a cache on an object store."""
     decoder: Codec | None
     storage: str
     """The cache's storage encoding (cache_spec/storage.py)."""
@@ -52,7 +58,7 @@ class ChunkFile:
     """Committed rows, tokens, channels: the prefix of the chunk that holds images."""
     chunk_rows: int
     """Rows of the whole stored chunk (a shard's tail chunk is padded to it)."""
-    scale_path: Path | None
+    scale_path: str | None
     """The chunk's per-channel scales (8-bit storage), uncompressed float32."""
     rows: tuple[int, int]
     """First and last cache row, for error messages."""
@@ -71,7 +77,9 @@ def read_chunk_file(file: ChunkFile, out: torch.Tensor) -> None:
     stored = out if direct else torch.empty(file.numel * stored_dtype.itemsize, dtype=torch.uint8)
     _read_stored(file, stored.view(torch.uint8).reshape(-1))
     if not direct:
-        scale_D = None if file.scale_path is None else np.fromfile(file.scale_path, "<f4")
+        scale_D = None
+        if file.scale_path is not None:
+            scale_D = np.frombuffer(bytearray(_read_bytes(file.scale_path)), "<f4")
         values = stored.numpy().view(stored_dtype)
         decoded = encoding.decode(values.reshape(-1, file.shape[-1]), scale_D, out.dtype)
         out.view(-1).copy_(decoded.view(-1))
@@ -80,10 +88,10 @@ def read_chunk_file(file: ChunkFile, out: torch.Tensor) -> None:
 def _read_stored(file: ChunkFile, out_bytes: torch.Tensor) -> None:
     """The committed prefix of the chunk's stored bytes into `out_bytes` (uint8)."""
     try:
-        if file.decoder is None:
+        if file.decoder is None and not is_url(file.path):
             _read_exactly(file.path, out_bytes.numpy())
             return
-        encoded = file.path.read_bytes()
+        encoded = _read_bytes(file.path)
     except FileNotFoundError:
         raise CacheSpecError(
             file.path,
@@ -91,6 +99,10 @@ def _read_stored(file: ChunkFile, out_bytes: torch.Tensor) -> None:
             "no file",
             fix="re-cache the shard holding these rows, or write a new cache",
         ) from None
+    if file.decoder is None:  # an uncompressed chunk from an object store: one copy
+        _check_length(file.path, len(encoded), len(out_bytes))
+        out_bytes.numpy()[:] = np.frombuffer(encoded, np.uint8, count=len(out_bytes))
+        return
     whole_chunk = len(out_bytes) // file.shape[0] * file.chunk_rows
     if whole_chunk == len(out_bytes):
         file.decoder.decode(encoded, out=out_bytes.numpy())
@@ -100,17 +112,31 @@ def _read_stored(file: ChunkFile, out_bytes: torch.Tensor) -> None:
         out_bytes.copy_(padded[: len(out_bytes)])
 
 
-def _read_exactly(path: Path, out: np.ndarray) -> None:
+def _read_bytes(path: str) -> bytes:
+    """A whole file or object; remote ones through this process's fsspec filesystem."""
+    if not is_url(path):
+        with open(path, "rb") as f:
+            return f.read()
+    import fsspec
+
+    fs, key = fsspec.core.url_to_fs(path)
+    return fs.cat_file(key)
+
+
+def _read_exactly(path: str, out: np.ndarray) -> None:
     """Fill `out` from the start of the file (reads may return less than asked)."""
     with open(path, "rb", buffering=0) as f:
         view, filled = memoryview(out).cast("B"), 0
         while filled < len(view):
             got = f.readinto(view[filled:])
             if not got:
-                raise CacheSpecError(
-                    path, f"at least {len(view)} bytes", f"{filled}", fix="re-cache its shard"
-                )
+                _check_length(path, filled, len(view))
             filled += got
+
+
+def _check_length(path: str, found: int, needed: int) -> None:
+    if found < needed:
+        raise CacheSpecError(path, f"at least {needed} bytes", f"{found}", fix="re-cache its shard")
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:

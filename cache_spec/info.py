@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import pyarrow.compute as pc
 
 from vitscope.cache_spec.layout import layer_array_name
 from vitscope.cache_spec.store import Cache
-
-
-def disk_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def summary_lines(cache: Cache) -> list[str]:
@@ -47,7 +42,7 @@ def summary_lines(cache: Cache) -> list[str]:
         )
         lines += [f"  failed {shard}: {error}" for shard, error in errors.items()]
     for layer in attrs.layers:
-        on_disk = disk_bytes(cache.path / layer_array_name(layer))
+        on_disk = cache.location.size(layer_array_name(layer))
         raw = chunks * attrs.chunk_images * stored_per_row
         ratio = raw / on_disk if on_disk else 0.0
         lines.append(

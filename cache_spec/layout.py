@@ -13,10 +13,9 @@ from typing import Any, Literal, get_args
 import pyarrow as pa
 
 from vitscope.cache_spec.errors import CacheSpecError
-from vitscope.support import records
 from vitscope.support.records import parse_record
 
-SPEC_VERSION = "1.1"
+SPEC_VERSION = "1.2"
 ATTRS_KEY = "vitscope_cache"
 SHARDS_DIR = "shards"
 
@@ -56,16 +55,17 @@ def shard_stem(shard: str) -> str:
     return shard.removesuffix(".tar")
 
 
-def commit_path(cache: Path, shard: str) -> Path:
-    return cache / SHARDS_DIR / f"{shard_stem(shard)}.commit.json"
+def commit_key(shard: str) -> str:
+    """The commit record's key (path inside the cache, '/'-separated, for folders and URLs)."""
+    return f"{SHARDS_DIR}/{shard_stem(shard)}.commit.json"
 
 
-def rows_path(cache: Path, shard: str) -> Path:
-    return cache / SHARDS_DIR / f"{shard_stem(shard)}.parquet"
+def rows_key(shard: str) -> str:
+    return f"{SHARDS_DIR}/{shard_stem(shard)}.parquet"
 
 
-def error_path(cache: Path, shard: str) -> Path:
-    return cache / SHARDS_DIR / f"{shard_stem(shard)}.error.json"
+def error_key(shard: str) -> str:
+    return f"{SHARDS_DIR}/{shard_stem(shard)}.error.json"
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class CacheAttrs:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: Any, where: Path) -> CacheAttrs:
+    def from_json(cls, data: Any, where: Path | str) -> CacheAttrs:
         return parse_record(cls, data, where, "cache attributes", CacheSpecError)
 
 
@@ -159,9 +159,5 @@ class ShardCommit:
     """UTC time of the commit, ISO 8601."""
 
     @classmethod
-    def from_json(cls, data: Any, where: Path) -> ShardCommit:
+    def from_json(cls, data: Any, where: Path | str) -> ShardCommit:
         return parse_record(cls, data, where, "shard commit", CacheSpecError)
-
-
-def read_json(path: Path) -> Any:
-    return records.read_json(path, CacheSpecError)

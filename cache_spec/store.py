@@ -9,10 +9,8 @@ a row that is not whole in every layer.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import io
 import os
-import shutil
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,15 +34,21 @@ from vitscope.cache_spec.layout import (
     SPEC_VERSION,
     CacheAttrs,
     ShardCommit,
-    commit_path,
-    error_path,
+    commit_key,
+    error_key,
     layer_array_name,
-    read_json,
-    rows_path,
+    rows_key,
     scale_array_name,
 )
+from vitscope.cache_spec.location import (
+    ROOT_META,
+    LocalFolder,
+    ObjectStore,
+    location_of,
+    put_json,
+    read_json,
+)
 from vitscope.cache_spec.storage import ENCODINGS, Encoding
-from vitscope.support.records import write_atomically, write_json_atomically
 
 COMPATIBLE_FIELDS = tuple(
     f.name
@@ -67,23 +71,25 @@ class ChunkRef:
 
 
 class Cache:
-    """A validated cache on disk."""
+    """A validated cache in a folder or on an object store."""
 
-    def __init__(self, path: Path, attrs: CacheAttrs) -> None:
-        self.path = path
+    def __init__(self, location: LocalFolder | ObjectStore, attrs: CacheAttrs) -> None:
+        self.location = location
+        self.path: Path | str = location.path
+        """The folder (a Path) or the URL (a str): for messages, and for local tools."""
         self.attrs = attrs
         self.encoding: Encoding = ENCODINGS[attrs.storage]
-        self._group = zarr.open_group(path, mode="r+")
+        self._group = zarr.open_group(location.zarr_store(), mode="r+")
         self._arrays: dict[str, zarr.Array] = {}
 
     # ----------------------------------------------------------------- state
     def commits(self) -> dict[int, ShardCommit]:
-        """Committed shards by index, read afresh from disk (other writers may have committed)."""
+        """Committed shards by index, from one fresh listing (other writers may have committed)."""
         found = {}
+        keys = self.location.keys(SHARDS_DIR)
         for index, shard in enumerate(self.attrs.shards):
-            path = commit_path(self.path, shard)
-            if path.exists():
-                found[index] = self._validated_commit(path, index, shard)
+            if commit_key(shard) in keys:
+                found[index] = self._validated_commit(keys, index, shard)
         return found
 
     @cached_property
@@ -130,9 +136,11 @@ class Cache:
         scale_path = None
         if self.encoding.scaled:
             scales = self._array(layer, scale=True)
-            scale_path = self.path / scales.path / scales.metadata.encode_chunk_key((ref.index, 0))
+            key = scales.metadata.encode_chunk_key((ref.index, 0))
+            scale_path = self.location.url(f"{scales.path}/{key}")
+        key = array.metadata.encode_chunk_key((ref.index, 0, 0))
         return ChunkFile(
-            path=self.path / array.path / array.metadata.encode_chunk_key((ref.index, 0, 0)),
+            path=self.location.url(f"{array.path}/{key}"),
             decoder=chunk_decoder(array.metadata.codecs),
             storage=self.attrs.storage,
             shape=(ref.n_rows, self.attrs.n_tokens, self.attrs.d_model),
@@ -153,7 +161,10 @@ class Cache:
 
     def rows_table(self) -> pa.Table:
         """Every committed sample (used or skipped) with its row, shard, key, url and caption."""
-        tables = [pq.read_table(rows_path(self.path, c.shard)) for c in self.committed.values()]
+        tables = [
+            pq.read_table(pa.BufferReader(self.location.read(rows_key(c.shard))))
+            for c in self.committed.values()
+        ]
         return pa.concat_tables(tables) if tables else ROWS_SCHEMA.empty_table()
 
     # --------------------------------------------------------------- writing
@@ -175,22 +186,22 @@ class Cache:
         """Make a shard's rows visible: its row table first, the commit record last, atomically."""
         buffer = io.BytesIO()
         pq.write_table(rows, buffer)
-        write_atomically(rows_path(self.path, commit.shard), buffer.getvalue())
-        write_json_atomically(commit_path(self.path, commit.shard), dataclasses.asdict(commit))
-        error_path(self.path, commit.shard).unlink(missing_ok=True)
+        self.location.put(rows_key(commit.shard), buffer.getvalue())
+        put_json(self.location, commit_key(commit.shard), dataclasses.asdict(commit))
+        self.location.remove(error_key(commit.shard))
 
     def record_error(self, shard: str, message: str) -> None:
         """Note why a shard was not committed; the next run retries it and removes the note."""
-        write_json_atomically(error_path(self.path, shard), {"shard": shard, "error": message})
+        put_json(self.location, error_key(shard), {"shard": shard, "error": message})
 
     def errors(self) -> dict[str, str]:
         """Shards whose last attempt failed, with the reason."""
-        found = {}
-        for shard in self.uncommitted_shards():
-            path = error_path(self.path, shard)
-            if path.exists():
-                found[shard] = read_json(path).get("error", "?")
-        return found
+        keys = self.location.keys(SHARDS_DIR)
+        return {
+            shard: read_json(self.location, error_key(shard)).get("error", "?")
+            for shard in self.uncommitted_shards()
+            if error_key(shard) in keys
+        }
 
     # -------------------------------------------------------------- internals
     def _array(self, layer: int, scale: bool = False) -> zarr.Array:
@@ -217,8 +228,9 @@ class Cache:
                 "rows_table() lists the committed ones"
             )
 
-    def _validated_commit(self, path: Path, index: int, shard: str) -> ShardCommit:
-        commit = ShardCommit.from_json(read_json(path), path)
+    def _validated_commit(self, keys: set[str], index: int, shard: str) -> ShardCommit:
+        path = self.location.url(commit_key(shard))
+        commit = ShardCommit.from_json(read_json(self.location, commit_key(shard)), path)
         start, stop = self.attrs.region(index)
         if commit.shard != shard or commit.first_row != start or commit.n_rows > stop - start:
             raise CacheSpecError(
@@ -227,21 +239,21 @@ class Cache:
                 f"shard {commit.shard!r} at row {commit.first_row} with {commit.n_rows} rows",
                 fix="delete the record and re-run `vitscope cache` to rewrite the shard",
             )
-        if not rows_path(self.path, shard).exists():
+        if rows_key(shard) not in keys:
             raise CacheSpecError(
-                rows_path(self.path, shard),
+                self.location.url(rows_key(shard)),
                 "the row table of a committed shard",
                 "no file",
-                fix=f"delete {path.name} and re-run `vitscope cache` to rewrite the shard",
+                fix=f"delete {commit_key(shard)} and re-run `vitscope cache` to rewrite the shard",
             )
         return commit
 
 
 def open_cache(path: Path | str, layer: int | None = None) -> Cache:
     """Open and validate a cache; with `layer`, also require that layer to be cached."""
-    path = Path(path)
-    attrs = _read_attrs(path)
-    cache = Cache(path, attrs)
+    location = location_of(path)
+    attrs = _read_attrs(location)
+    cache = Cache(location, attrs)
     for cached_layer in attrs.layers:
         _validate_arrays(cache, cached_layer)
     if layer is not None and layer not in attrs.layers:
@@ -257,7 +269,17 @@ def open_cache(path: Path | str, layer: int | None = None) -> Cache:
 
 def check_cache_destination(path: Path | str) -> None:
     """Refuse, before any heavy work, an output path that can be neither created nor resumed."""
-    path = Path(path)
+    location = location_of(path)
+    if isinstance(location, ObjectStore):
+        if location.exists() and not location.exists(ROOT_META):
+            raise CacheSpecError(
+                location.path,
+                "a new or empty prefix, or a cache to resume",
+                "objects but no zarr.json (other data, or a creation that was killed)",
+                "choose another --out, or delete the prefix",
+            )
+        return
+    path = location.path
     if path.is_file():
         raise CacheSpecError(
             path,
@@ -282,24 +304,17 @@ def check_cache_destination(path: Path | str) -> None:
 def create_or_open(path: Path | str, attrs: CacheAttrs) -> Cache:
     """Create the cache atomically, or open an existing one that was written with the same settings.
 
-    Many writers may call this at once: the first rename wins and the others open its result.
-    Shards not yet known to an existing cache are appended under a file lock.
+    Many writers may call this at once: the first rename (or root put) wins and the others open
+    its result. Shards not yet known to an existing cache are appended under a lock (SPEC.md).
     """
-    path = Path(path)
-    if not path.exists():
-        staging = path.parent / f".{path.name}.creating-{os.getpid()}"
-        _build(staging, attrs)
-        try:
-            os.rename(staging, path)
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-            if not path.exists():
-                raise
-    existing = _read_attrs(path)
-    _check_compatible(path, existing, attrs)
+    location = location_of(path)
+    if not location.exists(ROOT_META):
+        location.create(lambda staging: _build(staging, attrs))
+    existing = _read_attrs(location)
+    _check_compatible(location.path, existing, attrs)
     if set(attrs.shards) - set(existing.shards):
-        _append_shards(path, attrs.shards)
-    return open_cache(path)
+        _append_shards(location, attrs.shards)
+    return open_cache(location.path)
 
 
 def writer_id() -> str:
@@ -336,14 +351,17 @@ def _build(path: Path, attrs: CacheAttrs) -> None:
     group.create_group(SHARDS_DIR, attributes={"about": "row tables and commit records, SPEC.md"})
 
 
-def _read_attrs(path: Path) -> CacheAttrs:
-    meta = path / "zarr.json"
-    if not meta.exists():
-        what = "no zarr.json" if path.exists() else "no such directory"
+def _read_attrs(location: LocalFolder | ObjectStore) -> CacheAttrs:
+    meta = location.url(ROOT_META)
+    if not location.exists(ROOT_META):
+        what = "no zarr.json" if location.exists() else "no such directory"
         raise CacheSpecError(
-            path, "a vitscope cache", what, fix="create one with `vitscope cache --out PATH`"
+            location.path,
+            "a vitscope cache",
+            what,
+            fix="create one with `vitscope cache --out PATH`",
         )
-    data = read_json(meta).get("attributes", {}).get(ATTRS_KEY)
+    data = read_json(location, ROOT_META).get("attributes", {}).get(ATTRS_KEY)
     if data is None:
         raise CacheSpecError(meta, f"attributes[{ATTRS_KEY!r}]", "none: not a vitscope cache")
     version = str(data.get("spec_version", "?"))
@@ -364,7 +382,7 @@ def _validate_arrays(cache: Cache, layer: int) -> None:
         array = cache._array(layer)
     except KeyError:
         raise CacheSpecError(
-            cache.path / name, f"the array of cached layer {layer}", "nothing"
+            cache.location.url(name), f"the array of cached layer {layer}", "nothing"
         ) from None
     expected = (
         (attrs.capacity, attrs.n_tokens, attrs.d_model),
@@ -374,7 +392,7 @@ def _validate_arrays(cache: Cache, layer: int) -> None:
     found = (array.shape, array.chunks, array.dtype)
     if found != expected:
         raise CacheSpecError(
-            cache.path / name,
+            cache.location.url(name),
             "shape {}, chunks {}, dtype {}".format(*expected),
             "shape {}, chunks {}, dtype {}".format(*found),
         )
@@ -382,11 +400,11 @@ def _validate_arrays(cache: Cache, layer: int) -> None:
         chunk_decoder(array.metadata.codecs)
     except ValueError as err:
         raise CacheSpecError(
-            cache.path / name / "zarr.json", "the codecs SPEC.md allows", str(err)
+            cache.location.url(f"{name}/zarr.json"), "the codecs SPEC.md allows", str(err)
         ) from None
 
 
-def _check_compatible(path: Path, existing: CacheAttrs, wanted: CacheAttrs) -> None:
+def _check_compatible(path: Path | str, existing: CacheAttrs, wanted: CacheAttrs) -> None:
     diffs = [
         f"{name}={getattr(existing, name)!r} (this run: {getattr(wanted, name)!r})"
         for name in COMPATIBLE_FIELDS
@@ -401,16 +419,15 @@ def _check_compatible(path: Path, existing: CacheAttrs, wanted: CacheAttrs) -> N
         )
 
 
-def _append_shards(path: Path, shards: Sequence[str]) -> None:
-    """Grow every array by R rows per new shard; serialised by a lock so writers may race here."""
-    with open(path / ".append.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        attrs = _read_attrs(path)
+def _append_shards(location: LocalFolder | ObjectStore, shards: Sequence[str]) -> None:
+    """Grow every array by R rows per new shard, then the attrs; under the location's lock."""
+    with location.lock():
+        attrs = _read_attrs(location)
         new = [s for s in shards if s not in attrs.shards]
         if not new:
             return
         grown = dataclasses.replace(attrs, shards=attrs.shards + tuple(new))
-        group = zarr.open_group(path, mode="r+")
+        group = zarr.open_group(location.zarr_store(), mode="r+")
         for layer in attrs.layers:
             group[layer_array_name(layer)].resize((grown.capacity, attrs.n_tokens, attrs.d_model))
             if ENCODINGS[attrs.storage].scaled:

@@ -37,7 +37,7 @@ from vitscope.support.progress import status
 class CacheRunSummary:
     """What one `vitscope cache` run did; `failed` names shards that stay uncommitted, and why."""
 
-    cache: Path
+    cache: Path | str
     already_committed: int = 0
     committed: int = 0
     rows: int = 0

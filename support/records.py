@@ -35,7 +35,9 @@ def _rebuilt_error(cls: type[FileFormatError], path: Path, message: str) -> File
     return error
 
 
-def parse_record(cls: type, data: Any, where: Path, what: str, error: type[FileFormatError]) -> Any:
+def parse_record(
+    cls: type, data: Any, where: Path | str, what: str, error: type[FileFormatError]
+) -> Any:
     """Build a record field by field, so a bad file gets an error naming the field."""
     if not isinstance(data, dict):
         raise error(where, f"a JSON object with the {what}", type(data).__name__)
@@ -98,11 +100,18 @@ def _type_name(hint: Any) -> str:
 
 def read_json(path: Path, error: type[FileFormatError]) -> Any:
     try:
-        return json.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise error(path, "a file", "nothing") from None
+    return parse_json(text, path, error)
+
+
+def parse_json(text: str, where: Path | str, error: type[FileFormatError]) -> Any:
+    """JSON read from `where` (a path or URL), or `error` naming it."""
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
-        raise error(path, "JSON", f"unparseable text ({err})") from None
+        raise error(where, "JSON", f"unparseable text ({err})") from None
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -21,6 +22,7 @@ import torch
 from conftest import TEST_LAYERS, cache_config, cli_args
 from vitscope.cache_spec import open_cache
 from vitscope.cache_spec.layout import layer_array_name
+from vitscope.pipeline.config import CacheConfig
 from vitscope.pipeline.run import cache
 
 
@@ -53,7 +55,36 @@ def open_fifo_for_writing(path: Path, proc: subprocess.Popen) -> int:
     return fd
 
 
-def rows_by_key(path: Path):
+def kill_mid_third_shard(
+    config: CacheConfig, fraction: float, stored: Callable[[list[str]], bool]
+) -> bytes:
+    """Run `vitscope cache` with the third shard a named pipe fed `fraction` of its bytes and
+    SIGKILL it once `stored(keys)` finds that shard's first chunk in every layer; returns the
+    tar's bytes (the shard is left a pipe)."""
+    third = Path(config.shards) / "00002.tar"
+    tar_bytes = third.read_bytes()
+    third.unlink()
+    os.mkfifo(third)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vitscope", *cli_args(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        fd = open_fifo_for_writing(third, proc)
+        os.write(fd, tar_bytes[: int(len(tar_bytes) * fraction)])
+        first_chunk = 2 * config.rows_per_shard // config.chunk_images
+        keys = [f"{layer_array_name(layer)}/c/{first_chunk}/0/0" for layer in TEST_LAYERS]
+        wait_for(lambda: stored(keys), "the third shard's first chunk")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        os.close(fd)
+    finally:
+        proc.kill()
+    return tar_bytes
+
+
+def rows_by_key(path: Path | str):
     table = open_cache(path).rows_table()
     return table.sort_by("key").select(["row", "shard", "key", "url", "caption", "status"])
 
@@ -62,29 +93,9 @@ def test_sigkill_mid_shard_then_rerun_gives_each_row_once(shards_copy: Path, tmp
     config = cache_config(shards_copy, tmp_path / "killed", batch_size=2)
     uninterrupted = cache(cache_config(shards_copy, tmp_path / "uninterrupted", batch_size=2))
     third = shards_copy / "00002.tar"
-    tar_bytes = third.read_bytes()
-    third.unlink()
-    os.mkfifo(third)
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vitscope", *cli_args(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    tar_bytes = kill_mid_third_shard(
+        config, 0.7, lambda keys: all((Path(config.out) / k).exists() for k in keys)
     )
-    try:
-        fd = open_fifo_for_writing(third, proc)
-        os.write(fd, tar_bytes[: int(len(tar_bytes) * 0.7)])
-        first_chunk = 2 * config.rows_per_shard // config.chunk_images
-        chunk_files = [
-            Path(config.out) / layer_array_name(layer) / "c" / str(first_chunk) / "0" / "0"
-            for layer in TEST_LAYERS
-        ]
-        wait_for(lambda: all(f.exists() for f in chunk_files), "the third shard's first chunk")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        os.close(fd)
-    finally:
-        proc.kill()
 
     killed = open_cache(config.out)
     assert sorted(killed.committed) == [0, 1]
