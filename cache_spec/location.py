@@ -116,18 +116,19 @@ class ObjectStore:
 
     @classmethod
     def connect(cls, url: str) -> ObjectStore:
-        """Open the store and list the cache's prefix once, so a missing package, bucket,
+        """Open the store and look its bucket up once (one HEAD), so a missing package, bucket,
         endpoint or credentials is a one-line error naming the URL, not a traceback later."""
+        bucket = url.split("://", 1)[1].split("/", 1)[0]
         try:
             store = cls(url)
-            store.fs.ls(store._root.split("/")[0], detail=False, refresh=True)
+            store.fs.info(bucket, refresh=True)
         except ImportError as err:
             raise CacheSpecError(
                 url, "an fsspec backend for the URL", str(err), fix="pip install 'vitscope[s3]'"
             ) from None
-        except FileNotFoundError as err:
+        except FileNotFoundError:
             raise CacheSpecError(
-                url, "an existing bucket", str(err), fix="create the bucket or fix the URL"
+                url, "an existing bucket", f"no bucket {bucket!r}", fix="create it or fix the URL"
             ) from None
         except Exception as err:  # each backend raises its own errors; all mean "unreachable"
             raise CacheSpecError(

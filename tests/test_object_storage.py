@@ -4,6 +4,7 @@ a writer killed mid-shard on the store, then re-run, leaves each row exactly onc
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import torch
 from test_resume import kill_mid_third_shard, rows_by_key
 
 from conftest import TEST_LAYERS, cache_config, run_vitscope, synthetic_cache
-from vitscope.cache_spec import open_cache
+from vitscope.cache_spec import create_or_open, open_cache
 from vitscope.cache_spec.location import location_of
 from vitscope.pipeline.run import cache
 from vitscope.support.loopback_s3 import s3_environment, serve_s3
@@ -99,6 +100,16 @@ def test_uncompressed_and_scaled_chunks_read_alike_from_s3(
     assert all(torch.equal(r, x) for r, x in zip(remote_batches, local_batches, strict=True))
 
 
+def test_a_cache_on_s3_grows_its_shard_list_and_keeps_its_rows(s3: str):
+    url = f"{new_bucket()}/cache"
+    before = open_cache(synthetic_cache(url, n_images=20))
+    grown_attrs = dataclasses.replace(before.attrs, shards=(*before.attrs.shards, "00002.tar"))
+    grown = create_or_open(url, grown_attrs)
+    assert grown.attrs.shards == grown_attrs.shards and grown.attrs.capacity == 48
+    assert grown.uncommitted_shards() == ["00002.tar"]
+    assert torch.equal(grown.read_rows(3, range(20)), before.read_rows(3, range(20)))
+
+
 def test_sigkill_mid_shard_on_s3_then_rerun_gives_each_row_once(
     s3: str, shards_copy: Path, reference_cache: Path
 ):
@@ -127,7 +138,7 @@ def test_sigkill_mid_shard_on_s3_then_rerun_gives_each_row_once(
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
-        ({}, "expected an existing bucket, found The specified bucket does not exist"),
+        ({}, "expected an existing bucket, found no bucket 'no-such-bucket-here'; create it"),
         (
             {
                 "AWS_ACCESS_KEY_ID": None,
