@@ -7,13 +7,12 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from common import command_line, publish
+from common import command_line, publish, timed
 from test_browser import wide_analysis
 
 from vitscope.analysis.browser import size_per_feature, write_browser
@@ -27,19 +26,20 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("bench/results/browser_size.md"))
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="browser-bench-"))
-    folder = wide_analysis(work / "analysis", args.cache, args.features, 9, grid=args.grid)
-    start = time.perf_counter()
-    site = write_browser(load_analysis(folder), work / "site").parent
-    seconds = time.perf_counter() - start
-    data = list((site / "data").glob("*"))
-    images = list((site / "images").glob("*.jpg"))
-    image_bytes = sum(p.stat().st_size for p in images) / max(len(images), 1)
+    with tempfile.TemporaryDirectory(prefix="browser-bench-") as tmp:
+        work = Path(tmp)
+        folder = wide_analysis(work / "analysis", args.cache, args.features, 9, grid=args.grid)
+        written = timed(lambda: write_browser(load_analysis(folder), work / "site"))
+        site = written.result.parent
+        per_feature = size_per_feature(site, args.features)
+        data_bytes = sum(p.stat().st_size for p in (site / "data").glob("*"))
+        n_data = len(list((site / "data").glob("*")))
+        images = [p.stat().st_size for p in (site / "images").glob("*.jpg")]
     body = [
         f"{args.features:,} features, top 9, {args.grid}x{args.grid} patches: written in "
-        f"{seconds:.1f} s; {size_per_feature(site, args.features):,.0f} bytes per feature in all;",
-        f"data {sum(p.stat().st_size for p in data) / args.features:,.0f} bytes per feature in "
-        f"{len(data)} files; {len(images)} distinct top images, {image_bytes:,.0f} bytes each.",
+        f"{written.wall:.1f} s; {per_feature:,.0f} bytes per feature in all;",
+        f"data {data_bytes / args.features:,.0f} bytes per feature in {n_data} files; "
+        f"{len(images)} distinct top images, {sum(images) / max(len(images), 1):,.0f} bytes each.",
     ]
     publish(args.out, torch.device("cpu"), command_line(), body)
 

@@ -11,12 +11,11 @@ evaluation data.
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from common import publish
+from common import command_line, md_table, publish
 from photo_shards import write_photo_shards
 
 from vitscope.cache_spec import open_cache
@@ -31,16 +30,8 @@ from vitscope.train.sae_folder import load_sae_folder
 STORAGES = ("float16", "int8", "float8_e4m3")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="ViT-B-32")
-    parser.add_argument("--layer", type=int, default=8)
-    parser.add_argument("--images", type=int, default=512)
-    parser.add_argument("--tokens", type=int, default=400_000)
-    parser.add_argument("--latents", type=int, default=4096)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/storage_quality.md"))
-    args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="vitscope-storage-bench-"))
+def storage_rows(workdir: Path, args: argparse.Namespace) -> list[str]:
+    """Cache the photos and train one SAE per storage; a row per storage."""
     shards = write_photo_shards(workdir / "shards", n_images=args.images, shard_size=256)
     results = {}
     for storage in STORAGES:
@@ -90,21 +81,31 @@ def main() -> None:
         own_heldout, _ = ActivationStream(own, args.layer, heldout_fraction=0.1).heldout_images(64)
         error = float((own_heldout - heldout).norm() / heldout.norm())
         fvu = heldout_metrics(sae, heldout, slice(None), 1024)["fvu"]
-        rows.append(f"| {storage} | {own.encoding.bytes_per_value} | {error:.2e} | {fvu:.4f} |")
-    command = (
-        f"python bench/storage_quality.py --model {args.model} --layer {args.layer} --images "
-        f"{args.images} --tokens {args.tokens} --latents {args.latents}"
-    )
+        rows.append(f"{storage} | {own.encoding.bytes_per_value} | {error:.2e} | {fvu:.4f}")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--layer", type=int, default=8)
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=400_000)
+    parser.add_argument("--latents", type=int, default=4096)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/storage_quality.md"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="vitscope-storage-bench-") as tmp:
+        rows = storage_rows(Path(tmp), args)
     body = [
         f"Random-weight {args.model} (no CLIP weights can be downloaded here) on scikit-image's "
         "photos, varied; one SAE per storage, same seed and tokens, evaluated on float16 data.",
         "",
-        "| storage | bytes/value | cache error vs float16 (rel.) | held-out FVU on float16 data |",
-        "| --- | --- | --- | --- |",
-        *rows,
+        *md_table(
+            "storage | bytes/value | cache error vs float16 (rel.) | held-out FVU on float16 data",
+            rows,
+        ),
     ]
-    publish(args.out, torch.device("cpu"), command, body)
-    shutil.rmtree(workdir, ignore_errors=True)
+    publish(args.out, torch.device("cpu"), command_line(), body)
 
 
 if __name__ == "__main__":
