@@ -1,29 +1,24 @@
 """Stage one's cost against a bare forward pass of the same model on the same images, as a ratio.
 
 The cache may cost at most 10% over running the model alone. In one process, on the same images,
-in alternating rounds (`common.alternate`: a, b, a2, a3, then a3, a2, b, a):
+in ABBA rounds (`common.alternate`: a, b, a2, a3, then a3, a2, b, a):
 
   (a)  bare forward: the cache's own DataLoader (`ShardImages` + `shard_loader`, same batch size and
        workers) feeding `residual_stream(tower, images, layers)`, writing nothing;
   (a2) `tower.visual(images)`, the whole tower, on images decoded beforehand into memory;
   (a3) `residual_stream` on the same in-memory images: (a) without its data loading;
-  (b)  `vitscope.pipeline.run.cache(CacheConfig(...))` into a fresh cache directory.
+  (b)  `vitscope.pipeline.run.cache(CacheConfig(...))` into a fresh cache directory, with the tower
+       loaded once (a patched `run.load_vision_tower`): cache creation, DataLoader, writes, row
+       tables and commits included, model loading not.
 
-The tower is loaded once; (b) gets it through a patched `run.load_vision_tower`, so neither (a) nor
-(b) includes model loading, while (b) includes creating the cache, its DataLoader, the writes, row
-tables and commits. Where (b)'s extra time goes: a serial split (decode, encode, compress + write,
-each alone on the main thread) and one profiled (a) and (b), their main thread's time by activity.
-
-With --quiet-wait (the default on a CPU) every timing first waits for a quiet machine, and a round
-in which others used more than 5% of a core is left out of the medians and made up (up to
---max-repeats). On a GPU node (no wait by default) others' CPU is only reported.
-
-Images: img2dataset-shaped shards of scikit-image's photos (`bench/photo_shards.py`). Without
+Where (b)'s extra time goes: a serial split (decode, encode, compress + write, each alone on the
+main thread) and one profiled (a) and (b), their main thread's time by activity. With --quiet-wait
+(the default on a CPU) each timing waits for a quiet machine and rounds in which others used more
+than 5% of a core are made up (up to --max-repeats); on a GPU node others' CPU is only reported.
+Images: img2dataset-shaped shards of scikit-image's photos (`bench/photo_shards.py`); without
 downloaded weights the model has seeded random weights: the same arithmetic, so the same speed.
 
     .venv/bin/python bench/cache_throughput.py          # CPU: ViT-B-32, layers 2,5,8,11, 128 images
-    python bench/cache_throughput.py --model ViT-L-14 --device cuda --images 512 --batch-size 128 \\
-        --num-workers 12 --write-threads 12 --shard-size 32 --quiet-wait 0   # as bench/gpu.sh
 """
 
 from __future__ import annotations
@@ -79,8 +74,7 @@ from vitscope.support.devices import resolve_device
 
 LIMIT = 1.10
 """The requirement: the cache may take at most 10% longer than the bare forward pass."""
-SHARED_SETTINGS = ("model", "model_dtype", "batch_size", "num_workers", "write_threads", "storage")
-SHARED_SETTINGS += ("codec", "chunk_images", "pretrained")
+SHARED_SETTINGS = ("model", "pretrained", "batch_size", "num_workers", "write_threads", "codec")
 """Flags that are `CacheConfig` fields of the same name."""
 WAIT_LABEL = "wait for the DataLoader (incl. worker start)"
 PROFILED = [
@@ -102,15 +96,20 @@ is timed on whichever thread calls it, and names this version of the pipeline la
 
 @dataclass(frozen=True)
 class Setup:
-    """Everything a measurement needs: the tower, the shards, and the run's settings."""
+    """What every measurement needs: the tower, loaded once, and the run's settings."""
 
     tower: VisionTower
-    shards: list[Path]
-    layers: list[int]
     config: CacheConfig
-    workdir: Path
     n_images: int
     shard_size: int
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.config.layers)
+
+    @property
+    def shards(self) -> list[Path]:
+        return sorted(Path(self.config.shards).glob("*.tar"))
 
     @property
     def chunks_per_layer(self) -> int:
@@ -118,6 +117,12 @@ class Setup:
         full, tail = divmod(self.n_images, self.shard_size)
         c = self.config.chunk_images
         return full * math.ceil(self.shard_size / c) + math.ceil(tail / c)
+
+    def scratch(self, name: str) -> Path:
+        """A fresh folder beside the shards."""
+        path = Path(self.config.shards).parent / name
+        shutil.rmtree(path, ignore_errors=True)
+        return path
 
 
 # ---------------------------------------------------------------------------------- measurements
@@ -171,8 +176,7 @@ def in_memory(setup: Setup, whole_tower: bool, batches: list[torch.Tensor]) -> T
 def cache_run(setup: Setup, name: str, profile: Profile | None = None) -> Timing:
     """(b): a whole `cache()` into a fresh directory; its result is (cache()'s own seconds, bytes
     on disk), or the profile."""
-    out = setup.workdir / name
-    shutil.rmtree(out, ignore_errors=True)
+    out = setup.scratch(name)
     config = dataclasses.replace(setup.config, out=str(out))
     tower = setup.tower
     with ExitStack() as stack:  # the tower already loaded, for the one `config` builds
@@ -204,8 +208,7 @@ def serial_split(setup: Setup, batch_BCHW: torch.Tensor) -> tuple[Timing, Timing
         for layer, rows in residual_stream(tower, batch_BCHW, setup.layers).items()
     }
     encoding = ENCODINGS[config.storage]
-    scratch = setup.workdir / "split_cache"
-    shutil.rmtree(scratch, ignore_errors=True)
+    scratch = setup.scratch("split_cache")
     attrs = run_module.cache_attrs(config, tower, [p.name for p in setup.shards])
     store = store_module.create_or_open(scratch, attrs)
     encoded = {layer: encoding.encode(chunk) for layer, chunk in chunks.items()}
@@ -333,14 +336,11 @@ def parse_args() -> argparse.Namespace:
     add("--pretrained", default="auto", help="open_clip tag, weights file, 'none', or 'auto'")
     add("--layers", help="comma-separated blocks; default: the CLIP-Scope layers the model has")
     add("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    add("--model-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     add("--images", type=int, default=128, help="distinct images to encode")
     add("--batch-size", type=int, default=32)
     add("--num-workers", type=int, default=defaults.num_workers)
     add("--write-threads", type=int, default=defaults.write_threads)
     add("--shard-size", type=int, default=64, help="samples per input shard")
-    add("--chunk-images", type=int, default=defaults.chunk_images)
-    add("--storage", default=defaults.storage)
     add("--codec", default=defaults.codec)
     add("--repeats", type=int, default=3, help="undisturbed rounds wanted")
     add("--max-repeats", type=int, help="give up after this many rounds (default 2 x --repeats)")
@@ -365,22 +365,20 @@ def build_setup(args: argparse.Namespace, workdir: Path) -> Setup:
     shutil.rmtree(shards_dir, ignore_errors=True)
     write_photo_shards(shards_dir, args.images, args.shard_size)
     device = resolve_device(args.device)
-    tower = load_vision_tower(args.model, args.pretrained, device, args.model_dtype)
-    blocks = tower.n_blocks
+    tower = load_vision_tower(args.model, args.pretrained, device, CacheConfig.model_dtype)
+    blocks, c = tower.n_blocks, CacheConfig.chunk_images
     default = [layer for layer in CLIP_SCOPE_LAYERS if layer < blocks] or [blocks - 1]
     layers = sorted({int(x) for x in args.layers.split(",")}) if args.layers else default
     if not all(0 <= layer < blocks for layer in layers):
         raise SystemExit(f"--layers {args.layers}: {args.model} has blocks 0..{blocks - 1}")
     config = CacheConfig(
         shards=str(shards_dir),
-        out=str(workdir / "cache"),
         layers=tuple(layers),
         device=device,
-        rows_per_shard=math.ceil(args.shard_size / args.chunk_images) * args.chunk_images,
+        rows_per_shard=math.ceil(args.shard_size / c) * c,
         **{name: getattr(args, name) for name in SHARED_SETTINGS},
     )
-    shards = sorted(shards_dir.glob("*.tar"))
-    return Setup(tower, shards, layers, config, workdir, args.images, args.shard_size)
+    return Setup(tower, config, args.images, args.shard_size)
 
 
 def main() -> None:
