@@ -43,13 +43,8 @@ def location_of(path: str | Path) -> LocalFolder | ObjectStore:
 class LocalFolder:
     """A cache in a folder of the local (or a network) file system."""
 
-    remote = False
-
     def __init__(self, path: Path) -> None:
         self.path = path
-
-    def __str__(self) -> str:
-        return str(self.path)
 
     def zarr_store(self) -> Path:
         return self.path
@@ -106,8 +101,6 @@ class ObjectStore:
     environment (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL), so that
     every process, forked or started anew, reaches the same store without being handed them."""
 
-    remote = True
-
     def __init__(self, url: str) -> None:
         import fsspec
 
@@ -139,9 +132,6 @@ class ObjectStore:
                 "e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
             ) from None
         return store
-
-    def __str__(self) -> str:
-        return self.path
 
     def zarr_store(self) -> Any:
         from zarr.storage import FsspecStore

@@ -52,7 +52,7 @@ class CacheConfig:
     shards: str = "data/shards"
     """Folder of img2dataset webdataset shards (*.tar)."""
     out: str = "data/cache"
-    """Cache to create, or to resume and extend (a Zarr v3 group)."""
+    """Cache to create, or to resume and extend (a Zarr v3 group): a folder or a URL (s3://...)."""
     layers: tuple[int, ...] = CLIP_SCOPE_LAYERS
     """Blocks whose output to cache, comma-separated: layer L = residual stream after block L."""
     model: str = "ViT-L-14"
