@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tarfile
 import uuid
 from collections.abc import Iterator
 from itertools import islice
@@ -115,9 +116,13 @@ def test_sigkill_mid_shard_on_s3_then_rerun_gives_each_row_once(
 ):
     config = cache_config(shards_copy, f"{new_bucket()}/killed")
     store = location_of(config.out)
-    # 90% of the bytes: six of its seven images, two batches of three, so the shard's first
-    # chunk (four rows) is written while its tail is still awaited
-    tar_bytes = kill_mid_third_shard(config, 0.9, lambda keys: all(map(store.exists, keys)))
+    # every member but the tar's end-of-archive blocks: at least two batches of three images
+    # pass, so the shard's first chunk (four rows) is stored while its end is still awaited
+    with tarfile.open(shards_copy / "00002.tar") as tar:
+        last = tar.getmembers()[-1]
+    members_end = last.offset_data + -(-last.size // 512) * 512
+    fraction = members_end / (shards_copy / "00002.tar").stat().st_size
+    tar_bytes = kill_mid_third_shard(config, fraction, lambda keys: all(map(store.exists, keys)))
 
     killed = open_cache(config.out)
     assert sorted(killed.committed) == [0, 1]
