@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from pathlib import Path
 
@@ -11,13 +12,16 @@ import zarr
 
 from conftest import synthetic_cache
 from vitscope.cache_spec import open_cache
+from vitscope.cache_spec.storage import ENCODINGS
 from vitscope.train.loader import ActivationStream, distinct_images
 from vitscope.train.readers import all_finite
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory):
-    return open_cache(synthetic_cache(tmp_path_factory.mktemp("loader") / "cache", n_images=90))
+@pytest.fixture(scope="module", params=["zstd-1", "none"])
+def cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Compressed chunks are decoded into the readers' buffer, uncompressed ones read into it."""
+    path = tmp_path_factory.mktemp("loader") / "cache"
+    return open_cache(synthetic_cache(path, n_images=90, codec=request.param))
 
 
 def token_ids(acts_BD: torch.Tensor) -> list[tuple[int, int]]:
@@ -98,9 +102,10 @@ def test_default_buffer_mixes_over_a_thousand_images_per_batch(tmp_path: Path):
     assert distinct_images(next(narrow.batches(0))) <= 32
 
 
-def test_nan_activations_stop_training_with_the_rows_named(tmp_path: Path):
+@pytest.mark.parametrize("codec", ["zstd-1", "none"])
+def test_nan_activations_stop_training_with_the_rows_named(tmp_path: Path, codec: str):
     """The writer refuses NaN, so plant one behind its back, as a bad disk or tool would."""
-    path = synthetic_cache(tmp_path / "cache", n_images=8)
+    path = synthetic_cache(tmp_path / "cache", n_images=8, codec=codec)
     zarr.open_array(path / "layer_03", mode="r+")[5, 2, 3] = float("nan")
     stream = ActivationStream(open_cache(path), 3, batch_size=8, heldout_fraction=0.0)
     with pytest.raises(ValueError, match=r"layer 3, rows 4..7 hold NaN or inf activations"):
@@ -117,3 +122,21 @@ def test_finite_check_finds_every_nan_and_inf(dtype: torch.dtype):
         y = x.clone()
         y[17, 5] = bad
         assert not all_finite(y), bad
+
+
+@pytest.mark.parametrize("storage", list(ENCODINGS))
+def test_uncompressed_chunks_stream_their_stored_values(tmp_path: Path, storage: str):
+    """Uncompressed chunk files of every storage are read straight into the readers' buffer (or
+    decoded there): each image's tokens sum to what its chunk holds (a tail chunk of 3 rows too)."""
+    path = synthetic_cache(
+        tmp_path / "c", n_images=23, rows_per_shard=12, storage=storage, codec="none"
+    )
+    cache = open_cache(path)
+    stream = ActivationStream(cache, 3, batch_size=5, buffer_tokens=40, heldout_fraction=0.0)
+    sums = torch.zeros(cache.attrs.capacity, cache.attrs.d_model, dtype=torch.float64)
+    for batch in itertools.islice(stream.batches(0), stream.epoch_tokens // 5):
+        sums.index_add_(0, batch.rows_B, batch.acts_BD.double())
+    for ref in cache.chunks():
+        expected = cache.read_chunk(3, ref, stream.window_dtype).double().sum(dim=1)
+        rows = slice(ref.first_row, ref.first_row + ref.n_rows)
+        torch.testing.assert_close(sums[rows], expected)
