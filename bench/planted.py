@@ -2,13 +2,17 @@
 synthetic tokens (train/synthetic.py), in the same batches and order, in one run.
 
 SAELens' TopK SAE is trained by its own SAETrainer, with its defaults and with its decoder bias
-at the data mean; vitscope's trainer (`fit`) gets the very same tensor batches, with its
-defaults, with CLIP-Scope's preset and with any `--variant` of settings; vitscope is also trained
-through its real path (the tokens written as a cache on disk, read by its shuffling loader,
-`train([TrainConfig])`), which sees the same tokens in its own order.
+at the data mean, and so are its BatchTopK and Matryoshka-BatchTopK SAEs (decoder bias at the
+mean, evaluated as the JumpReLU SAEs it saves for them); vitscope's trainer (`fit`) gets the very
+same tensor batches, with its defaults, with CLIP-Scope's preset, with each architecture and
+with any `--variant` of settings; vitscope is also trained through its real path (the tokens
+written as a cache on disk, read by its shuffling loader, `train([TrainConfig])`), which sees the
+same tokens in its own order.
 
     .venv/bin/python bench/planted.py
     .venv/bin/python bench/planted.py --runs fit --variant lr=1e-3 --variant k_aux=128
+    .venv/bin/python bench/planted.py --runs saelens-mean,saelens-batchtopk,saelens-matryoshka,\
+fit,batchtopk,matryoshka
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import command_line, publish, write_single_shard_cache
+from common import command_line, publish, timed, write_single_shard_cache
 
 from vitscope.pipeline.model import import_open_clip
 from vitscope.support.configs import load_config
@@ -36,18 +40,32 @@ from vitscope.train.trainer import fit, new_member
 os.environ.setdefault("WANDB_MODE", "disabled")
 import_open_clip()  # sae_lens imports transformers, which imports torchvision: the CPU-torch fix
 import sae_lens  # noqa: E402
-from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig  # noqa: E402
+from sae_lens import (  # noqa: E402
+    SAE,
+    BatchTopKTrainingSAE,
+    BatchTopKTrainingSAEConfig,
+    MatryoshkaBatchTopKTrainingSAE,
+    MatryoshkaBatchTopKTrainingSAEConfig,
+    SAETrainer,
+    TopKTrainingSAE,
+    TopKTrainingSAEConfig,
+)
 from sae_lens.config import SAETrainerConfig  # noqa: E402
 
 D = 256
 TOKENS_PER_IMAGE = 256
 """How the training tokens are laid out as "images" in the on-disk cache (16 per chunk)."""
 RUNS = ("saelens", "saelens-mean", "fit", "clip-scope", "cache")
+ARCHITECTURE_RUNS = ("saelens-batchtopk", "saelens-matryoshka", "batchtopk", "matryoshka")
+"""Issue 14's rows: `--runs` names them (the default is the rows above)."""
+MATRYOSHKA_PREFIXES = (1 / 16, 1 / 4)
+"""vitscope's default prefixes, given to SAELens' Matryoshka SAE as widths too."""
 
 
-def scores(decoder_FD, autoencode, world, heldout_ND, seconds, tokens) -> list[str]:
-    """One table row's numbers: tokens/s, recovery of the planted directions, held-out quality;
-    `autoencode(x)` returns (reconstruction, dense codes) in the activations' units."""
+def scores(decoder_FD, autoencode, world, heldout_ND, timing, tokens) -> list[str]:
+    """One table row's numbers: tokens/s, recovery of the planted directions, held-out quality,
+    others' CPU while it trained; `autoencode(x)` returns (reconstruction, dense codes) in the
+    activations' units."""
     found = recovery(world, decoder_FD)
     error, fired, l0 = 0.0, torch.zeros(len(decoder_FD), dtype=torch.bool), 0.0
     with torch.no_grad():
@@ -58,20 +76,36 @@ def scores(decoder_FD, autoencode, world, heldout_ND, seconds, tokens) -> list[s
             l0 += float((z != 0).sum())
     variance = float((heldout_ND - heldout_ND.mean(dim=0)).double().pow(2).sum())
     return [
-        f"{tokens / seconds:,.0f}",
+        f"{tokens / timing.wall:,.0f}",
         f"{found.mean_max_cosine:.3f}",
         f"{found.matched:.1%}",
         f"{found.rarest_quarter_matched:.1%}",
         f"{error / variance:.4f}",
         f"{1 - fired.float().mean():.1%}",
         f"{l0 / len(heldout_ND):.1f}",
+        f"{(timing.others or 0) / timing.wall:.2f}",
     ]
 
 
-def saelens_run(args, world, train_ND, heldout_ND, b_dec_at_mean: bool) -> list[str]:
-    """SAELens' TopK SAE and SAETrainer with their defaults (k and width set), lr_end = lr."""
+def saelens_sae(args, architecture: str):
+    """SAELens' training SAE of `architecture` with its defaults (k and width set)."""
+    sizes = dict(d_in=D, d_sae=args.latents, k=args.k)
+    if architecture == "matryoshka":
+        widths = [round(f * args.latents) for f in MATRYOSHKA_PREFIXES] + [args.latents]
+        cfg = MatryoshkaBatchTopKTrainingSAEConfig(**sizes, matryoshka_widths=widths)
+        return MatryoshkaBatchTopKTrainingSAE(cfg)
+    if architecture == "batchtopk":
+        return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**sizes))
+    return TopKTrainingSAE(TopKTrainingSAEConfig(**sizes))
+
+
+def saelens_run(
+    args, world, train_ND, heldout_ND, work: Path, b_dec_at_mean: bool, architecture: str = "topk"
+) -> list[str]:
+    """SAELens' SAE and SAETrainer with their defaults, lr_end = lr; evaluated as the inference
+    SAE it saves (TopK, or JumpReLU with the estimated threshold for the batch rules)."""
     torch.manual_seed(args.seed)  # SAELens initialises from the global generator
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=args.latents, k=args.k))
+    sae = saelens_sae(args, architecture)
     if b_dec_at_mean:
         sae.b_dec.data.copy_(torch.cat([b.acts_BD for b in first_batches(train_ND, args)]).mean(0))
     cfg = SAETrainerConfig(
@@ -80,16 +114,15 @@ def saelens_run(args, world, train_ND, heldout_ND, b_dec_at_mean: bool) -> list[
         lr_end=SAETrainerConfig.lr,  # required; the default schedule is constant
     )
     provider = (b.acts_BD for b in tensor_batches(train_ND, args.batch, seed=args.seed))
-    start = time.perf_counter()
-    SAETrainer(cfg, sae, provider).fit()
-    seconds = time.perf_counter() - start
-    sae.eval()
+    timing = timed(SAETrainer(cfg, sae, provider).fit)
+    sae.save_inference_model(work / "saelens")
+    inference = SAE.load_from_disk(str(work / "saelens")).eval()
 
     def autoencode(x):
-        z = sae.encode(x)
-        return sae.decode(z), z
+        z = inference.encode(x)
+        return inference.decode(z), z
 
-    return scores(sae.W_dec, autoencode, world, heldout_ND, seconds, args.tokens)
+    return scores(inference.W_dec, autoencode, world, heldout_ND, timing, args.tokens)
 
 
 def vitscope_cfg(args, **settings) -> TrainConfig:
@@ -105,11 +138,10 @@ def vitscope_fit_run(args, world, train_ND, heldout_ND, work: Path, **settings) 
     sample = torch.cat([b.acts_BD for b in first_batches(train_ND, args)])
     member = new_member(cfg, D, sample, torch.device("cpu"))
     batches = tensor_batches(train_ND, args.batch, seed=args.seed)
-    start = time.perf_counter()
-    fit([member], batches, heldout_ND[:4096].view(16, TOKENS_PER_IMAGE, D), slice(None))
-    seconds = time.perf_counter() - start
+    heldout_NTD = heldout_ND[:4096].view(16, TOKENS_PER_IMAGE, D)
+    timing = timed(lambda: fit([member], batches, heldout_NTD, slice(None)))
     shutil.rmtree(cfg.run_dir)
-    return vitscope_scores(member.sae.eval(), world, heldout_ND, seconds, args.tokens)
+    return vitscope_scores(member.sae.eval(), world, heldout_ND, timing, args.tokens)
 
 
 def vitscope_cache_run(args, world, train_ND, heldout_ND, work: Path) -> list[str]:
@@ -119,18 +151,18 @@ def vitscope_cache_run(args, world, train_ND, heldout_ND, work: Path) -> list[st
     chunks = train_ND.view(n_images, TOKENS_PER_IMAGE, D).split(16)
     cache = write_single_shard_cache(work / "cache", chunks, n_images, 16, 0, "float32")
     cfg = vitscope_cfg(args, cache=str(cache), out=str(work / "train"), heldout_fraction=1e-9)
-    start = time.perf_counter()
-    (run_dir,) = train([cfg])
-    seconds = time.perf_counter() - start
-    return vitscope_scores(load_sae_folder(run_dir), world, heldout_ND, seconds, args.tokens)
+    timing = timed(lambda: train([cfg]))
+    (run_dir,) = timing.result
+    sae = load_sae_folder(run_dir).eval()
+    return vitscope_scores(sae, world, heldout_ND, timing, args.tokens)
 
 
-def vitscope_scores(sae, world, heldout_ND, seconds, tokens) -> list[str]:
+def vitscope_scores(sae, world, heldout_ND, timing, tokens) -> list[str]:
     def autoencode(x):
         codes = sae.encode(x)
         return sae.decode(codes), codes.dense()
 
-    return scores(sae.w_dec, autoencode, world, heldout_ND, seconds, tokens)
+    return scores(sae.w_dec, autoencode, world, heldout_ND, timing, tokens)
 
 
 def first_batches(train_ND, args):
@@ -153,7 +185,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=3_014_656, help="training tokens")
     parser.add_argument("--heldout", type=int, default=65_536, help="held-out tokens")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"any of {','.join(RUNS)}")
+    every = ",".join(RUNS + ARCHITECTURE_RUNS)
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"any of {every}")
     parser.add_argument(
         "--variant", type=variant, action="append", default=[], help="a fit row: KEY=VALUE,..."
     )
@@ -170,8 +203,16 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="planted-bench-"))
     peer = f"SAELens {sae_lens.__version__} TopK"
     runs = {
-        "saelens": (f"{peer}, defaults", lambda: saelens_run(*data, False)),
-        "saelens-mean": (f"{peer}, b_dec at data mean", lambda: saelens_run(*data, True)),
+        "saelens": (f"{peer}, defaults", lambda: saelens_run(*data, work, False)),
+        "saelens-mean": (f"{peer}, b_dec at data mean", lambda: saelens_run(*data, work, True)),
+        "saelens-batchtopk": (
+            f"SAELens {sae_lens.__version__} BatchTopK, b_dec at data mean",
+            lambda: saelens_run(*data, work, True, "batchtopk"),
+        ),
+        "saelens-matryoshka": (
+            f"SAELens {sae_lens.__version__} Matryoshka-BatchTopK, b_dec at data mean",
+            lambda: saelens_run(*data, work, True, "matryoshka"),
+        ),
         "fit": ("vitscope fit, defaults", lambda: vitscope_fit_run(*data, work)),
         "clip-scope": (
             "vitscope fit, --preset clip-scope",
@@ -181,6 +222,13 @@ def main() -> None:
             "vitscope train, defaults, real cache + loader",
             lambda: vitscope_cache_run(*data, work),
         ),
+        **{
+            name: (
+                f"vitscope fit, --architecture {name}",
+                lambda name=name: vitscope_fit_run(*data, work, architecture=name),
+            )
+            for name in ("batchtopk", "matryoshka")
+        },
     }
     chosen = [runs[name] for name in args.runs.split(",") if name]
     for settings in args.variant:
@@ -190,8 +238,8 @@ def main() -> None:
         )
     rows = [
         "| trainer | tokens/s | mean max cos | matched > 0.9 | rarest quarter > 0.9 | "
-        "held-out FVU | never fire | L0 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "held-out FVU | never fire | L0 | others' cores |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     try:
         for name, run in chosen:
