@@ -172,3 +172,11 @@ def test_distribute_saes_places_a_sweep_on_the_gpus_in_turn(
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="run it without torchrun"):
         member_devices(cfg, 2, cuda, gpus=2)
+
+
+def test_two_ranks_train_a_batchtopk_sae_with_one_threshold(small_cache: Path, tmp_path: Path):
+    """The batch rule runs on each rank's share; the ranks average θ after every step."""
+    cfg = small_config(small_cache, tmp_path / "ranks", tokens=2_560, architecture="batchtopk")
+    finished(torchrun("train", *cli_flags(cfg)))
+    threshold = load_file(cfg.run_dir / "sae.safetensors")["threshold"]
+    assert torch.isfinite(threshold) and threshold > 0

@@ -51,6 +51,8 @@ CANDIDATES_PER_K = 4
 class BatchTopKSAE(TopKSAE):
     """A BatchTopK SAE: the batch-wide top B·k in training, the threshold θ at inference."""
 
+    running_buffers = ("threshold",)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.card = dataclasses.replace(self.card, architecture="batchtopk")

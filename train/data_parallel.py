@@ -5,7 +5,9 @@ This equals one process training on the union of the ranks' batches (within floa
 reconstruction loss is a mean over tokens and every rank's share of a global batch is equally
 large, so the mean of the ranks' gradients is the global batch's gradient. Two terms are computed
 per rank's share instead of per global batch, and differ slightly: AuxK's normalisation and
-`input_norm = "standardize"` (each share is standardised by its own mean and std).
+`input_norm = "standardize"` (each share is standardised by its own mean and std); so does the
+batch rule of BatchTopK and Matryoshka SAEs (each rank keeps the top B·k of its own share), whose
+threshold the ranks average after every step.
 
 DistributedDataParallel hooks `forward()`; the trainer calls `autoencode` with its own autograd
 functions, so the all-reduce here is explicit (one flattened bucket per step). Latents count as
@@ -50,6 +52,16 @@ class DataParallel:
         flat /= self.world
         for grad, averaged in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
             grad.copy_(averaged)
+
+    def average_buffers(self, module: nn.Module, names: tuple[str, ...]) -> None:
+        """The named buffers (statistics each rank updates on its own share, such as BatchTopK's
+        threshold) become the mean of the ranks' values."""
+        if not self.launch.distributed:
+            return
+        for name in names:
+            buffer = module.get_buffer(name)
+            dist.all_reduce(buffer)
+            buffer /= self.world
 
     def fired_anywhere(self, fired_F: Tensor) -> Tensor:
         """Latents that fired on any rank's share of the batch."""

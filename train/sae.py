@@ -81,6 +81,10 @@ class SAEOutput:
 class TopKSAE(nn.Module):
     """A TopK SAE with its input scale and its card (what it reads, where it came from)."""
 
+    running_buffers: tuple[str, ...] = ()
+    """Buffers that training steps update (not through gradients): data-parallel ranks average
+    them after every step."""
+
     def __init__(
         self,
         d_in: int,

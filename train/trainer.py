@@ -129,6 +129,8 @@ def train_step(member: Member, x_BD: torch.Tensor, parallel: DataParallel | None
     for group in member.optimizer.param_groups:
         group["lr"] = cfg.lr_at(state.tokens)
     member.optimizer.step()
+    if parallel:
+        parallel.average_buffers(sae, sae.running_buffers)
     if cfg.unit_decoder:
         sae.normalize_decoder()
     with torch.no_grad():
