@@ -171,6 +171,10 @@ class ActivationStream:
     def _produce(self, position: int, ready: queue.Queue, stop: threading.Event) -> None:
         """Gather batches in stream order from `position` on: the readers fill one half of their
         buffer with the next window's chunks while batches are gathered from the other half."""
+        # One OpenMP thread for this thread's gathers (the setting is per thread): forking the
+        # pool for each gather contended with the reader processes for the cores, and a single
+        # thread gathers faster than a GPU consumes (BENCHMARKS.md, issue 12).
+        torch.set_num_threads(1)
         try:
             slots, attrs = self.chunks_per_window, self.cache.attrs
             slot_numel = attrs.chunk_images * attrs.n_tokens * attrs.d_model
