@@ -59,7 +59,7 @@ def test_chunks_read_from_their_files_equal_zarrs_read(tmp_path: Path, storage: 
 def test_a_missing_chunk_file_is_named(tmp_path: Path):
     cache = open_cache(synthetic_cache(tmp_path / "c", n_images=8, codec="none"))
     ref = cache.chunks()[1]
-    cache.chunk_file(3, ref).path.unlink()
+    Path(cache.chunk_file(3, ref).path).unlink()
     with pytest.raises(
         CacheSpecError, match=r"c/1/0/0: expected the stored chunk of committed rows 4..7"
     ):
