@@ -6,7 +6,8 @@ Modules: `stats` (per-feature statistics and streaming top-N images with their t
 folder, ANALYSIS.md), `images` (reading top images back from the webdataset shards), `plots`
 (PNG pictures), `browser` (the static feature browser), `sorteval` and `sorteval_run` (the sort
 eval) with its judges `judge_clip`, `judge_http` and the game page for people, `splice`
-(the SAE spliced into the vision tower), `compare` (layers side by side). The calls a user
-makes: `vitscope analyze RUN`, `browse`, `sorteval`, `splice`, `compare`. Stages never import
+(the SAE spliced into the vision tower), `monosemanticity` (the MonoSemanticity Score of every
+feature), `compare` (layers side by side). The calls a user makes: `vitscope analyze RUN`,
+`browse`, `sorteval`, `splice`, `monosemanticity`, `compare`. Stages never import
 this folder.
 """

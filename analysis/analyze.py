@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save
 
-from vitscope.analysis.config import AnalyzeConfig
+from vitscope.analysis.config import AnalyzeConfig, MonosemanticityConfig
 from vitscope.analysis.files import (
     STATE_FILE,
     AnalysisError,
@@ -40,11 +40,11 @@ def analyze(config: AnalyzeConfig) -> Path:
     """Run (or resume) the pass; returns the analysis folder."""
     out = config.out_dir
     sae = load_sae(config.run, device=resolve_device(config.device))
-    layer = _layer(config, sae)
+    layer = layer_of(config, sae)
     cache = open_cache(sae.card.cache_or(config.cache, config.run), layer=layer)
     chunks = cache.chunks()
     if config.max_images:
-        chunks = _first_images(chunks, config.max_images)
+        chunks = first_images(chunks, config.max_images)
     tokens = token_slice(sae.card.token_set, cache.attrs.n_tokens)  # type: ignore[arg-type]
     n_tokens = len(range(cache.attrs.n_tokens)[tokens])
     meta, accumulator = _start(config, out, cache, layer, sae, chunks, n_tokens)
@@ -77,7 +77,8 @@ def analyze(config: AnalyzeConfig) -> Path:
     return out
 
 
-def _layer(config: AnalyzeConfig, sae: TopKSAE) -> int:
+def layer_of(config: AnalyzeConfig | MonosemanticityConfig, sae: TopKSAE) -> int:
+    """The cached layer a pass reads: --layer, else the SAE's own."""
     if config.layer >= 0:
         return config.layer
     if sae.card.layer is None:
@@ -85,7 +86,8 @@ def _layer(config: AnalyzeConfig, sae: TopKSAE) -> int:
     return sae.card.layer
 
 
-def _first_images(chunks: list, max_images: int) -> list:
+def first_images(chunks: list, max_images: int) -> list:
+    """The first whole chunks holding at least `max_images` images (all if fewer)."""
     kept, images = [], 0
     for ref in chunks:
         if images >= max_images:

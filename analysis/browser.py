@@ -2,7 +2,8 @@
 
     SITE/
       index.html feature.html app.js style.css   copied from browser_assets/
-      data/index.js          VS.index: site meta and features.parquet as columns (sort, search)
+      data/index.js          VS.index: site meta and features.parquet as columns (sort, search),
+                             with the MS column when the analysis has one
       data/block_NNNNN.js    VS.blocks[n]: 1024 features' top images as [row, peak, CLS], their
                              patch maps (uint8 per feature, base64) and the images' captions
       data/layers.js         VS.layers: links to the other layers' browsers (`vitscope compare`)
@@ -79,11 +80,12 @@ def serve(out: Path, port: int = 0) -> None:
 
 
 def _write_index(analysis: Analysis, path: Path) -> None:
-    meta = analysis.meta
+    meta, ms = analysis.meta, analysis.monosemanticity
     columns = {}
     for name in analysis.features.column_names:
-        values = analysis.features[name].to_numpy()
-        # float32's shortest round-trip text: the browser sorts exactly as the parquet does.
+        values = analysis.features[name].to_numpy(zero_copy_only=False)
+        # float32's shortest round-trip text: the browser sorts exactly as the parquet does;
+        # null where there is no value (a feature without MS).
         columns[name] = values.tolist() if values.dtype.kind in "iu" else _shortest(values)
     site_meta = {
         "sae": meta.sae,
@@ -96,6 +98,9 @@ def _write_index(analysis: Analysis, path: Path) -> None:
         "cls": meta.token_set != "patches",
         "grid": meta.patch_grid if meta.token_set != "cls" else 0,
         "block": BLOCK_FEATURES,
+        "ms": None
+        if ms is None
+        else f"{ms.n_images:,} images, {ms.encoder} ({ms.encoder_weights})",
     }
     _write_script(path, "VS.index", {"meta": site_meta, "features": columns})
 
@@ -151,9 +156,10 @@ def write_thumbnails(
             thumb.save(folder / f"{row}.jpg", quality=85)
 
 
-def _shortest(values: np.ndarray) -> list[float]:
-    """Each value's float32 shortest round-trip decimal (small files, exact float32 order)."""
-    return [float(str(v)) for v in values.astype(np.float32)]
+def _shortest(values: np.ndarray) -> list[float | None]:
+    """Each value's float32 shortest round-trip decimal (small files, exact float32 order);
+    None for NaN."""
+    return [None if np.isnan(v) else float(str(v)) for v in values.astype(np.float32)]
 
 
 def _rounded(values: np.ndarray) -> list[float]:

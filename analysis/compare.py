@@ -1,9 +1,10 @@
 """`vitscope compare RUN...`: SAEs on different layers of one cache side by side, one row each.
 
 Per run: held-out explained variance and dead fraction (the last log line), median firing
-frequency of the live features over images (the analysis), splice cosine (splice.json) and
-sort-eval accuracy with its 95% interval (sorteval-*/score.json); a number a run does not have
-yet is left blank. Written as compare.md, compare.csv and compare.png; each run's browser gets
+frequency of the live features over images (the analysis), splice cosine (splice.json),
+sort-eval accuracy with its 95% interval (sorteval-*/score.json) and the mean MonoSemanticity
+Score of the scored features (the analysis's monosemanticity.parquet); a number a run does not
+have yet is left blank. Written as compare.md, compare.csv and compare.png; each run's browser gets
 links to the others'.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from vitscope.analysis.browser import LAYERS_FILE
-from vitscope.analysis.files import load_analysis
+from vitscope.analysis.files import MS_COLUMN, load_analysis
 from vitscope.train.report import read_log
 from vitscope.train.sae_folder import load_sae_folder
 
@@ -35,17 +36,29 @@ class LayerRow:
     sort_accuracy: float | None
     sort_low: float | None
     sort_high: float | None
+    mean_ms: float | None
+    """Mean MS over the features that have one (`vitscope monosemanticity`)."""
+    ms_encoder: str | None
+    """The image encoder of those MS: runs compare only under the same one."""
 
 
 def layer_row(run: Path) -> LayerRow:
     """What one run folder has measured about itself."""
     card = load_sae_folder(run).card
     last = read_log(run)[-1] if (run / "log.jsonl").is_file() else {}
-    median = None
+    median = mean_ms = ms_encoder = None
     if (run / "analysis" / "meta.json").is_file():
-        frequencies = load_analysis(run / "analysis").features["freq_images"].to_numpy()
+        analysis = load_analysis(run / "analysis")
+        frequencies = analysis.features["freq_images"].to_numpy()
         live = frequencies[frequencies > 0]
         median = float(np.median(live)) if len(live) else 0.0
+        if analysis.monosemanticity is not None:
+            ms = analysis.features[MS_COLUMN].to_numpy(zero_copy_only=False)
+            scored = ms[~np.isnan(ms)]
+            mean_ms = float(scored.mean()) if len(scored) else None
+            ms_encoder = (
+                f"{analysis.monosemanticity.encoder} ({analysis.monosemanticity.encoder_weights})"
+            )
     splice = _json(run / "splice.json")
     scores = sorted(run.glob("sorteval-*/score.json"))
     sort = _json(scores[0]) if scores else {}
@@ -59,6 +72,8 @@ def layer_row(run: Path) -> LayerRow:
         sort_accuracy=sort.get("accuracy"),
         sort_low=sort.get("low"),
         sort_high=sort.get("high"),
+        mean_ms=mean_ms,
+        ms_encoder=ms_encoder,
     )
 
 
@@ -79,8 +94,8 @@ def compare(runs: list[Path], out: Path) -> list[Path]:
 def _markdown(rows: list[LayerRow]) -> str:
     lines = [
         "| layer | explained variance | dead | median frequency (images) | splice cosine | "
-        "sort eval (95% CI) | run |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "sort eval (95% CI) | mean MS | run |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         sort = (
@@ -90,8 +105,13 @@ def _markdown(rows: list[LayerRow]) -> str:
         )
         lines.append(
             f"| {r.layer} | {_num(r.explained_variance)} | {_num(r.dead_fraction)} | "
-            f"{_num(r.median_frequency)} | {_num(r.splice_cosine)} | {sort} | {r.run} |"
+            f"{_num(r.median_frequency)} | {_num(r.splice_cosine)} | {sort} | {_num(r.mean_ms)} "
+            f"| {r.run} |"
         )
+    encoders = sorted({r.ms_encoder for r in rows if r.ms_encoder})
+    if encoders:
+        unlike = "; not comparable across encoders" if len(encoders) > 1 else ""
+        lines += ["", f"MS with the embeddings of {' and '.join(encoders)}{unlike}."]
     return "\n".join(lines) + "\n"
 
 
@@ -104,6 +124,7 @@ def _figure(rows: list[LayerRow], path: Path) -> Path:
         ("median_frequency", "median frequency (images)"),
         ("splice_cosine", "splice cosine"),
         ("sort_accuracy", "sort-eval accuracy (95% CI)"),
+        ("mean_ms", "mean MonoSemanticity Score"),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), layout="constrained")
     layers = [r.layer for r in rows]

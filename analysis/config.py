@@ -1,4 +1,4 @@
-"""Settings of `vitscope analyze`: one frozen dataclass, as every job has."""
+"""Settings of `vitscope analyze` and `vitscope monosemanticity`: one frozen dataclass per job."""
 
 from __future__ import annotations
 
@@ -47,3 +47,46 @@ class AnalyzeConfig:
             return Path(self.out)
         run = Path(self.run)
         return run / "analysis" if run.is_dir() else Path("analysis")
+
+
+@dataclass(frozen=True)
+class MonosemanticityConfig:
+    """The MonoSemanticity Score of every feature of an SAE over the images of a cache."""
+
+    run: str
+    """The SAE: a run folder, an SAE folder, a CLIP-Scope .pt or a hub id."""
+    cache: str = ""
+    """The evaluation images' cache; empty = the cache the SAE was trained on."""
+    out: str = ""
+    """Analysis folder to write into; empty = RUN/analysis (or ./analysis for a non-folder SAE)."""
+    shards: str = ""
+    """Folder of the cache's shards, if they moved since caching; empty = where the cache says."""
+    encoder: str = ""
+    """open_clip model whose image embeddings give the similarities; empty = the cache's model."""
+    encoder_weights: str = ""
+    """Its pretrained tag or weights file ('none' = random); empty = the cache's weights when
+    --encoder is empty, else required."""
+    layer: Annotated[int, AtLeast(-1)] = -1
+    """Cached layer to read; -1 = the SAE's own layer."""
+    max_images: Annotated[int, AtLeast(0)] = 0
+    """The first this many committed rows (whole chunks) are the evaluation set; 0 = all."""
+    batch_size: Annotated[int, AtLeast(1)] = 64
+    """Images per forward pass of the encoder."""
+    num_workers: Annotated[int, AtLeast(0)] = 4
+    """DataLoader workers decoding and preprocessing images (one shard each at a time)."""
+    read_threads: Annotated[int, AtLeast(1)] = 4
+    """Threads reading and decompressing chunks ahead of the SAE's encoder."""
+    device: str = "auto"
+    """Torch device for the SAE and the encoder: auto = cuda when present, else cpu."""
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+        if self.encoder and not self.encoder_weights:
+            raise ValueError(
+                f"--encoder {self.encoder} needs --encoder-weights: a pretrained tag, a weights "
+                "file or 'none' for random weights"
+            )
+
+    @property
+    def out_dir(self) -> Path:
+        return AnalyzeConfig(run=self.run, out=self.out).out_dir

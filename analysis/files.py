@@ -7,6 +7,7 @@ the pictures, the browser and notebooks read.
       top_images.parquet one row per (feature, rank): the image's row, shard, key, caption, value
       heatmaps.zarr      (F, N, T) float16: each top image's activation on every token
       state.safetensors  only while the pass is incomplete: the accumulators, for --resume
+      monosemanticity.parquet, monosemanticity.json   `vitscope monosemanticity`: MS per feature
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ import zarr
 
 from vitscope.support.records import FileFormatError, parse_record, read_json, write_atomically
 
-ANALYSIS_VERSION = "1.0"
+ANALYSIS_VERSION = "1.1"
 META_FILE = "meta.json"
 FEATURES_FILE = "features.parquet"
 TOP_IMAGES_FILE = "top_images.parquet"
 HEATMAPS_ARRAY = "heatmaps.zarr"
 STATE_FILE = "state.safetensors"
+MS_FILE = "monosemanticity.parquet"
+MS_META_FILE = "monosemanticity.json"
+MS_COLUMN = "ms"
+"""The column `load_analysis` adds to `features` when the folder holds an MS result."""
 
 
 class AnalysisError(FileFormatError):
@@ -115,6 +120,61 @@ TOP_IMAGES_SCHEMA = pa.schema(
 """top_images.parquet: one row per (feature, rank) that holds an image; rank 0 is the best."""
 
 
+MS_SCHEMA = pa.schema([("feature", pa.int32()), (MS_COLUMN, pa.float32())])
+"""monosemanticity.parquet: one row per feature, in feature order; ms is null where undefined."""
+
+
+@dataclass(frozen=True)
+class MonosemanticityMeta:
+    """monosemanticity.json: how the MS of monosemanticity.parquet was measured (written last)."""
+
+    sae: str
+    """The SAE whose features were scored."""
+    cache: str
+    """The cache whose committed rows were the evaluation images."""
+    layer: int
+    """Cached layer read (the SAE's layer)."""
+    token_set: str
+    """Tokens encoded per image: all, cls or patches (the SAE's)."""
+    n_features: int
+    """Latents F."""
+    n_images: int
+    """Evaluation images N."""
+    encoder: str
+    """open_clip model whose image embeddings gave the similarities."""
+    encoder_weights: str
+    """Its weights (pretrained tag, file, or 'none:seed=S')."""
+    embed_dim: int
+    """Width E of its embeddings."""
+    pooling: str = "max"
+    """An image's activation of a feature: its largest value over the image's tokens."""
+    analysis_version: str = ANALYSIS_VERSION
+    """major.minor of ANALYSIS.md."""
+
+
+def write_monosemanticity(folder: Path, meta: MonosemanticityMeta, ms_F: np.ndarray) -> None:
+    """MS per feature (NaN where undefined), then the meta that marks the result complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MS_META_FILE).unlink(missing_ok=True)
+    ms = pa.array(ms_F.astype(np.float32), mask=np.isnan(ms_F))
+    table = pa.table({"feature": np.arange(len(ms_F), dtype=np.int32), MS_COLUMN: ms})
+    pq.write_table(table.cast(MS_SCHEMA), folder / MS_FILE)
+    write_atomically(folder / MS_META_FILE, json.dumps(asdict(meta), indent=2).encode())
+
+
+def read_monosemanticity(folder: Path) -> tuple[MonosemanticityMeta, pa.Table] | None:
+    """The folder's MS result, or None if it has none (or only an interrupted one)."""
+    path = folder / MS_META_FILE
+    if not path.is_file():
+        return None
+    meta = parse_record(
+        MonosemanticityMeta, read_json(path, AnalysisError), path, "MS result", AnalysisError
+    )
+    if meta.analysis_version.split(".")[0] != ANALYSIS_VERSION.split(".")[0]:
+        raise AnalysisError(path, f"analysis version {ANALYSIS_VERSION}", meta.analysis_version)
+    return meta, pq.read_table(folder / MS_FILE)
+
+
 def write_results(
     folder: Path, features: pa.Table, top_images: pa.Table, heatmaps_FNT: np.ndarray
 ) -> None:
@@ -134,12 +194,14 @@ def write_results(
 
 @dataclass
 class Analysis:
-    """A complete analysis: `features` and `top_images` as pyarrow tables, heatmaps on demand."""
+    """A complete analysis: `features` and `top_images` as pyarrow tables, heatmaps on demand;
+    `features` has an `ms` column when the folder holds an MS result (`monosemanticity`)."""
 
     folder: Path
     meta: AnalysisMeta
     features: pa.Table
     top_images: pa.Table
+    monosemanticity: MonosemanticityMeta | None = None
 
     def heatmaps(self, feature: int) -> np.ndarray:
         """(N, T) float32: the feature on every token of each of its top images."""
@@ -163,9 +225,16 @@ def load_analysis(folder: Path) -> Analysis:
             f"{meta.chunks_done} of {meta.chunks_total} chunks done",
             "finish it with `vitscope analyze ... --resume`",
         )
-    return Analysis(
-        folder,
-        meta,
-        pq.read_table(folder / FEATURES_FILE),
-        pq.read_table(folder / TOP_IMAGES_FILE),
-    )
+    features = pq.read_table(folder / FEATURES_FILE)
+    ms = read_monosemanticity(folder)
+    if ms is not None:
+        if ms[0].n_features != meta.n_features:
+            raise AnalysisError(
+                folder / MS_META_FILE,
+                f"MS of the analysed SAE's {meta.n_features} features",
+                f"{ms[0].n_features} features",
+                "re-run `vitscope monosemanticity` for this SAE",
+            )
+        features = features.append_column(MS_COLUMN, ms[1][MS_COLUMN])
+    top_images = pq.read_table(folder / TOP_IMAGES_FILE)
+    return Analysis(folder, meta, features, top_images, None if ms is None else ms[0])

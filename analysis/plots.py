@@ -1,5 +1,5 @@
 """The analysis as pictures (PNG): MSE across tokens through training, how often features fire,
-and a feature's top images with its patch activations overlaid."""
+how monosemantic they are, and a feature's top images with its patch activations overlaid."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from vitscope.analysis.files import Analysis, load_analysis
+from vitscope.analysis.files import (
+    MS_COLUMN,
+    MS_FILE,
+    Analysis,
+    load_analysis,
+    read_monosemanticity,
+)
 from vitscope.analysis.images import read_images
 from vitscope.cache_spec.store import open_cache
 from vitscope.support.extras import require
@@ -34,6 +40,8 @@ def plot_analysis(folder: Path, shards: Path | None = None, grids: int = 4) -> l
     run = Path(analysis.meta.sae)
     if (run / "log.jsonl").is_file():
         pictures.append(plot_mse_by_token(run, folder / "mse_by_token.png"))
+    if analysis.monosemanticity is not None:
+        pictures.append(plot_monosemanticity(folder))
     # The features firing on the most images fill their grids: a first look at the dictionary.
     widest = np.argsort(-analysis.features["fire_images"].to_numpy(), kind="stable")[:grids]
     for feature in widest.tolist():
@@ -92,6 +100,30 @@ def plot_frequencies(analysis: Analysis, out: Path) -> Path:
         f"{analysis.meta.tokens_seen:,} tokens of layer {analysis.meta.layer}"
     )
     return save_figure(fig, out)
+
+
+def plot_monosemanticity(folder: Path) -> Path:
+    """Histogram of the features' MS (monosemanticity.png beside monosemanticity.parquet)."""
+    found = read_monosemanticity(folder)
+    if found is None:
+        raise FileNotFoundError(f"{folder / MS_FILE}: none; run `vitscope monosemanticity` first")
+    meta, table = found
+    ms = table[MS_COLUMN].to_numpy(zero_copy_only=False).astype(np.float64)
+    defined = ms[~np.isnan(ms)]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), layout="constrained")
+    ax.hist(defined, bins=50, range=(min(0.0, float(defined.min(initial=0))), 1), color="tab:blue")
+    mean = f", mean {defined.mean():.3f}" if len(defined) else ""
+    ax.set(
+        xlabel="MonoSemanticity Score",
+        ylabel="features",
+        title=f"{len(defined):,} of {meta.n_features:,} features scored{mean}",
+    )
+    fig.suptitle(
+        f"{meta.sae}: MS over {meta.n_images:,} images, layer {meta.layer}, "
+        f"embeddings of {meta.encoder} ({meta.encoder_weights})",
+        fontsize=9,
+    )
+    return save_figure(fig, folder / "monosemanticity.png")
 
 
 def plot_feature_grid(

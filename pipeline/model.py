@@ -5,6 +5,8 @@ convention of CLIP-Scope's published SAEs. The forward pass stops after the deep
 block, so caching layers 2..22 of ViT-L-14 never runs blocks 23, ln_post or the projection.
 The same block hook can instead replace a block's output and run on to the image embedding
 (`spliced_forward`), so a splice eval edits exactly the activations the cache holds.
+`load_image_encoder` loads any open_clip model's image tower, ViT or not, for its embeddings only
+(the MonoSemanticity Score's similarities).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -114,6 +117,45 @@ def load_clip(
     tower = _vision_tower(clip.visual, preprocess, model, recorded, device, dtype)
     clip = clip.to(device=tower.device, dtype=tower.dtype).eval().requires_grad_(False)
     return ClipModel(tower, clip.encode_text, import_open_clip().get_tokenizer(model))
+
+
+@dataclass
+class ImageEncoder:
+    """Any open_clip model's image tower (a ViT or not), for final image embeddings only."""
+
+    visual: nn.Module
+    preprocess: nn.Module
+    model: str
+    pretrained: str
+    """As `VisionTower.pretrained` records it ('none:seed=S' for seeded random weights)."""
+    dtype: torch.dtype
+    device: torch.device
+    image_size: int = 0
+    """Side of its preprocessed input images."""
+    embed_dim: int = 0
+    """Width E of its embeddings."""
+
+    @torch.inference_mode()
+    def embed(self, images_BCHW: Tensor) -> Tensor:
+        """(B, E) float32 unit-norm embeddings of preprocessed images."""
+        pixels = images_BCHW.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        return nn.functional.normalize(self.visual(pixels).float(), dim=-1)
+
+
+def load_image_encoder(
+    model: str, pretrained: str, device: str = "cpu", dtype: ModelDtype = "auto", seed: int = 0
+) -> ImageEncoder:
+    """`model`'s image tower with `pretrained` weights (the same rules as `load_vision_tower`),
+    whatever its architecture."""
+    clip, preprocess, recorded = _create_clip(model, pretrained, seed)
+    torch_device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    visual = clip.visual.to(device=torch_device, dtype=torch_dtype).eval().requires_grad_(False)
+    encoder = ImageEncoder(visual, preprocess, model, recorded, torch_dtype, torch_device)
+    probe = preprocess(Image.new("RGB", (64, 64)))[None]
+    encoder.image_size = probe.shape[-1]
+    encoder.embed_dim = encoder.embed(probe).shape[1]
+    return encoder
 
 
 def _create_clip(model: str, pretrained: str, seed: int) -> tuple[nn.Module, nn.Module, str]:

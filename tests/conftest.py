@@ -283,3 +283,24 @@ def small_config(cache: Path, out: Path, **changes: object) -> TrainConfig:
     )
     settings.update(changes)
     return TrainConfig(**settings)
+
+
+BROWSER_WAIT_S = 20
+"""Seconds a browser test waits for a page's elements."""
+
+
+def wait_for(driver, css: str) -> list:
+    """The elements matching `css` once the page has some (Selenium's explicit wait)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, BROWSER_WAIT_S).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, css)
+    )
+
+
+def shown_features(driver) -> list[int]:
+    """The feature ids of the browser index's rows, top to bottom."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#features tbody a')].map(a => Number(a.textContent))"
+    )

@@ -20,20 +20,15 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from conftest import BROWSER_WAIT_S, shown_features, wait_for
 from vitscope.analysis.browser import size_per_feature, write_browser
 from vitscope.analysis.files import AnalysisMeta, load_analysis, write_meta, write_results
 from vitscope.cache_spec import open_cache
-
-WAIT_S = 20
 
 
 @pytest.fixture(scope="module")
 def photo_site(photo_analysis: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_browser(load_analysis(photo_analysis), tmp_path_factory.mktemp("site") / "site")
-
-
-def wait_for(driver: webdriver.Chrome, css: str) -> list:
-    return WebDriverWait(driver, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, css))
 
 
 def assert_screenshot(driver: webdriver.Chrome, path: Path) -> None:
@@ -42,12 +37,6 @@ def assert_screenshot(driver: webdriver.Chrome, path: Path) -> None:
     with Image.open(io.BytesIO(path.read_bytes())) as image:
         assert image.format == "PNG"
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 24)) > 10
-
-
-def shown_features(driver: webdriver.Chrome) -> list[int]:
-    return driver.execute_script(
-        "return [...document.querySelectorAll('#features tbody a')].map(a => Number(a.textContent))"
-    )
 
 
 def expected_order(values: np.ndarray, descending: bool) -> list[int]:
@@ -105,7 +94,7 @@ def test_searched_feature_shows_its_top_images(
     assert captions == [t["caption"] or "" for t in top]
     assert any(captions)
 
-    WebDriverWait(chromium, WAIT_S).until(
+    WebDriverWait(chromium, BROWSER_WAIT_S).until(
         lambda d: d.execute_script(
             "return [...document.querySelectorAll('#grid img')].every(i => i.complete)"
         )
@@ -142,13 +131,13 @@ def test_browse_command_writes_and_serves_the_site(
         assert written.startswith(f"feature browser: {out / 'index.html'} (")
         assert written.rstrip().endswith(" bytes per feature)")
         url = server.stdout.readline().split(" at ")[1].split()[0]
-        with urllib.request.urlopen(url, timeout=WAIT_S) as page:
+        with urllib.request.urlopen(url, timeout=BROWSER_WAIT_S) as page:
             assert b'<script src="data/index.js">' in page.read()
         with urllib.request.urlopen(url.replace("index.html", "data/index.js")) as data:
             assert data.read().startswith(b"VS.index = {")
     finally:
         server.terminate()
-        server.wait(timeout=WAIT_S)
+        server.wait(timeout=BROWSER_WAIT_S)
 
 
 def wide_analysis(folder: Path, cache: Path, n_features: int, top_n: int, grid: int) -> Path:

@@ -11,7 +11,13 @@ from typing import Literal, Union, get_args, get_origin, get_type_hints
 import pytest
 import torch
 
-from vitscope.analysis.files import FEATURES_SCHEMA, TOP_IMAGES_SCHEMA, AnalysisMeta
+from vitscope.analysis.files import (
+    FEATURES_SCHEMA,
+    MS_SCHEMA,
+    TOP_IMAGES_SCHEMA,
+    AnalysisMeta,
+    MonosemanticityMeta,
+)
 from vitscope.cache_spec import CacheAttrs, ShardCommit, open_cache
 from vitscope.cache_spec.layout import ROWS_SCHEMA, STORAGES
 from vitscope.cache_spec.storage import ENCODINGS
@@ -74,14 +80,19 @@ def test_sae_weights_table_matches_what_training_saves():
 
 
 def test_analysis_tables_match_the_code():
-    hints = get_type_hints(AnalysisMeta)
-    documented = [(name, kind) for name, kind, _ in spec_table("## `meta.json`", ANALYSIS)]
-    assert documented == [
-        (f.name, spec_type(hints[f.name])) for f in dataclasses.fields(AnalysisMeta)
-    ]
+    for heading, record in [
+        ("## `meta.json`", AnalysisMeta),
+        ("### `monosemanticity.json`", MonosemanticityMeta),
+    ]:
+        hints = get_type_hints(record)
+        documented = [(name, kind) for name, kind, _ in spec_table(heading, ANALYSIS)]
+        assert documented == [
+            (f.name, spec_type(hints[f.name])) for f in dataclasses.fields(record)
+        ]
     for heading, schema in [
         ("## `features.parquet`", FEATURES_SCHEMA),
         ("## `top_images.parquet`", TOP_IMAGES_SCHEMA),
+        ("### `monosemanticity.parquet`", MS_SCHEMA),
     ]:
         documented = [(name, kind) for name, kind, _ in spec_table(heading, ANALYSIS)]
         assert documented == [(f.name, str(f.type)) for f in schema]

@@ -10,7 +10,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from vitscope.analysis.config import AnalyzeConfig
+from vitscope.analysis.config import AnalyzeConfig, MonosemanticityConfig
 from vitscope.analysis.images import ImageSourceError
 from vitscope.analysis.sorteval_config import SortEvalConfig
 from vitscope.cache_spec.storage import StorageRangeError
@@ -126,6 +126,35 @@ add_config_command(
     AnalyzeConfig,
     run_analyze,
     help="One pass of an SAE over its cache: feature statistics, top images, pictures.",
+    arguments=("run",),
+)
+
+
+@one_line_errors
+def run_monosemanticity(config: MonosemanticityConfig) -> None:
+    import numpy as np
+
+    from vitscope.analysis.files import MS_FILE
+    from vitscope.analysis.monosemanticity import monosemanticity
+    from vitscope.analysis.plots import plot_monosemanticity
+
+    out, meta, ms_F = monosemanticity(config)
+    scored = ms_F[~np.isnan(ms_F)]
+    mean = f", mean {scored.mean():.4f}, median {np.median(scored):.4f}" if len(scored) else ""
+    print(
+        f"MS of {len(scored):,} of {meta.n_features:,} features over {meta.n_images:,} images "
+        f"({meta.encoder} embeddings){mean}: {out / MS_FILE}"
+    )
+    print(f"picture: {plot_monosemanticity(out)}")
+
+
+add_config_command(
+    app,
+    "monosemanticity",
+    MonosemanticityConfig,
+    run_monosemanticity,
+    help="MonoSemanticity Score of every feature: activation-weighted mean cosine similarity of "
+    "the images it fires on, under an image encoder (default: the cache's own model).",
     arguments=("run",),
 )
 

@@ -104,7 +104,7 @@ DEMO_PRETRAINED = {"ViT-B-32": "laion2b_s34b_b79k", "ViT-L-14": "laion2b_s32b_b8
 
 def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
     """Photos -> 127.0.0.1 -> img2dataset shards -> a cache of 4 layers -> SAEs on layers 5 and 8
-    -> their analyses, pictures, splice and sort evals, browsers, and a layer comparison."""
+    -> their analyses, MS, pictures, splice and sort evals, browsers, and a layer comparison."""
     import shutil
 
     for module, extra in (("skimage", "demo"), ("img2dataset", "cache"), ("matplotlib", "plots")):
@@ -112,8 +112,9 @@ def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
     from vitscope.analysis.analyze import analyze
     from vitscope.analysis.browser import write_browser
     from vitscope.analysis.compare import compare
-    from vitscope.analysis.config import AnalyzeConfig
+    from vitscope.analysis.config import AnalyzeConfig, MonosemanticityConfig
     from vitscope.analysis.files import load_analysis
+    from vitscope.analysis.monosemanticity import monosemanticity
     from vitscope.analysis.plots import plot_analysis
     from vitscope.analysis.sorteval_config import SortEvalConfig
     from vitscope.analysis.sorteval_run import sort_eval
@@ -189,6 +190,9 @@ def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
         )
         print(f"SAE on layer {layer}: {run}/sae.safetensors; curves: {run}/report.png")
         analysis = analyze(AnalyzeConfig(run=str(run)))
+        _, _, ms_F = monosemanticity(MonosemanticityConfig(run=str(run), num_workers=2))
+        defined = ms_F[ms_F == ms_F]  # NaN: no MS
+        print(f"MonoSemanticity Score of {len(defined)} features: mean {defined.mean():.3f}")
         for picture in plot_analysis(analysis):
             print(f"picture: {picture}")
         spliced, _ = splice_run(str(run), labels=labels)

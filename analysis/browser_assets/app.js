@@ -15,9 +15,16 @@ const COLUMNS = [
   ["fire_images", "images fired"],
   ["mean_act", "mean act"],
   ["max_act", "max act"],
+  ["ms", "MS"],
 ];
 
+/* The columns this site's data has (MS only after `vitscope monosemanticity`). */
+function shownColumns(features) {
+  return COLUMNS.filter(([name]) => name in features);
+}
+
 function format(value) {
+  if (value === null || Number.isNaN(value)) return "–";
   if (Number.isInteger(value)) return value.toLocaleString("en-US");
   return value === 0 ? "0" : value.toPrecision(3);
 }
@@ -44,8 +51,9 @@ function setUpJump(nFeatures) {
 function showIndex() {
   const { meta, features } = VS.index;
   const n = meta.n_features;
+  const shown = shownColumns(features);
   const columns = {};
-  for (const [name] of COLUMNS) columns[name] = Float64Array.from(features[name]);
+  for (const [name] of shown) columns[name] = Float64Array.from(features[name], (v) => v ?? NaN);
   const hash = new URLSearchParams(location.hash.slice(1));
   const state = {
     sort: hash.get("sort") in columns ? hash.get("sort") : "feature",
@@ -58,9 +66,10 @@ function showIndex() {
   document.title = `${meta.sae}: features`;
   document.getElementById("title").textContent = `${meta.sae} · layer ${meta.layer}`;
   document.getElementById("count").textContent =
-    `${format(n)} features · ${format(meta.images_seen)} images`;
+    `${format(n)} features · ${format(meta.images_seen)} images` +
+    (meta.ms ? ` · MS over ${meta.ms}` : "");
   const headRow = document.querySelector("#features thead tr");
-  for (const [name, label] of COLUMNS) {
+  for (const [name, label] of shown) {
     const th = document.createElement("th");
     th.dataset.col = name;
     th.textContent = label;
@@ -85,7 +94,13 @@ function showIndex() {
     const col = columns[state.sort];
     const dir = state.dir;
     for (let i = 0; i < n; i++) order[i] = i;
-    order.sort((a, b) => (col[a] - col[b]) * dir || a - b);
+    // Features without a value (NaN: no MS) go last in either direction, then by id.
+    order.sort((a, b) => {
+      const x = col[a], y = col[b];
+      const missing = Number.isNaN(x) - Number.isNaN(y);
+      if (missing) return missing;
+      return (Number.isNaN(x) ? 0 : (x - y) * dir) || a - b;
+    });
   }
 
   function render() {
@@ -97,7 +112,7 @@ function showIndex() {
     const end = Math.min((state.page + 1) * PAGE_ROWS, n);
     for (let i = state.page * PAGE_ROWS; i < end; i++) {
       const f = order[i];
-      const cells = COLUMNS.slice(1).map(([name]) => `<td>${format(features[name][f])}</td>`);
+      const cells = shown.slice(1).map(([name]) => `<td>${format(features[name][f])}</td>`);
       rows.push(`<tr><td><a href="${featureUrl(f)}">${f}</a></td>${cells.join("")}</tr>`);
     }
     document.querySelector("#features tbody").innerHTML = rows.join("");
@@ -126,7 +141,7 @@ function showFeature() {
   for (const [id, other] of [["prev", f - 1], ["next", f + 1]]) {
     if (other >= 0 && other < n) document.getElementById(id).href = featureUrl(other);
   }
-  const stats = COLUMNS.slice(1).map(
+  const stats = shownColumns(features).slice(1).map(
     ([name, label]) => `<tr><th>${label}</th><td data-col="${name}">${format(features[name][f])}</td></tr>`,
   );
   document.querySelector("#stats tbody").innerHTML = stats.join("");
