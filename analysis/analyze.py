@@ -25,13 +25,13 @@ from vitscope.analysis.files import (
     write_meta,
     write_results,
 )
-from vitscope.analysis.images import row_sources
+from vitscope.analysis.images import ImageSourceError, row_sources, shards_folder
 from vitscope.analysis.stats import FeatureAccumulator
 from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.saes.load import load_sae
 from vitscope.support.devices import resolve_device
 from vitscope.support.progress import status
-from vitscope.support.records import write_atomically
+from vitscope.support.records import check_output_path, write_atomically
 from vitscope.train.loader import read_chunks, token_slice
 from vitscope.train.sae import TopKSAE
 
@@ -39,9 +39,12 @@ from vitscope.train.sae import TopKSAE
 def analyze(config: AnalyzeConfig) -> Path:
     """Run (or resume) the pass; returns the analysis folder."""
     out = config.out_dir
+    check_output_path(out, "--out")
     sae = load_sae(config.run, device=resolve_device(config.device))
     layer = layer_of(config, sae)
     cache = open_cache(sae.card.cache_or(config.cache, config.run), layer=layer)
+    if config.grids:
+        check_shards_folder(cache, Path(config.shards) if config.shards else None)
     chunks = cache.chunks()
     if config.max_images:
         chunks = first_images(chunks, config.max_images)
@@ -86,6 +89,23 @@ def layer_of(config: AnalyzeConfig | MonosemanticityConfig, sae: TopKSAE) -> int
     return sae.card.layer
 
 
+def absolute(location: str) -> str:
+    """A local path made absolute, so that meta.json's run and cache open from anywhere (a
+    notebook, another folder); URLs and hub ids as they are."""
+    path = Path(location)
+    return str(path.resolve()) if "://" not in location and path.exists() else location
+
+
+def check_shards_folder(cache: Cache, shards: Path | None) -> None:
+    """Fail before the pass, not after it, when the grids' images cannot be read back."""
+    folder = shards_folder(cache, shards)
+    if not folder.is_dir():
+        raise ImageSourceError(
+            f"{folder}: the cache's shard folder is not there; pass --shards DIR where its "
+            "shards are now"
+        )
+
+
 def first_images(chunks: list, max_images: int) -> list:
     """The first whole chunks holding at least `max_images` images (all if fewer)."""
     kept, images = [], 0
@@ -108,8 +128,8 @@ def _start(
 ) -> tuple[AnalysisMeta, FeatureAccumulator]:
     """A fresh pass, or the saved state of an interrupted one (--resume)."""
     fresh = AnalysisMeta(
-        sae=str(config.run),
-        cache=str(cache.path),
+        sae=absolute(config.run),
+        cache=absolute(str(cache.path)),
         layer=layer,
         token_set=sae.card.token_set,
         n_features=sae.n_latents,
@@ -130,7 +150,8 @@ def _start(
             )
         return fresh, accumulator
     saved = read_meta(out)
-    if dataclasses.replace(saved, chunks_done=0, images_seen=0, tokens_seen=0) != fresh:
+    progress = {"chunks_done": 0, "images_seen": 0, "tokens_seen": 0, "complete": False}
+    if dataclasses.replace(saved, **progress) != fresh:
         raise AnalysisError(
             out / "meta.json",
             "an analysis of this SAE, cache and settings",
@@ -171,10 +192,10 @@ def _finish(out: Path, meta: AnalysisMeta, acc: FeatureAccumulator, cache: Cache
             "max_act": np.where(fire_tokens > 0, acc.act_max_F.numpy(), 0).astype(np.float32),
         }
     )
-    sources = row_sources(cache)
     filled = acc.top_rows_FN >= 0
     feature_idx, rank = filled.nonzero(as_tuple=True)
     rows = acc.top_rows_FN[filled].tolist()
+    sources = row_sources(cache, rows)
     top_images = pa.table(
         {
             "feature": feature_idx.numpy().astype(np.int32),

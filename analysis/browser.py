@@ -28,7 +28,7 @@ import zarr
 from PIL import Image, ImageOps
 
 from vitscope.analysis.files import HEATMAPS_ARRAY, Analysis
-from vitscope.analysis.images import read_images
+from vitscope.analysis.images import iter_images
 from vitscope.cache_spec.store import Cache, open_cache
 
 ASSETS = Path(__file__).parent / "browser_assets"
@@ -36,8 +36,6 @@ SITE_ASSETS = ("index.html", "feature.html", "app.js", "style.css")
 """The browser's pages; the sort-eval game (sortgame.*) lives beside them, written elsewhere."""
 BLOCK_FEATURES = 1024
 """Features per block file: one script of a few MB at ViT-L/14's 16x16 grid."""
-IMAGE_BATCH = 1024
-"""Top images decoded at once (in row order, so each batch reads few shards)."""
 INDEX_FILE = "data/index.js"
 LAYERS_FILE = "data/layers.js"
 """VS.layers: links to the browsers of the same cache's other layers (`vitscope compare`)."""
@@ -149,11 +147,9 @@ def write_thumbnails(
     """Each row's image once as ROW.jpg, cropped to the square the ViT saw (shorter side,
     centred); the feature browser and the sort-eval game both show these."""
     folder.mkdir(parents=True, exist_ok=True)
-    for start in range(0, len(rows), IMAGE_BATCH):
-        batch = rows[start : start + IMAGE_BATCH].tolist()
-        for row, image in read_images(cache, batch, shards).items():
-            thumb = ImageOps.fit(image, (thumb_px, thumb_px), Image.Resampling.BICUBIC)
-            thumb.save(folder / f"{row}.jpg", quality=85)
+    for row, image in iter_images(cache, rows.tolist(), shards):
+        thumb = ImageOps.fit(image, (thumb_px, thumb_px), Image.Resampling.BICUBIC)
+        thumb.save(folder / f"{row}.jpg", quality=85)
 
 
 def _shortest(values: np.ndarray) -> list[float | None]:

@@ -20,6 +20,7 @@ import numpy as np
 
 from vitscope.analysis.browser import LAYERS_FILE
 from vitscope.analysis.files import MS_COLUMN, load_analysis
+from vitscope.support.records import check_output_path
 from vitscope.train.report import read_log
 from vitscope.train.sae_folder import load_sae_folder
 
@@ -79,6 +80,7 @@ def layer_row(run: Path) -> LayerRow:
 
 def compare(runs: list[Path], out: Path) -> list[Path]:
     """The table (markdown, CSV), the figure, and layer links in every run's browser."""
+    check_output_path(out, "--out")
     rows = sorted((layer_row(run) for run in runs), key=lambda r: (r.layer is None, r.layer))
     out.mkdir(parents=True, exist_ok=True)
     names = [f.name for f in fields(LayerRow)]

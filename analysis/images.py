@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import io
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from vitscope.cache_spec.store import Cache
@@ -33,29 +35,42 @@ def shards_folder(cache: Cache, shards: Path | None) -> Path:
     return Path(cache.attrs.source_shards)
 
 
-def row_sources(cache: Cache) -> dict[int, tuple[str, str, str | None]]:
-    """row -> (shard file name, webdataset key, caption) for every committed row."""
-    table = cache.rows_table().to_pydict()
+def row_sources(
+    cache: Cache, rows: Iterable[int] | None = None
+) -> dict[int, tuple[str, str, str | None]]:
+    """row -> (shard file name, webdataset key, caption) for the given rows (all committed rows
+    if None). Filtered in Arrow first: a cache of millions of rows never becomes a Python dict."""
+    table = cache.rows_table().select(["row", "shard", "key", "caption"])
+    if rows is not None:
+        table = table.filter(pc.is_in(table["row"], pa.array(sorted(set(rows)), pa.int64())))
+    columns = table.to_pydict()
     return {
         row: (shard, key, caption)
         for row, shard, key, caption in zip(
-            table["row"], table["shard"], table["key"], table["caption"], strict=True
+            columns["row"], columns["shard"], columns["key"], columns["caption"], strict=True
         )
         if row is not None
     }
 
 
-def read_images(
-    cache: Cache, rows: Iterable[int], shards: Path | None = None
-) -> dict[int, Image.Image]:
-    """The decoded image of each row, reading each shard once, in tar order."""
+def iter_images(
+    cache: Cache,
+    rows: Iterable[int],
+    shards: Path | None = None,
+    sources: dict[int, tuple[str, str, str | None]] | None = None,
+) -> Iterator[tuple[int, Image.Image]]:
+    """(row, decoded image) for each row, shard by shard in tar order, one image in memory at a
+    time. `sources` (from `row_sources`) saves re-reading the row table when called in batches."""
     folder = shards_folder(cache, shards)
-    sources = row_sources(cache)
+    wanted_rows = set(rows)
+    if sources is None:
+        sources = row_sources(cache, wanted_rows)
     wanted: dict[str, dict[str, int]] = defaultdict(dict)
-    for row in set(rows):
+    for row in wanted_rows:
+        if row not in sources:
+            raise ImageSourceError(f"{cache.path}: no committed row {row} in the cache's row table")
         shard, key, _ = sources[row]
         wanted[shard][key] = row
-    images: dict[int, Image.Image] = {}
     for shard, keys in sorted(wanted.items()):
         path = folder / shard
         if not path.is_file():
@@ -63,15 +78,26 @@ def read_images(
                 f"{path}: shard of {len(keys)} top image(s) not found; pass --shards DIR where "
                 "the cache's shards are now"
             )
+        found = set()
         for sample in read_samples(path):
-            row = keys.get(sample["__key__"].decode())
-            if row is not None:
+            key = sample["__key__"].decode()
+            if key in keys:
                 data = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
-                images[row] = Image.open(io.BytesIO(data)).convert("RGB")
-        missing = sorted(set(keys) - {k for k, r in keys.items() if r in images})
+                found.add(key)
+                yield keys[key], Image.open(io.BytesIO(data)).convert("RGB")
+        missing = sorted(set(keys) - found)
         if missing:
             raise ImageSourceError(
                 f"{path}: no sample with key {missing[0]} (row {keys[missing[0]]}); the shard "
                 "is not the one the cache was made from: pass --shards DIR with the original"
             )
-    return images
+
+
+def read_images(
+    cache: Cache,
+    rows: Iterable[int],
+    shards: Path | None = None,
+    sources: dict[int, tuple[str, str, str | None]] | None = None,
+) -> dict[int, Image.Image]:
+    """The decoded image of each row (see `iter_images`), all held at once: for a few images."""
+    return dict(iter_images(cache, rows, shards, sources))

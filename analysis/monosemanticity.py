@@ -55,6 +55,7 @@ from vitscope.pipeline.model import ImageEncoder, load_image_encoder
 from vitscope.saes.load import load_sae
 from vitscope.support.devices import resolve_device
 from vitscope.support.progress import status
+from vitscope.support.records import check_output_path
 from vitscope.train.loader import read_chunks, token_slice
 from vitscope.train.sae import TopKSAE
 
@@ -156,6 +157,7 @@ def monosemanticity(
     """Score every feature over the evaluation images; write monosemanticity.parquet and .json
     into the analysis folder; returns the folder, the meta and MS per feature (NaN: none)."""
     out = config.out_dir
+    check_output_path(out, "--out")
     device = resolve_device(config.device)
     sae = load_sae(config.run, device=device)
     layer = layer_of(config, sae)

@@ -3,6 +3,7 @@ how monosemantic they are, and a feature's top images with its patch activations
 
 from __future__ import annotations
 
+import json
 import math
 import textwrap
 from pathlib import Path
@@ -28,8 +29,8 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-MAX_PANELS = 8
-"""Logged windows drawn in the MSE-by-token figure (evenly spaced, the last one always)."""
+MAX_PANELS = 16
+"""At most this many panels in the MSE-by-token figure (evenly spaced, the last one always)."""
 
 
 def plot_analysis(folder: Path, shards: Path | None = None, grids: int = 4) -> list[Path]:
@@ -56,17 +57,42 @@ def plot_mse_by_token(run_dir: Path, out: Path) -> Path:
     return save_figure(mse_by_token_figure(run_dir), out)
 
 
+def panel_windows(log: list[dict], checkpoint_every: int | None) -> list[dict]:
+    """The logged windows the MSE figure draws: one per checkpoint and the last, when the run
+    saved at least one checkpoint, else every logged window; evenly thinned to MAX_PANELS."""
+    windows = log
+    if checkpoint_every:
+        at_checkpoints = [
+            w
+            for before, w in zip([{"tokens": 0}, *log], log, strict=False)
+            if w["tokens"] // checkpoint_every > before["tokens"] // checkpoint_every
+        ]
+        if at_checkpoints:
+            windows = at_checkpoints + [log[-1]] * (at_checkpoints[-1] is not log[-1])
+    if len(windows) <= MAX_PANELS:
+        return windows
+    return [windows[round(i * (len(windows) - 1) / (MAX_PANELS - 1))] for i in range(MAX_PANELS)]
+
+
 def mse_by_token_figure(run_dir: Path) -> plt.Figure:
-    """One panel per logged window (at most MAX_PANELS, evenly spaced), the patch grid as a
+    """One panel per checkpoint (or per logged window, see panel_windows), the patch grid as a
     heatmap with CLS beside it, one colour scale for all panels."""
-    log = read_log(run_dir)
-    picks = sorted({round(i * (len(log) - 1) / max(MAX_PANELS - 1, 1)) for i in range(MAX_PANELS)})
-    windows = [log[i] for i in picks]
+    training = json.loads((run_dir / "cfg.json").read_text()).get("training", {})
+    windows = panel_windows(read_log(run_dir), training.get("checkpoint_every"))
     values = np.array([w["heldout"]["mse_by_token"] for w in windows])
     side = math.isqrt(values.shape[1] - 1)
+    if side * side != values.shape[1] - 1:
+        raise ValueError(
+            f"{run_dir / 'log.jsonl'}: {values.shape[1]} token positions are not CLS and a square "
+            "patch grid (did the SAE train on --token-set patches?); see report.png instead"
+        )
     norm = matplotlib.colors.Normalize(vmin=float(values.min()), vmax=float(values.max()))
-    fig, axes = plt.subplots(1, len(windows), figsize=(2.6 * len(windows) + 1, 3.2), squeeze=False)
-    for ax, window, mse in zip(axes[0], windows, values, strict=True):
+    cols = min(len(windows), 8)
+    rows = math.ceil(len(windows) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 1, 2.9 * rows + 0.4), squeeze=False)
+    for ax in axes.flat[len(windows) :]:
+        ax.set_axis_off()
+    for ax, window, mse in zip(axes.flat, windows, values, strict=False):
         image = ax.imshow(mse[1:].reshape(side, side), cmap="magma", norm=norm)
         cls = ax.inset_axes([1.04, 0.8, 0.18, 0.18])
         cls.imshow([[mse[0]]], cmap="magma", norm=norm)
@@ -75,12 +101,17 @@ def mse_by_token_figure(run_dir: Path) -> plt.Figure:
             a.set_xticks([])
             a.set_yticks([])
         ax.set_title(f"{window['tokens']:,} tokens", fontsize=9)
-    fig.colorbar(image, ax=axes[0].tolist(), label="held-out MSE (scaled units)", shrink=0.8)
+    fig.colorbar(image, ax=axes.ravel().tolist(), label="held-out MSE (scaled units)", shrink=0.8)
     fig.suptitle(f"{run_dir}: reconstruction MSE by token position ({side}x{side} patches)")
     return fig
 
 
 def plot_frequencies(analysis: Analysis, out: Path) -> Path:
+    """frequencies.png (see plot_frequencies_figure)."""
+    return save_figure(plot_frequencies_figure(analysis), out)
+
+
+def plot_frequencies_figure(analysis: Analysis) -> plt.Figure:
     """log10 firing frequency of the live features, over tokens and over images."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     n_features = analysis.meta.n_features
@@ -99,7 +130,7 @@ def plot_frequencies(analysis: Analysis, out: Path) -> Path:
         f"{analysis.meta.sae}: {analysis.meta.images_seen:,} images, "
         f"{analysis.meta.tokens_seen:,} tokens of layer {analysis.meta.layer}"
     )
-    return save_figure(fig, out)
+    return fig
 
 
 def plot_monosemanticity(folder: Path) -> Path:
@@ -129,6 +160,11 @@ def plot_monosemanticity(folder: Path) -> Path:
 def plot_feature_grid(
     analysis: Analysis, feature: int, out: Path, shards: Path | None = None
 ) -> Path:
+    """grids/feature_NNNNN.png (see feature_grid_figure)."""
+    return save_figure(feature_grid_figure(analysis, feature, shards), out)
+
+
+def feature_grid_figure(analysis: Analysis, feature: int, shards: Path | None = None) -> plt.Figure:
     """The feature's top images (3x3 for N = 9), each with its patch activations overlaid and
     its caption under it."""
     top = analysis.top_of(feature)
@@ -146,7 +182,11 @@ def plot_feature_grid(
     side = analysis.meta.patch_grid
     first_patch = 1 if analysis.meta.token_set == "all" else 0
     for ax in axes.flat:
-        ax.axis("off")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_frame_on(False)
+    for ax in axes.flat[len(top) :]:
+        ax.set_axis_off()
     for ax, item, heat in zip(axes.flat, top, heat_NT, strict=False):
         image = images[item["row"]]
         ax.imshow(image)
@@ -165,17 +205,9 @@ def plot_feature_grid(
         caption = textwrap.shorten(item["caption"] or item["key"], 60)
         cls = f", CLS {heat[0]:.2f}" if first_patch else ""
         ax.set_title(f"{item['value']:.2f}{cls}", fontsize=8)
-        ax.text(
-            0.5,
-            -0.04,
-            "\n".join(textwrap.wrap(caption, 30)),
-            transform=ax.transAxes,
-            ha="center",
-            va="top",
-            fontsize=7,
-        )
+        ax.set_xlabel("\n".join(textwrap.wrap(caption, 30)), fontsize=7)
     fig.suptitle(f"feature {feature}: top {len(top)} images by peak activation")
-    return save_figure(fig, out)
+    return fig
 
 
 def save_figure(fig: plt.Figure, out: Path) -> Path:

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vitscope.analysis.files import AnalysisError, load_analysis
-from vitscope.analysis.images import read_images
+from vitscope.analysis.images import read_images, row_sources
 from vitscope.analysis.sorteval import (
     GRID,
     Answer,
@@ -36,7 +36,7 @@ from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.saes.load import load_sae
 from vitscope.support.devices import resolve_device
 from vitscope.support.progress import status
-from vitscope.support.records import write_json_atomically
+from vitscope.support.records import check_output_path, write_json_atomically
 
 IMAGE_BATCH = 32
 """Trials whose images are read from the shards together."""
@@ -58,6 +58,7 @@ class Prepared:
 
 def prepare(config: SortEvalConfig) -> Prepared:
     """The trials (a pure function of the settings) and the answers already on file for them."""
+    check_output_path(config.out_dir, "--out")
     device = resolve_device(config.device)
     folder = Path(config.analysis) if config.analysis else Path(config.run) / "analysis"
     analysis = load_analysis(folder)
@@ -187,11 +188,12 @@ class GridPictures:
 def _ask(
     judge, trials: list[SortTrial], cache, shards: Path | None
 ) -> Iterator[tuple[int, Answer | None]]:
+    sources = row_sources(cache, {r for t in trials for r in (*t.rows_a, *t.rows_b, t.query)})
     with tqdm(total=len(trials), unit="pair", desc=f"sorteval ({judge.name})") as progress:
         for start in range(0, len(trials), IMAGE_BATCH):
             batch = trials[start : start + IMAGE_BATCH]
             needed = {r for t in batch for r in (*t.rows_a, *t.rows_b, t.query)}
-            images = read_images(cache, needed, shards)
+            images = read_images(cache, needed, shards, sources)
             for trial in batch:
                 grid_a = [images[r] for r in trial.rows_a]
                 grid_b = [images[r] for r in trial.rows_b]

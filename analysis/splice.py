@@ -24,12 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from vitscope.analysis.images import read_images, row_sources
+from vitscope.analysis.images import read_images
 from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.pipeline.model import (
     BlockHook,
@@ -43,7 +45,7 @@ from vitscope.pipeline.shards import model_input
 from vitscope.saes.load import load_sae
 from vitscope.support.devices import resolve_device
 from vitscope.support.progress import status
-from vitscope.support.records import write_json_atomically
+from vitscope.support.records import check_output_path, write_json_atomically
 from vitscope.train.card import SAECard
 from vitscope.train.loader import token_slice
 
@@ -173,7 +175,7 @@ def splice_eval(
 def cache_images(cache: Cache, n_images: int, shards: Path | None = None) -> list[Image.Image]:
     """The images of the cache's first `n_images` committed rows, read back from their shards
     (`shards` overrides the folder the cache recorded)."""
-    rows = sorted(row_sources(cache))[:n_images]
+    rows = np.sort(pc.drop_null(cache.rows_table()["row"]).to_numpy())[:n_images].tolist()
     images = read_images(cache, rows, shards)
     return [images[row] for row in rows]
 
@@ -189,12 +191,13 @@ def splice_run(
 ) -> tuple[SpliceResult, Path]:
     """`vitscope splice`: evaluate an SAE on images of a cache (by default the one it was trained
     on), write the result as JSON (default RUN/splice.json) and return it with the path."""
+    path = out or (Path(run) / "splice.json" if Path(run).is_dir() else Path("splice.json"))
+    check_output_path(path, "--out", folder=False)
     sae = load_sae(run, device=resolve_device(device))
     images = cache_images(open_cache(sae.card.cache_or(cache, run)), n_images, shards)
     result = splice_eval(
         sae, images, labels=_read_labels(labels) if labels else None, device=device
     )
-    path = out or (Path(run) / "splice.json" if Path(run).is_dir() else Path("splice.json"))
     write_json_atomically(path, result.to_json())
     return result, path
 

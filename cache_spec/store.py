@@ -354,13 +354,12 @@ def _build(path: Path, attrs: CacheAttrs) -> None:
 def _read_attrs(location: LocalFolder | ObjectStore) -> CacheAttrs:
     meta = location.url(ROOT_META)
     if not location.exists(ROOT_META):
-        what = "no zarr.json" if location.exists() else "no such directory"
-        raise CacheSpecError(
-            location.path,
-            "a vitscope cache",
-            what,
-            fix="create one with `vitscope cache --out PATH`",
-        )
+        fix = "pass an existing cache, or create one with `vitscope cache --out PATH`"
+        if isinstance(location, LocalFolder) and location.path.is_file():
+            what, fix = "a file", "pass the cache's folder (the one holding zarr.json)"
+        else:
+            what = "no zarr.json" if location.exists() else "no such directory"
+        raise CacheSpecError(location.path, "a vitscope cache", what, fix=fix)
     data = read_json(location, ROOT_META).get("attributes", {}).get(ATTRS_KEY)
     if data is None:
         raise CacheSpecError(meta, f"attributes[{ATTRS_KEY!r}]", "none: not a vitscope cache")

@@ -33,7 +33,8 @@ def load_sae(
     path = Path(ref)
     if path.exists():
         sae = _load_local(path, device, input_norm)
-    elif isinstance(ref, str) and HUB_REFERENCE.match(ref):
+    elif isinstance(ref, str) and HUB_REFERENCE.match(ref) and not Path(path.parts[0]).exists():
+        # `runs/layer20` with runs/ here is a mistyped local path, not the hub repo runs/layer20
         from vitscope.saes.hub import fetch
 
         sae = _load_local(fetch(ref, revision), device, input_norm)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import vitscope
@@ -20,7 +19,14 @@ from vitscope.analysis import analyze as analyze_module
 from vitscope.analysis.analyze import analyze
 from vitscope.analysis.config import AnalyzeConfig
 from vitscope.analysis.files import load_analysis
-from vitscope.analysis.plots import mse_by_token_figure, plot_analysis
+from vitscope.analysis.plots import (
+    feature_grid_figure,
+    mse_by_token_figure,
+    panel_windows,
+    plot_analysis,
+    plot_frequencies_figure,
+)
+from vitscope.analysis.stats import FeatureAccumulator
 from vitscope.cache_spec import open_cache
 from vitscope.train.report import read_log
 
@@ -119,6 +125,29 @@ def test_pictures_show_what_they_should(photo_analysis: Path, photo_sae: Path):
     assert all(len(ax.child_axes) == 1 for ax in panels)  # CLS beside each
     assert len(figure.axes) == len(panels) + 1  # one colour scale for all
 
+    analysis = load_analysis(photo_analysis)
+    histograms = plot_frequencies_figure(analysis).axes
+    assert [ax.get_xlabel() for ax in histograms] == [
+        "log10 firing frequency over tokens",
+        "log10 firing frequency over images",
+    ]
+    assert all(sum(p.get_height() for p in ax.patches) > 0 for ax in histograms)
+    widest = int(np.argmax(analysis.features["fire_images"].to_numpy()))
+    grid = feature_grid_figure(analysis, widest)
+    shown = [ax for ax in grid.axes if ax.get_images()]
+    assert len(shown) == len(analysis.top_of(widest)) == 9  # a 3x3 grid, all filled
+    assert all(len(ax.get_images()) == 2 for ax in shown)  # the photo and its heatmap
+    captions = [ax.get_xlabel() for ax in shown]
+    assert all(captions) and len(set(captions)) == 9
+
+
+def test_checkpoints_choose_the_mse_panels():
+    log = [{"tokens": t} for t in range(100, 2100, 100)]  # 20 windows, one per 100 tokens
+    assert [w["tokens"] for w in panel_windows(log, 500)] == [500, 1000, 1500, 2000]
+    assert [w["tokens"] for w in panel_windows(log, 800)] == [800, 1600, 2000]
+    thinned = panel_windows(log, 10**9)  # no checkpoint: every window, thinned evenly
+    assert len(thinned) == 16 and thinned[0] is log[0] and thinned[-1] is log[-1]
+
 
 def test_moved_shards_work_with_shards_and_fail_in_one_line_without(
     photo_sae: Path, reference_cache: Path, shards: Path, tmp_path: Path
@@ -133,12 +162,50 @@ def test_moved_shards_work_with_shards_and_fail_in_one_line_without(
 
     failed = run_vitscope(*args, "--out", str(tmp_path / "a1"))
     assert failed.returncode == 1
-    (line,) = failed.stderr.strip().splitlines()[-1:]
-    assert line.startswith(f"error: {tmp_path / 'gone'}/0000") and "pass --shards DIR" in line
+    assert failed.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'gone'}: the cache's shard folder is not there; pass --shards DIR "
+        "where its shards are now"
+    ]
+    assert not (tmp_path / "a1").exists()  # refused before the pass, not after it
 
-    worked = run_vitscope(*args, "--out", str(tmp_path / "a2"), "--shards", str(moved))
+    # Relative paths, as a user types them; meta.json must still open from anywhere.
+    relative = ["analyze", "run", "--cache", "cache", "--grids", "1", "--out", "a2"]
+    relative += ["--shards", "moved"]
+    shutil.copytree(photo_sae, tmp_path / "run")
+    worked = run_vitscope(*relative, cwd=tmp_path)
     assert worked.returncode == 0, worked.stderr
     assert list((tmp_path / "a2" / "grids").glob("feature_*.png"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    features = load_analysis(tmp_path / "a2").features["fire_images"].to_numpy()
+    grid = ["grid", str(tmp_path / "a2"), "--feature", str(int(np.argmax(features)))]
+    drawn = run_vitscope(*grid, "--shards", str(moved), cwd=elsewhere)
+    assert drawn.returncode == 0, drawn.stderr
+
+    again = run_vitscope(*relative, cwd=tmp_path)
+    assert again.returncode == 1 and "pass --resume or --out" in again.stderr
+    meta = (tmp_path / "a2" / "meta.json").read_text()
+    resumed = run_vitscope(*relative, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr  # a finished analysis: only the pictures
+    assert (tmp_path / "a2" / "meta.json").read_text() == meta
+
+
+def test_a_cache_that_never_recorded_its_shards_asks_for_them(
+    photo_sae: Path, reference_cache: Path, shards: Path, tmp_path: Path
+):
+    cache = shutil.copytree(reference_cache, tmp_path / "cache")
+    meta = cache / "zarr.json"
+    data = json.loads(meta.read_text())
+    del data["attributes"]["vitscope_cache"]["source_shards"]  # as caches before spec 1.1
+    meta.write_text(json.dumps(data))
+    args = ["analyze", str(photo_sae), "--cache", str(cache), "--grids", "1"]
+    failed = run_vitscope(*args, "--out", str(tmp_path / "a1"))
+    assert failed.returncode == 1
+    (line,) = failed.stderr.strip().splitlines()
+    assert line.startswith(f"error: {cache}: the cache does not record where its shards")
+    assert line.endswith("pass --shards DIR")
+    worked = run_vitscope(*args, "--out", str(tmp_path / "a2"), "--shards", str(shards))
+    assert worked.returncode == 0, worked.stderr
 
 
 def test_a_shard_that_changed_names_the_missing_key(
@@ -155,11 +222,23 @@ def test_a_shard_that_changed_names_the_missing_key(
         read_images(open_cache(analysis.meta.cache), [top[0]["row"]], replaced)
 
 
-def test_analysis_runs_in_bounded_memory_of_its_own_size(photo_analysis: Path):
-    analysis = load_analysis(photo_analysis)
+def test_the_passs_state_does_not_grow_with_the_cache(
+    photo_sae: Path, reference_cache: Path, tmp_path: Path, monkeypatch
+):
+    """What the pass holds between chunks: its accumulator, the same size after one chunk as
+    after all of them (memory over real cache sizes: bench/analyze_throughput.py)."""
+    sizes: list[int] = []
+    real_add = FeatureAccumulator.add
+
+    def measured_add(self, *args):
+        real_add(self, *args)
+        sizes.append(sum(t.nbytes for t in self.tensors().values()))
+
+    monkeypatch.setattr(FeatureAccumulator, "add", measured_add)
+    config = AnalyzeConfig(run=str(photo_sae), cache=str(reference_cache), device="cpu")
+    analysis = load_analysis(analyze(dataclasses.replace(config, out=str(tmp_path / "a"))))
+    assert len(sizes) == analysis.meta.chunks_total > 4 and len(set(sizes)) == 1
     assert analysis.heatmaps(0).shape == (9, 50)
-    assert analysis.top_images.num_rows <= analysis.meta.n_features * 9
-    assert torch.tensor(analysis.features["fire_tokens"].to_numpy()).sum() > 0
 
 
 def test_any_features_grid_from_the_command_line(photo_analysis: Path, tmp_path: Path):

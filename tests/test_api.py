@@ -187,3 +187,30 @@ def test_readme_python_example_runs(photo_sae: Path, tmp_path: Path, monkeypatch
     namespace: dict = {}
     exec(compile(example, "README.md", "exec"), namespace)
     assert isinstance(namespace["sae"], vitscope.TopKSAE)
+
+
+def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("runs").mkdir()
+    with pytest.raises(SAEFormatError) as err:
+        vitscope.load_sae("runs/layer20")  # shaped like owner/name, but runs/ is a folder here
+    assert str(err.value).startswith("runs/layer20: expected an SAE, found no such file")
+
+
+def test_features_refuse_activations_of_another_layer(photo_sae: Path):
+    sae = vitscope.load_sae(photo_sae)
+    other = vitscope.ViTActivations(sae.card.model, sae.card.pretrained, [3], device="cpu")
+    with pytest.raises(ValueError, match=r"reads layer 5, but the activations give layers \[3\]"):
+        vitscope.features([Image.open(photo_dir() / PHOTOS[0])], sae, other)
+
+
+def test_encode_in_row_blocks_equals_one_product(
+    photo_sae: Path, reference_cache: Path, monkeypatch
+):
+    sae = vitscope.load_sae(photo_sae)
+    acts = open_cache(reference_cache).read_rows(5, [0, 1, 2])  # 150 tokens
+    whole = sae.encode(acts)
+    monkeypatch.setattr("vitscope.train.sae.ENCODE_ROWS", 7)  # 22 blocks, the last one short
+    blocked = sae.encode(acts)
+    assert torch.equal(blocked.indices, whole.indices)
+    torch.testing.assert_close(blocked.values, whole.values)  # BLAS blocks sum in other orders

@@ -43,6 +43,7 @@ def test_wheel_installs_everything_under_the_vitscope_namespace(wheel: Path):
         "support/configs.py",
         "train/SAE_FORMAT.md",
         "analysis/ANALYSIS.md",
+        "py.typed",
         "analysis/browser_assets/app.js",
     ):
         assert f"vitscope/{module}" in names
@@ -113,14 +114,41 @@ ALLOWED_IMPORTS = {
 """Which vitscope packages each folder may import: the arrows point down, never up."""
 
 
+def imported_modules(path: Path) -> list[str]:
+    """Every module a file imports, absolute: `from vitscope import x` and `from . import x`
+    count as importing vitscope.x, `from .. import x` as the package above."""
+    package = f"vitscope.{path.parent.name}"
+    modules = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module or "") if p)
+            modules += [f"{module}.{a.name}" for a in node.names]
+    return modules
+
+
 def test_imports_run_one_way():
     for folder, allowed in ALLOWED_IMPORTS.items():
         for path in (ROOT / folder).glob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-                if isinstance(node, ast.ImportFrom) and node.module:
-                    names = [node.module]
-                for name in names:
-                    parts = name.split(".")
-                    if parts[0] == "vitscope" and len(parts) > 1:
-                        assert parts[1] in allowed, f"{path.relative_to(ROOT)} imports {name}"
+            for name in imported_modules(path):
+                parts = name.split(".")
+                if parts[0] == "vitscope" and len(parts) > 1:
+                    assert parts[1] in allowed, f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_the_import_check_sees_every_spelling(tmp_path: Path):
+    folder = tmp_path / "train"
+    folder.mkdir()
+    (folder / "x.py").write_text(
+        "from vitscope import analysis\nfrom .. import cli\nfrom . import sae\n"
+        "import vitscope.api\nfrom vitscope.cache_spec.store import open_cache\n"
+    )
+    assert imported_modules(folder / "x.py") == [
+        "vitscope.analysis",
+        "vitscope.cli",
+        "vitscope.train.sae",
+        "vitscope.api",
+        "vitscope.cache_spec.store.open_cache",
+    ]

@@ -4,6 +4,7 @@ below it in one line before any work; output paths that cannot be used are refus
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from pathlib import Path
 from typing import get_type_hints
@@ -12,13 +13,41 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import cache_config, cli_args, run_vitscope
+from vitscope.analysis.config import AnalyzeConfig, MonosemanticityConfig
+from vitscope.analysis.sorteval_config import SortEvalConfig
 from vitscope.cli import app
 from vitscope.pipeline.config import CacheConfig, DownloadConfig
 from vitscope.support.configs import Above, field_bounds
 from vitscope.train.config import TrainConfig
 
-COMMANDS = {"download": DownloadConfig, "cache": CacheConfig, "train": TrainConfig}
-REQUIRED = {"download": ["--url-list", "urls.csv"], "train": ["--cache", "c"], "cache": []}
+COMMANDS = {
+    "download": DownloadConfig,
+    "cache": CacheConfig,
+    "train": TrainConfig,
+    "analyze": AnalyzeConfig,
+    "monosemanticity": MonosemanticityConfig,
+    "sorteval": SortEvalConfig,
+}
+"""Every command whose settings are a config dataclass (the others: see the typer-option test)."""
+REQUIRED = {
+    "download": ["--url-list", "urls.csv"],
+    "train": ["--cache", "c"],
+    "cache": [],
+    "analyze": ["run"],
+    "monosemanticity": ["run"],
+    "sorteval": ["run"],
+}
+"""The arguments each needs besides the one under test: flags with values, or the positional RUN."""
+
+
+def test_every_config_command_is_covered():
+    commands = {c.name for c in app.registered_commands}
+    configs = {c.name for c in app.registered_commands if "config" in _parameters(c.callback)}
+    assert configs == set(COMMANDS) and configs <= commands
+
+
+def _parameters(callback) -> set[str]:
+    return set(inspect.signature(callback).parameters)
 
 
 def numeric_fields(cls: type) -> list[str]:
@@ -54,11 +83,11 @@ def test_a_value_below_the_bound_is_refused_in_one_line(command: str, name: str)
 
 
 def _required_values(command: str) -> dict[str, str]:
-    flags = REQUIRED[command]
-    return {
-        flag[2:].replace("-", "_"): value
-        for flag, value in zip(flags[::2], flags[1::2], strict=True)
-    }
+    args = REQUIRED[command]
+    if args and not args[0].startswith("--"):
+        return {"run": args[0]}
+    pairs = zip(args[::2], args[1::2], strict=True)
+    return {flag[2:].replace("-", "_"): value for flag, value in pairs}
 
 
 def test_a_negative_layer_is_refused():
@@ -99,21 +128,49 @@ def test_an_unusable_cache_path_is_refused_before_the_model_loads(
     assert "loading" not in result.stderr
 
 
-def test_a_run_folder_that_is_a_file_is_refused(tmp_path: Path):
-    (tmp_path / "run").write_text("x")
-    result = run_vitscope("train", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "run"))
-    assert result.returncode == 1
-    assert result.stderr.strip() == (
-        f"error: {tmp_path / 'run'}: expected a run folder, found a file; choose another --out"
-    )
+OUTPUTS = {
+    "train": (["train", "--cache", "c", "--out"], "--out"),
+    "download": (["download", "--url-list", "URLS", "--out"], "--out"),
+    "analyze": (["analyze", "run", "--out"], "--out"),
+    "monosemanticity": (["monosemanticity", "run", "--out"], "--out"),
+    "sorteval": (["sorteval", "run", "--out"], "--out"),
+    "compare": (["compare", "run", "--out"], "--out"),
+    "pull": (["pull", "user/sae", "--out"], "--out"),
+    "to-saelens": (["to-saelens", "run"], "OUT"),
+    "grid": (["grid", "analysis", "--feature", "0", "--out"], "--out"),
+    "splice": (["splice", "run", "--out"], "--out"),
+}
+"""Each command that writes, with the argument naming where: given a file (or a path under one)."""
+
+
+@pytest.mark.parametrize("command", OUTPUTS)
+def test_an_output_path_that_is_a_file_is_refused_before_any_work(
+    command: str, tmp_path: Path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    Path("URLS").write_text("url\n")
+    Path("taken").write_text("x")
+    args, flag = OUTPUTS[command]
+    into = "taken/out.png" if command in ("grid", "splice") else "taken"  # they write one file
+    result = CliRunner().invoke(app, [*args, into])
+    assert result.exit_code == 1, result.output
+    found = "a file" if into == "taken" else "a file at taken"
+    assert result.output.strip().splitlines() == [
+        f"error: {into}: expected a folder to write into, found {found}; choose another {flag}"
+    ]
 
 
 @pytest.mark.parametrize(
     ("args", "flag"),
-    [(["grid", ".", "--feature", "-1"], "--feature"), (["browse", ".", "--port", "-1"], "--port")],
+    [
+        (["grid", ".", "--feature", "-1"], "--feature"),
+        (["browse", ".", "--port", "-1"], "--port"),
+        (["splice", ".", "--images", "0"], "--images"),
+    ],
 )
 def test_numeric_options_outside_configs_have_their_bounds_too(args: list[str], flag: str):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
-    expected = f"Invalid value for '{flag}': Input should be greater than or equal to 0"
+    least = 1 if flag == "--images" else 0
+    expected = f"Invalid value for '{flag}': Input should be greater than or equal to {least}"
     assert expected in result.output

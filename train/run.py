@@ -18,6 +18,7 @@ from vitscope.support.devices import resolve_device
 from vitscope.support.extras import has_module
 from vitscope.support.launch import Launch, launch_from_environment
 from vitscope.support.progress import status
+from vitscope.support.records import check_output_path
 from vitscope.train.checkpoint import checkpoint_dirs, load_checkpoint
 from vitscope.train.config import TrainConfig
 from vitscope.train.data_parallel import DataParallel
@@ -34,10 +35,7 @@ def train(configs: list[TrainConfig]) -> list[Path]:
     part of the cache, `batch_size` is the global batch, and rank 0 logs and saves."""
     base = configs[0]
     for cfg in configs:
-        if cfg.run_dir.is_file():
-            raise ValueError(
-                f"{cfg.run_dir}: expected a run folder, found a file; choose another --out"
-            )
+        check_output_path(cfg.run_dir, "--out")
     cache = open_cache(base.cache, layer=base.layer)
     _check_ready(cache, base)
     launch = launch_from_environment()

@@ -31,6 +31,9 @@ from vitscope.train.kernels import (
 STANDARDIZE_EPS = 1e-6
 """CLIP-Scope's epsilon in (x − mean) / (std + eps)."""
 
+ENCODE_ROWS = 4096
+"""Rows per selection product in `encode` (bounds inference memory, whatever the batch)."""
+
 AUX_COEFFICIENT = 1 / 32
 """Weight of the AuxK loss (Gao et al., section 2.4)."""
 
@@ -121,7 +124,11 @@ class TopKSAE(nn.Module):
             x_BD, stats = standardize(x_BD)
         else:
             x_BD = x_BD * self.input_scale
-        z_BK, idx_BK = self._encode_rows(x_BD - self.b_pre)
+        # Rows a few thousand at a time: the selection's (rows x latents) product is 1 GB per
+        # 4,096 rows at 65,536 latents, so a hundred ViT-L images at once would need 7 GB.
+        blocks = [self._encode_rows(rows) for rows in (x_BD - self.b_pre).split(ENCODE_ROWS)]
+        z_BK = torch.cat([z for z, _ in blocks])
+        idx_BK = torch.cat([idx for _, idx in blocks])
         shape = (*acts.shape[:-1], idx_BK.shape[1])
         values = z_BK.view(shape).to(acts.dtype)
         return SparseCodes(idx_BK.view(shape), values, self.n_latents, stats)

@@ -60,7 +60,17 @@ def features(
                 "activations=vitscope.ViTActivations(model, pretrained, [layer])"
             )
         activations = _tower(card.model, card.pretrained, card.layer, str(sae.b_pre.device))
-    layer = card.layer if card.layer in activations.layers else activations.layers[0]
+    if card.layer is not None and card.layer not in activations.layers:
+        raise ValueError(
+            f"{sae.describe()} reads layer {card.layer}, but the activations give layers "
+            f"{activations.layers}; pass ViTActivations(..., layers=[{card.layer}])"
+        )
+    if card.layer is None and len(activations.layers) > 1:
+        raise ValueError(
+            f"{sae.describe()} does not record its layer and the activations give "
+            f"{activations.layers}; pass ViTActivations with the one layer it was trained on"
+        )
+    layer = card.layer if card.layer is not None else activations.layers[0]
     acts_NTD = activations(images)[layer]
     with torch.no_grad():
         return ImageFeatures(sae.encode(acts_NTD).by_value())

@@ -19,7 +19,7 @@ from vitscope.pipeline.config import CacheConfig, DownloadConfig
 from vitscope.pipeline.writer import CacheWriteError
 from vitscope.saes.hub import HubError
 from vitscope.support.extras import MissingExtraError, require
-from vitscope.support.records import FileFormatError
+from vitscope.support.records import FileFormatError, check_output_path
 from vitscope.train.config import TrainConfig
 
 app = typer.Typer(
@@ -217,10 +217,11 @@ def grid(
     from vitscope.analysis.files import load_analysis
     from vitscope.analysis.plots import plot_feature_grid
 
+    path = out or analysis / "grids" / f"feature_{feature:05d}.png"
+    check_output_path(path, "--out", folder=False)
     loaded = load_analysis(analysis)
     if feature >= loaded.meta.n_features:
         raise ValueError(f"feature must be below {loaded.meta.n_features}, not {feature}")
-    path = out or analysis / "grids" / f"feature_{feature:05d}.png"
     print(f"picture: {plot_feature_grid(loaded, feature, path, shards)}")
 
 
@@ -306,6 +307,8 @@ def pull(
     from vitscope.saes.hub import fetch
     from vitscope.saes.load import load_sae
 
+    if out is not None:
+        check_output_path(out, "--out")
     folder = fetch(ref, revision, local_dir=out)
     sae = load_sae(folder)
     print(f"{ref} -> {folder}: {sae.describe()}")
@@ -321,6 +324,7 @@ def to_saelens(
     from vitscope.saes.load import load_sae
     from vitscope.saes.saelens import export_saelens
 
+    check_output_path(out, "OUT")
     print(f"SAELens folder: {export_saelens(load_sae(str(run)), out)}")
 
 
