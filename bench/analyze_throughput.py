@@ -1,12 +1,14 @@
 """`vitscope analyze` against a plain read of the same layer and against the training loader,
 side by side in one run, and the analysis pass's peak memory at each width.
 
-A random float16 cache of ViT-L/14's shape (T = 257, D = 1024) is written once; an SAE of each
-width (random weights, k = 32) is saved as a real SAE folder. Each analysis pass runs in a fresh
-process (`vitscope analyze`), so its peak resident memory (ru_maxrss) is its own. All passes are
-timed in one round (`common.alternate`).
+Random float16 caches of ViT-L/14's shape (T = 257, D = 1024) are written once, one per size;
+an SAE of each width (random weights, k = 32) is saved as a real SAE folder. Each analysis pass
+runs in a fresh process, so that its peak resident memory (ru_maxrss) is its own, and times
+itself around `analyze()` (the SAE's loading included, Python's start-up not). Two cache sizes
+show whether memory grows with the cache. All passes are timed in one round
+(`common.alternate`); the plain read and the loader read the largest cache.
 
-    .venv/bin/python bench/analyze_throughput.py --images 64 --widths 4096,65536
+    .venv/bin/python bench/analyze_throughput.py --images 32,128 --widths 4096,65536
 """
 
 from __future__ import annotations
@@ -56,25 +58,26 @@ def loader_read(cache_path: Path) -> Timing:
 
 
 MEASURED = """
-import resource, runpy, sys
-sys.argv = ["vitscope", *sys.argv[1:]]
-try:
-    runpy.run_module("vitscope", run_name="__main__")
-finally:
-    print("peak_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+import resource, sys, time
+from vitscope.analysis.analyze import analyze
+from vitscope.analysis.config import AnalyzeConfig
+sae, cache, out = sys.argv[1:]
+start = time.perf_counter()
+analyze(AnalyzeConfig(run=sae, cache=cache, out=out, grids=0, device="cpu"))
+print("pass_s", time.perf_counter() - start, file=sys.stderr)
+print("peak_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
 """
 
 
 def analysis_pass(sae_dir: Path, cache_path: Path, out: Path) -> Timing:
-    """`vitscope analyze`, run in its own process, and its peak RSS (GB)."""
-    args = ["analyze", str(sae_dir), "--cache", str(cache_path), "--out", str(out)]
-    command = [sys.executable, "-c", MEASURED, *args, "--grids", "0", "--device", "cpu"]
+    """One `analyze()` in its own process: its own wall time (no start-up) and peak RSS (GB)."""
+    command = [sys.executable, "-c", MEASURED, str(sae_dir), str(cache_path), str(out)]
     timing = timed(lambda: subprocess.run(command, check=True, capture_output=True, text=True))
-    peak_kb = int(timing.result.stderr.rsplit("peak_kb", 1)[1].split()[0])
+    report = dict(line.split() for line in timing.result.stderr.splitlines()[-2:])
     cache = open_cache(cache_path)
-    return dataclasses.replace(
-        timing, result=(cache.n_rows * cache.attrs.n_tokens, f"{peak_kb / 1e6:.2f}")
-    )
+    tokens = cache.n_rows * cache.attrs.n_tokens
+    peak = f"{int(report['peak_kb']) / 1e6:.2f}"
+    return dataclasses.replace(timing, wall=float(report["pass_s"]), result=(tokens, peak))
 
 
 def random_sae(folder: Path, n_latents: int, cache_path: Path) -> Path:
@@ -94,33 +97,39 @@ def random_sae(folder: Path, n_latents: int, cache_path: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--images", default="32,128", help="cache sizes, comma-separated")
     parser.add_argument("--widths", default="4096,65536")
     parser.add_argument("--out", type=Path, default=Path("bench/results/analyze_throughput.md"))
     args = parser.parse_args()
+    sizes = [int(n) for n in args.images.split(",")]
     with tempfile.TemporaryDirectory(prefix="analyze-bench-") as tmp:
         work = Path(tmp)
-        cache_path = write_random_cache(work / "cache", args.images, chunk_images=16, layer=LAYER)
+        caches = {
+            n: write_random_cache(work / f"cache{n}", n, chunk_images=16, layer=LAYER)
+            for n in sizes
+        }
+        largest = caches[max(sizes)]
         runs = {
-            PLAIN: partial(plain_read, cache_path),
-            "training loader (shuffled batches)": partial(loader_read, cache_path),
+            PLAIN: partial(plain_read, largest),
+            "training loader (shuffled batches)": partial(loader_read, largest),
         }
         for width in (int(w) for w in args.widths.split(",")):
-            sae_dir = random_sae(work / f"sae{width}", width, cache_path)
-            out = work / f"analysis{width}"
-            runs[f"analyze, {width:,} latents, k = 32"] = partial(
-                analysis_pass, sae_dir, cache_path, out
-            )
+            for n, cache_path in caches.items():
+                sae_dir = random_sae(work / f"sae{width}-{n}", width, cache_path)
+                out = work / f"analysis{width}-{n}"
+                runs[f"analyze, {width:,} latents, k = 32, {n} images"] = partial(
+                    analysis_pass, sae_dir, cache_path, out
+                )
         timings = {name: found[0] for name, found in alternate(runs, 1).timings.items()}
     rate = {name: t.result[0] / t.wall for name, t in timings.items()}
     rows = (
         f"{name} | {rate[name]:,.0f} | {rate[name] / rate[PLAIN]:.3f} | {t.result[1]}"
         for name, t in timings.items()
     )
-    tokens = args.images * 257
     body = [
-        f"{args.images} images x 257 tokens = {tokens:,} tokens of float16 (D = 1024), "
-        f"torch threads {torch.get_num_threads()}.",
+        f"caches of {', '.join(map(str, sizes))} images x 257 tokens of float16 (D = 1024), "
+        f"chunks of 16 images; the reads use the {max(sizes)}-image cache; torch threads "
+        f"{torch.get_num_threads()}.",
         "",
         *md_table("pass | tokens/s | ratio to plain read | peak RSS (GB)", rows),
     ]
