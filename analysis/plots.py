@@ -58,10 +58,10 @@ def plot_mse_by_token(run_dir: Path, out: Path) -> Path:
 
 
 def panel_windows(log: list[dict], checkpoint_every: int | None) -> list[dict]:
-    """The logged windows the MSE figure draws: one per checkpoint and the last, when the run
-    saved at least one checkpoint, else every logged window; evenly thinned to MAX_PANELS."""
+    """The logged windows the MSE figure draws: all of them when they fit in MAX_PANELS, else
+    the checkpoints' windows and the last (a long run logs hundreds); evenly thinned to fit."""
     windows = log
-    if checkpoint_every:
+    if checkpoint_every and len(log) > MAX_PANELS:
         at_checkpoints = [
             w
             for before, w in zip([{"tokens": 0}, *log], log, strict=False)

@@ -147,6 +147,7 @@ def test_checkpoints_choose_the_mse_panels():
     assert [w["tokens"] for w in panel_windows(log, 800)] == [800, 1600, 2000]
     thinned = panel_windows(log, 10**9)  # no checkpoint: every window, thinned evenly
     assert len(thinned) == 16 and thinned[0] is log[0] and thinned[-1] is log[-1]
+    assert panel_windows(log[:16], 500) == log[:16]  # all windows while they fit
 
 
 def test_moved_shards_work_with_shards_and_fail_in_one_line_without(
