@@ -1,20 +1,26 @@
 """Publish SAEs to the Hugging Face hub and fetch them, with huggingface_hub.
 
 `push` uploads a run's SAE folder, training log, plots and a model card as ONE commit, so a failed
-upload publishes nothing. The token comes from HF_TOKEN or huggingface_hub's own login and is
-never printed: errors name the repo, the endpoint and what went wrong, and the token is scrubbed
-from any text huggingface_hub returns.
+upload publishes nothing, and deletes the repo again if this push created it, so a failed first
+push leaves no empty repo either. The token comes from HF_TOKEN or huggingface_hub's own login
+and is never printed: errors name the repo, the endpoint and what went wrong, and the token is
+scrubbed from any text huggingface_hub returns.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vitscope.saes.model_card import model_card, run_metrics
 from vitscope.support.extras import require
 from vitscope.train.sae_folder import CARD_FILE, WEIGHTS_FILE, load_sae_folder
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 PUSHED_FILES = (CARD_FILE, WEIGHTS_FILE, "log.jsonl")
 """Besides these, every PNG at the top of the run folder is pushed (report.png, ...)."""
@@ -41,12 +47,50 @@ def push(run_dir: Path, repo_id: str, private: bool = False, endpoint: str | Non
     operations = [CommitOperationAdd("README.md", card.encode())]
     operations += [CommitOperationAdd(path.name, str(path)) for path in files]
     api = HfApi(endpoint=endpoint, token=token)
-    with _one_line_errors(f"push to {repo_id}", api.endpoint, token):
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.create_commit(
-            repo_id, operations, commit_message=f"vitscope push of {run_dir.name}"
-        )
+    created = False
+    try:
+        with _one_line_errors(f"push to {repo_id}", api.endpoint, token):
+            created = _create_repo(api, repo_id, private)
+            info = api.create_commit(
+                repo_id, operations, commit_message=f"vitscope push of {run_dir.name}"
+            )
+    except BaseException as err:  # a repo this push created goes again, so nothing is left
+        if created and not _delete_repo(api, repo_id) and isinstance(err, HubError):
+            raise HubError(
+                f"{str(err).rstrip('.')}; the repo it created is left behind, empty"
+            ) from None
+        raise
     return info.commit_url
+
+
+def _create_repo(api: HfApi, repo_id: str, private: bool) -> bool:
+    """Create `repo_id`; True if this call made it, so that a failed push may delete it again."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        api.create_repo(repo_id, private=private)
+    except HfHubHTTPError as err:
+        status = err.response.status_code
+        if status == 409:  # it exists
+            return False
+        if status in (401, 402, 403):  # a token that may write to the repo but not create repos
+            try:
+                api.repo_info(repo_id)
+            except HfHubHTTPError:
+                raise err from None
+            return False
+        raise
+    return True
+
+
+def _delete_repo(api: HfApi, repo_id: str) -> bool:
+    """Delete `repo_id` after a failed first push; False if that failed too (no network, or a
+    token without the right to delete)."""
+    try:
+        api.delete_repo(repo_id, missing_ok=True)
+    except Exception:
+        return False
+    return True
 
 
 def fetch(
@@ -86,6 +130,7 @@ def fetch(
 def _one_line_errors(what: str, endpoint: str, token: str | None) -> Iterator[None]:
     """Turn huggingface_hub's and the network's errors into a HubError without the token."""
     from huggingface_hub.errors import (
+        HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -103,10 +148,18 @@ def _one_line_errors(what: str, endpoint: str, token: str | None) -> Iterator[No
             "connect to the network, or pass a local SAE folder"
         )
     except Exception as err:
-        first_line = (str(err).strip().splitlines() or [""])[0]
-        reason = f"{type(err).__name__} from {endpoint}: {first_line}"
+        reason = f"{type(err).__name__} from {endpoint}: {_first_line(err)}"
+        if isinstance(err.__cause__, HfHubHTTPError):  # "Error while uploading 'x'" says no more
+            reason += f" ({_first_line(err.__cause__)})"
     else:
         return
     if token:
         reason = reason.replace(token, "***")
     raise HubError(f"{what}: {reason}")
+
+
+def _first_line(err: BaseException) -> str:
+    """An error's first line, with URLs cut at their query: signed storage URLs carry
+    signatures that a log has no use for."""
+    first_line = (str(err).strip().splitlines() or [""])[0]
+    return re.sub(r"(https?://[^\s?'\"]+)\?[^\s'\"]*", r"\1", first_line)

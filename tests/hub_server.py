@@ -1,11 +1,22 @@
 """An in-process fake of the Hugging Face Hub, so upload/download code is tested over real HTTP.
 
 It speaks just enough of the Hub protocol for an unmodified `huggingface_hub` (checked with 2.4.0)
-pointed at it via `endpoint=` or `HF_ENDPOINT`: create_repo, upload_folder/create_commit,
-model_info/repo_info, list_repo_files/list_repo_tree, hf_hub_download and snapshot_download, on
-model repos. Preupload answers "regular" for every file, so contents travel base64-encoded inside
-the NDJSON commit and no LFS or Xet transfer ever starts; downloads carry no Xet headers either.
-Repos live in memory, and a commit is applied only once its whole body has been read and parsed.
+pointed at it via `endpoint=` or `HF_ENDPOINT`: create_repo, delete_repo, upload_folder and
+create_commit, model_info/repo_info, list_repo_files/list_repo_tree, hf_hub_download and
+snapshot_download, on model repos. Like the real Hub, preupload sends binary and large files
+(weights, plots, anything with a NUL byte or over 10 MB) down the Git LFS route: the LFS batch API
+hands out a signed PUT URL on a separate storage origin (an S3 stand-in on its own port, so the
+client must not send the token there) and a verify URL, and the commit then names the object by
+sha256 in an `lfsFile` line; downloads of such files redirect to the storage origin. Other files
+travel base64-encoded inside the NDJSON commit.
+
+No Xet: the fake advertises no Xet transfer, answers no xet token route and sends no X-Xet-*
+headers. huggingface_hub 2.4.0 does not ask the server, though: with hf_xet importable it uploads
+every LFS-mode file through Xet (`_commit_api._upload_files`), so clients of this fake must set
+HF_HUB_DISABLE_XET=1, which takes the LFS route that a client without hf_xet takes.
+
+Repos live in memory, and a commit is applied only once its whole body has been read and parsed
+and every LFS object it names is in storage.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import base64
 import hashlib
 import json
 import re
+import secrets
 import socket
 import threading
 from collections import Counter
@@ -25,7 +37,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 _API = re.compile(r"/api/models/([^/]+/[^/]+)(?:/(revision|tree|preupload|commit)/([^/]+)(/.*)?)?")
 _RESOLVE = re.compile(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)")
-_WRITES = {"create", "preupload", "commit"}
+_LFS = re.compile(r"/([^/]+/[^/]+)\.git/info/lfs/objects/(batch|verify)")
+_STORAGE = re.compile(r"/lfs-storage/([^/]+/[^/]+)/([0-9a-f]{64})")
+_WRITES = {"create", "delete", "preupload", "commit", "lfs-batch", "lfs-verify"}
+LFS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".png")
+"""Besides these, any file with a NUL byte in its first 512 bytes or over 10 MB goes to LFS."""
+REGULAR_MAX = 10 * 1024 * 1024
 
 
 def git_blob_sha(data: bytes) -> str:
@@ -33,32 +50,66 @@ def git_blob_sha(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def sha256(data: bytes) -> str:
+    """An LFS object's oid."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def needs_lfs(path: str, size: int, sample: bytes) -> bool:
+    """The Hub's rule, roughly: weights by name, and anything binary or large, go to LFS."""
+    return path.endswith(LFS_SUFFIXES) or size > REGULAR_MAX or b"\0" in sample[:512]
+
+
+def lfs_pointer(data: bytes) -> bytes:
+    """The git LFS pointer file that git stores in place of an LFS file."""
+    spec = "version https://git-lfs.github.com/spec/v1"
+    return f"{spec}\noid sha256:{sha256(data)}\nsize {len(data)}\n".encode()
+
+
+def file_entry(path: str, data: bytes) -> dict[str, Any]:
+    """A file's oid and size as the tree API lists it, with the `lfs` block for LFS files."""
+    if not needs_lfs(path, len(data), data):
+        return {"oid": git_blob_sha(data), "size": len(data)}
+    pointer = lfs_pointer(data)
+    lfs = {"oid": sha256(data), "size": len(data), "pointerSize": len(pointer)}
+    return {"oid": git_blob_sha(pointer), "size": len(data), "lfs": lfs}
+
+
 class FakeHub:
     """The fake Hub's state. Tests read it, seed it with `commit`, and set the failure knobs."""
 
     def __init__(self, token: str, user: str = "user") -> None:
-        self.token, self.user, self.url = token, user, ""
+        self.token, self.user, self.url, self.storage_url = token, user, "", ""
         self.repos: dict[str, dict[str, bytes]] = {}  # repo_id -> files at the head of main
         self.shas: dict[str, str] = {}  # repo_id -> head commit sha
         self.history: dict[tuple[str, str], dict[str, bytes]] = {}  # older commits, by sha
-        # Failure knobs. With hf_xet installed, upload_folder retries a commit that got 408/429/5xx
-        # or lost its connection up to 5 times (sleeping 1+2+4+8+8 s), so to make the client fail,
-        # set fail_next_commits >= 6, or fail_status to a code it does not retry, such as 403.
-        self.fail_next_commits = 0  # commits to refuse with fail_status after reading the body
+        self.lfs: dict[tuple[str, str], bytes] = {}  # (repo_id, sha256) -> stored LFS object
+        self.secret = secrets.token_hex(8)  # signs storage URLs, as S3 presigned URLs are
+        # Failure knobs, by endpoint name ("commit", "lfs-upload", "lfs-batch", "lfs-verify", ...).
+        # fail_next answers fail_status after reading the body, with Retry-After: 0 so that the
+        # client's retries (up to 5 on 408/429/5xx, for the LFS routes) sleep 1 s each; to make
+        # such a request fail for good, set >= 6, or a status it does not retry, such as 403.
+        # drop_next reads half the body and hangs up without an answer, like a dying proxy; the
+        # client retries that with backoff (1+2+4+8+8 s).
+        self.fail_next: Counter[str] = Counter()
         self.fail_status = 500
-        self.drop_next_commits = 0  # commits whose connection is cut halfway through the body
+        self.drop_next: Counter[str] = Counter()
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request
         self.calls: Counter[str] = Counter()  # endpoint name ("commit", "resolve", ...) -> count
         self.lock = threading.Lock()
         self.open: set[socket.socket] = set()  # kept-alive connections, cut when the hub stops
 
     def commit(self, repo_id: str, files: dict[str, bytes], deleted: Iterable[str] = ()) -> str:
-        """Atomically publish a new head of `repo_id` (creating it), and return its sha."""
+        """Atomically publish a new head of `repo_id` (creating it), and return its sha. Files
+        that need LFS are put in storage too, so a test can seed a repo directly."""
         with self.lock:
             old = self.repos.get(repo_id, {})
             new = {**old, **files}
             for gone in deleted:  # a file or a whole folder
                 new = {p: b for p, b in new.items() if p != gone and not p.startswith(gone + "/")}
+            for path, data in files.items():
+                if needs_lfs(path, len(data), data):
+                    self.lfs[repo_id, sha256(data)] = data
             parent = self.shas.get(repo_id, "")
             if parent:
                 self.history[repo_id, parent] = old
@@ -67,11 +118,20 @@ class FakeHub:
             self.repos[repo_id], self.shas[repo_id] = new, sha
             return sha
 
-    def take(self, knob: str) -> bool:
-        """Use up one unit of a failure knob such as `fail_next_commits`, if any is left."""
+    def delete(self, repo_id: str) -> None:
+        """Remove a repo with its history and its LFS objects, as the Hub's delete does."""
         with self.lock:
-            left = getattr(self, knob)
-            setattr(self, knob, max(0, left - 1))
+            del self.repos[repo_id]
+            self.shas.pop(repo_id, None)
+            for key in [k for k in (*self.history, *self.lfs) if k[0] == repo_id]:
+                self.history.pop(key, None)
+                self.lfs.pop(key, None)
+
+    def take(self, knob: Counter[str], name: str) -> bool:
+        """Use up one unit of a failure knob (`fail_next` or `drop_next`) for `name`, if any."""
+        with self.lock:
+            left = knob[name]
+            knob[name] = max(0, left - 1)
             return left > 0
 
     def snapshot(self, repo_id: str, revision: str) -> tuple[str, dict[str, bytes]] | None:
@@ -81,6 +141,15 @@ class FakeHub:
             return head, self.repos[repo_id]
         files = self.history.get((repo_id, revision))
         return None if files is None else (revision, files)
+
+    def signature(self, path: str) -> str:
+        """The signature that makes a storage URL valid (it stands in for S3's presigning)."""
+        return hashlib.sha256(f"{self.secret}:{path}".encode()).hexdigest()
+
+    def storage_href(self, repo_id: str, oid: str) -> str:
+        """A signed URL of one LFS object on the storage origin, as the Hub hands out."""
+        path = f"/lfs-storage/{repo_id}/{oid}"
+        return f"{self.storage_url}{path}?X-Amz-Signature={self.signature(path)}"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -103,32 +172,46 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         url = urlsplit(self.path)
         api, resolve = _API.fullmatch(url.path), _RESOLVE.fullmatch(url.path)
-        if url.path == "/api/repos/create" or url.path == "/api/validate-yaml":
+        lfs, storage = _LFS.fullmatch(url.path), _STORAGE.fullmatch(url.path)
+        if url.path in ("/api/repos/create", "/api/repos/delete", "/api/validate-yaml"):
             name = url.path.rsplit("/", 1)[1]
         elif api:
             name = "info" if api[2] in (None, "revision") else api[2]
+        elif lfs:
+            name = f"lfs-{lfs[2]}"
+        elif storage:
+            name = "lfs-upload" if self.command == "PUT" else "lfs-download"
         else:
             name = "resolve" if resolve else "other"
         with self.hub.lock:
             self.hub.requests.append((self.command, url.path))
             self.hub.calls[name] += 1
         size = int(self.headers.get("Content-Length") or 0)
-        if name == "commit" and self.hub.take("drop_next_commits"):
+        if self.hub.take(self.hub.drop_next, name):
             self.rfile.read(size // 2)  # then hang up without an answer, like a dying proxy
             self.close_connection = True
             return
         body = self.rfile.read(size)  # always drain, so a kept-alive connection stays in sync
+        if storage:
+            return self._storage(storage[1], storage[2], url.path, parse_qs(url.query), body)
         auth = self.headers.get("Authorization")
         if auth is not None and auth != f"Bearer {self.hub.token}":
             return self._error(401, "Invalid credentials in Authorization header")
         if name in _WRITES and auth is None:
             return self._error(401, "Invalid username or password.")
+        if self.hub.take(self.hub.fail_next, name):
+            return self._injected(name)
         if name == "create":
             return self._create(json.loads(body))
         if name == "validate-yaml":
             return self._json({"errors": [], "warnings": []})
-        if (api or resolve) and (api or resolve)[1] not in self.hub.repos:
+        if name == "delete":
+            return self._delete(json.loads(body))
+        repo = api or resolve or lfs
+        if repo and repo[1] not in self.hub.repos:
             return self._error(404, "Repository not found", "RepoNotFound")
+        if lfs:
+            return self._lfs(lfs[1], lfs[2], json.loads(body))
         if api:
             repo_id, revision, rest = api[1], unquote(api[3] or "main"), unquote(api[4] or "")
             if name in _WRITES and revision != "main":
@@ -148,7 +231,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._resolve(resolve[1], unquote(resolve[2]), unquote(resolve[3]))
         return self._error(404, "Not Found")
 
-    do_HEAD = do_POST = do_GET
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_GET
+
+    def _injected(self, name: str) -> None:
+        """A failure set by a test; Retry-After: 0 keeps the client's retries short."""
+        message = f"Injected {name} failure (fake hub)"
+        self._error(self.hub.fail_status, message, extra={"Retry-After": "0"})
 
     def _create(self, payload: dict[str, Any]) -> None:
         repo_id = f"{payload.get('organization') or self.hub.user}/{payload['name']}"
@@ -160,10 +248,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub.commit(repo_id, {})
         self._json({"url": url, "name": repo_id, "id": repo_id})
 
+    def _delete(self, payload: dict[str, Any]) -> None:
+        repo_id = f"{payload.get('organization') or self.hub.user}/{payload['name']}"
+        if repo_id not in self.hub.repos:
+            return self._error(404, "Repository not found", "RepoNotFound")
+        self.hub.delete(repo_id)
+        self._send(200, b"", "text/plain", {})
+
     def _info(self, repo_id: str, sha: str, files: dict[str, bytes]) -> None:
-        siblings = [
-            {"rfilename": p, "size": len(b), "blobId": git_blob_sha(b)} for p, b in files.items()
-        ]
+        siblings = []
+        for path, data in files.items():
+            entry = file_entry(path, data)
+            siblings.append({"rfilename": path, "size": entry["size"], "blobId": entry["oid"]})
         info = {"_id": repo_id, "id": repo_id, "modelId": repo_id, "sha": sha, "private": False}
         self._json({**info, "tags": [], "downloads": 0, "likes": 0, "siblings": siblings})
 
@@ -178,32 +274,91 @@ class _Handler(BaseHTTPRequestHandler):
                 sub = base + "/".join(parts[:depth])
                 entries[sub] = {"type": "directory", "oid": git_blob_sha(sub.encode()), "size": 0}
             if recursive or len(parts) == 1:
-                entries[path] = {"type": "file", "oid": git_blob_sha(data), "size": len(data)}
+                entries[path] = {"type": "file", **file_entry(path, data)}
         if folder and not entries:
             return self._error(404, f"{folder} does not exist on main", "EntryNotFound")
         self._json([{**entry, "path": path} for path, entry in entries.items()])
 
     def _preupload(self, files: dict[str, bytes], payload: dict[str, Any]) -> None:
-        """Every file goes inline; the oid of a file already there lets the client skip it."""
-        paths = [item["path"] for item in payload["files"]]
-        oids = [git_blob_sha(files[p]) if p in files else None for p in paths]
-        answers = [{"path": p, "uploadMode": "regular", "shouldIgnore": False} for p in paths]
-        self._json({"files": [{**a, "oid": oid} for a, oid in zip(answers, oids, strict=True)]})
+        """LFS for binary or large files, inline for the rest; the oid of a file already there
+        (sha256 for LFS, git sha1 otherwise) lets the client skip it."""
+        answers = []
+        for item in payload["files"]:
+            path, sample = item["path"], base64.b64decode(item["sample"])
+            lfs = needs_lfs(path, item["size"], sample)
+            oid = None
+            if path in files:
+                oid = sha256(files[path]) if lfs else git_blob_sha(files[path])
+            mode = "lfs" if lfs else "regular"
+            answers.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
+        self._json({"files": answers})
+
+    def _lfs(self, repo_id: str, route: str, payload: dict[str, Any]) -> None:
+        """The LFS batch API (upload instructions: a signed storage PUT, then verify) and the
+        verify call. Only the "basic" transfer is offered, never "xet" or "multipart"."""
+        if route == "verify":
+            stored = self.hub.lfs.get((repo_id, payload["oid"]))
+            if stored is None or len(stored) != payload["size"]:
+                return self._error(404, f"Object {payload['oid']} not found in storage")
+            return self._json({"success": True})
+        if payload.get("operation") != "upload" or "basic" not in payload.get("transfers", []):
+            return self._error(422, "This fake hub only takes basic LFS uploads")
+        verify = f"{self.hub.url}/{repo_id}.git/info/lfs/objects/verify"
+        objects = []
+        for item in payload["objects"]:
+            obj = {"oid": item["oid"], "size": item["size"], "authenticated": True}
+            if (repo_id, item["oid"]) not in self.hub.lfs:  # no "actions": already uploaded
+                upload = {"href": self.hub.storage_href(repo_id, item["oid"])}
+                obj["actions"] = {"upload": upload, "verify": {"href": verify}}
+            objects.append(obj)
+        self._send(
+            200,
+            json.dumps({"transfer": "basic", "objects": objects, "hash_algo": "sha256"}).encode(),
+            "application/vnd.git-lfs+json",
+            {},
+        )
+
+    def _storage(self, repo_id: str, oid: str, path: str, query: dict, body: bytes) -> None:
+        """The S3 stand-in: signed URLs only, no Hub token, and an object is stored only once it
+        has arrived whole with the right sha256."""
+        if query.get("X-Amz-Signature") != [self.hub.signature(path)]:
+            return self._error(403, "SignatureDoesNotMatch")
+        if "Authorization" in self.headers:  # S3 refuses a second auth mechanism; no token leaks
+            return self._error(400, "Only one auth mechanism allowed")
+        name = "lfs-upload" if self.command == "PUT" else "lfs-download"
+        if self.hub.take(self.hub.fail_next, name):
+            return self._injected(name)
+        if self.command == "PUT":
+            if sha256(body) != oid:
+                return self._error(400, "BadDigest: the body's sha256 is not the object's oid")
+            with self.hub.lock:
+                self.hub.lfs[repo_id, oid] = body
+            return self._send(200, b"", "text/plain", {"ETag": f'"{oid}"'})
+        data = self.hub.lfs.get((repo_id, oid))
+        if data is None:
+            return self._error(404, "NoSuchKey")
+        self._send(200, data, "application/octet-stream", {"ETag": f'"{oid}"'})
 
     def _commit(self, repo_id: str, body: bytes) -> None:
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         header = next((x["value"] for x in lines if x["key"] == "header"), {})
         added, deleted = {}, []
         for line in lines:
-            value = line["value"]
-            if line["key"] == "file" and value.get("encoding") == "base64":
-                added[value["path"]] = base64.b64decode(value["content"])
-            elif line["key"] in ("deletedFile", "deletedFolder"):
+            key, value = line["key"], line["value"]
+            if key == "file" and value.get("encoding") == "base64":
+                data = base64.b64decode(value["content"])
+                if needs_lfs(value["path"], len(data), data):
+                    return self._error(422, f"{value['path']} is binary or large: use LFS")
+                added[value["path"]] = data
+            elif key == "lfsFile":
+                data = self.hub.lfs.get((repo_id, value["oid"]))
+                if value.get("algo") != "sha256" or data is None:
+                    return self._error(422, f"LFS pointer {value['path']} names no stored object")
+                added[value["path"]] = data
+            elif key in ("deletedFile", "deletedFolder"):
                 deleted.append(value["path"].rstrip("/"))
-            elif line["key"] != "header":
-                return self._error(422, f"Unsupported commit operation {line['key']!r}")
-        if self.hub.take("fail_next_commits"):
-            return self._error(self.hub.fail_status, "Injected commit failure (fake hub)")
+            elif key != "header":
+                return self._error(422, f"Unsupported commit operation {key!r}")
         parent = header.get("parentCommit")
         if parent and parent != self.hub.shas[repo_id]:
             return self._error(412, "A commit has happened since. Please refresh and try again.")
@@ -212,14 +367,27 @@ class _Handler(BaseHTTPRequestHandler):
         self._json({"success": True, "commitOid": sha, "commitUrl": url, "pullRequestUrl": None})
 
     def _resolve(self, repo_id: str, revision: str, path: str) -> None:
+        """Regular files are served here; LFS files redirect to storage, with their sha256 and
+        size in X-Linked-* headers, as the Hub redirects to its CDN."""
         snap = self.hub.snapshot(repo_id, revision)
         if snap is None:
             return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         sha, files = snap
         if path not in files:
             return self._error(404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": sha})
-        headers = {"ETag": f'"{git_blob_sha(files[path])}"', "X-Repo-Commit": sha}
-        self._send(200, files[path], "application/octet-stream", headers)
+        entry = file_entry(path, files[path])
+        if "lfs" not in entry:
+            headers = {"ETag": f'"{entry["oid"]}"', "X-Repo-Commit": sha}
+            return self._send(200, files[path], "application/octet-stream", headers)
+        oid = entry["lfs"]["oid"]
+        headers = {
+            "Location": self.hub.storage_href(repo_id, oid),
+            "ETag": f'"{oid}"',
+            "X-Linked-Etag": f'"{oid}"',
+            "X-Linked-Size": str(entry["size"]),
+            "X-Repo-Commit": sha,
+        }
+        self._send(302, b"", "text/plain", headers)
 
     def _json(self, obj: Any, status: int = 200) -> None:
         self._send(status, json.dumps(obj).encode(), "application/json", {})
@@ -242,18 +410,24 @@ class _Handler(BaseHTTPRequestHandler):
 
 @contextmanager
 def serve_hub(token: str, user: str = "user") -> Iterator[FakeHub]:
-    """Run a FakeHub on a free 127.0.0.1 port for the duration of the block."""
+    """Run a FakeHub on a free 127.0.0.1 port, and its LFS storage on another (a different
+    origin, as S3 is), for the duration of the block."""
     hub = FakeHub(token, user)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Handler,), {"hub": hub}))
-    hub.url = f"http://127.0.0.1:{server.server_port}"
-    thread = threading.Thread(target=server.serve_forever, name="fake-hub", daemon=True)
-    thread.start()
+    handler = type("Handler", (_Handler,), {"hub": hub})
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), handler) for _ in range(2)]
+    hub.url, hub.storage_url = (f"http://127.0.0.1:{s.server_port}" for s in servers)
+    threads = [
+        threading.Thread(target=s.serve_forever, name="fake-hub", daemon=True) for s in servers
+    ]
+    for thread in threads:
+        thread.start()
     try:
         yield hub
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+        for server, thread in zip(servers, threads, strict=True):
+            server.shutdown()
+            server.server_close()
+            thread.join()
         for conn in list(hub.open):  # else pooled client connections would still get answers
             with suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
