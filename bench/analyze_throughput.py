@@ -3,7 +3,7 @@ side by side in one run, and the analysis pass's peak memory at each width.
 
 Random float16 caches of ViT-L/14's shape (T = 257, D = 1024) are written once, one per size;
 an SAE of each width (random weights, k = 32) is saved as a real SAE folder. Each analysis pass
-runs in a fresh process, so that its peak resident memory (ru_maxrss) is its own, and times
+runs in a fresh process, so that its peak resident memory (VmHWM) is its own, and times
 itself around `analyze()` (the SAE's loading included, Python's start-up not). Two cache sizes
 show whether memory grows with the cache. All passes are timed in one round
 (`common.alternate`); the plain read and the loader read the largest cache.
@@ -58,15 +58,19 @@ def loader_read(cache_path: Path) -> Timing:
 
 
 MEASURED = """
-import resource, sys, time
+import re, sys, time
+from pathlib import Path
 from vitscope.analysis.analyze import analyze
 from vitscope.analysis.config import AnalyzeConfig
 sae, cache, out = sys.argv[1:]
 start = time.perf_counter()
 analyze(AnalyzeConfig(run=sae, cache=cache, out=out, grids=0, device="cpu"))
 print("pass_s", time.perf_counter() - start, file=sys.stderr)
-print("peak_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+status = Path("/proc/self/status").read_text()
+print("peak_kb", re.search(r"VmHWM:\\s+(\\d+)", status).group(1), file=sys.stderr)
 """
+"""The child's peak is VmHWM, its own address space's: Linux carries ru_maxrss across exec, so
+that would report the parent's peak (the loader's windows) when larger."""
 
 
 def analysis_pass(sae_dir: Path, cache_path: Path, out: Path) -> Timing:
