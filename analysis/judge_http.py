@@ -31,6 +31,8 @@ PROMPT = (
     "Answer with exactly one letter, A or B."
 )
 KEY_VARS = ("VITSCOPE_JUDGE_API_KEY", "OPENAI_API_KEY")
+DEFAULT_URL = "https://api.openai.com/v1"
+DEFAULT_MODEL = "gpt-4o-mini"
 MAX_TOKENS = 16  # room for "A" or a short sentence, not an essay
 MAX_REPLY = 200  # characters: longer replies are reasoning, not an answer, and count as unusable
 MAX_WAIT = 60.0  # seconds: the cap on one backoff or Retry-After sleep
@@ -177,7 +179,8 @@ class HttpJudge:
             time.sleep(pause)
         raise JudgeError(
             f"judge endpoint {self.url} still failing after {self.retries + 1} "
-            f"attempts (last: {detail}): try later, or raise timeout= or retries="
+            f"attempts (last: {detail}): try later, or raise the timeout or the retries "
+            "(--judge-timeout, --judge-retries)"
         )
 
     def _excerpt(self, err: urllib.error.HTTPError) -> str:

@@ -14,6 +14,7 @@ appended to answers.jsonl as they arrive, so an interrupted eval resumes where i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from vitscope.cache_spec.store import Cache
+from vitscope.support.progress import status
 from vitscope.train.loader import read_chunks
 from vitscope.train.sae import TopKSAE
 
@@ -112,6 +114,14 @@ def sample_trials(
                 truth="A" if true == a else "B",
             )
         )
+    if len(trials) < pairs:
+        shortfall = (
+            f"only {len(trials)} of {pairs} pairs found a query image that fires for one feature "
+            "only and is in neither top set; raise --max-images or --candidates"
+        )
+        if not trials:
+            raise ValueError(shortfall)
+        status(f"warning: {shortfall}; scoring the {len(trials)}")
     return trials
 
 
@@ -133,10 +143,29 @@ def record_answers(
 ) -> None:
     """Append each answer with its trial as it arrives (flushed: a kill loses at most one)."""
     by_pair = {t.pair: t for t in trials}
+    drop_torn_line(path)
     with open(path, "a") as f:
         for pair, answer in answers:
             f.write(json.dumps({**asdict(by_pair[pair]), "answer": answer}) + "\n")
             f.flush()
+
+
+def drop_torn_line(path: Path) -> None:
+    """Cut a last line a kill left without its newline, so the next append starts a line of its
+    own instead of gluing onto the torn one (and being lost with it)."""
+    if not path.is_file():
+        return
+    with open(path, "r+b") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def trial_set_id(trials: list[SortTrial]) -> str:
+    """A short hash of the trials themselves: answers saved by the game carry it, so answers to
+    another eval's trials (another seed, SAE, cache or setting) are refused when scored."""
+    blob = json.dumps([asdict(t) for t in trials], sort_keys=True).encode()
+    return hashlib.sha1(blob).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -144,17 +173,27 @@ class SortScore:
     trials: int
     usable: int
     correct: int
-    accuracy: float
+    accuracy: float | None
+    """None when no answer was usable (JSON has no NaN)."""
     low: float
     high: float
     """95% Wilson interval of the accuracy."""
+
+    def summary(self) -> str:
+        """The score in one line, as the commands print it."""
+        if self.accuracy is None:
+            return f"no usable answer among {self.trials} pairs"
+        return (
+            f"accuracy {self.accuracy:.3f} [{self.low:.3f}, {self.high:.3f}] over {self.usable} "
+            f"usable of {self.trials} pairs (chance 0.5)"
+        )
 
 
 def score(records: list[dict]) -> SortScore:
     usable = [r for r in records if r["answer"] in ("A", "B")]
     correct = sum(r["answer"] == r["truth"] for r in usable)
     low, high = wilson_interval(correct, len(usable))
-    accuracy = correct / len(usable) if usable else float("nan")
+    accuracy = correct / len(usable) if usable else None
     return SortScore(len(records), len(usable), correct, accuracy, low, high)
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from vitscope.support.configs import AtLeast, check_bounds
+from vitscope.support.configs import Above, AtLeast, check_bounds
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,19 @@ class SortEvalConfig:
     """Folder of the cache's shards, if they moved since caching."""
     out: str = ""
     """Folder for answers.jsonl and score.json; empty = RUN/sorteval-JUDGE-TOKEN."""
-    judge_url: str = "https://api.openai.com/v1"
-    """http judge: the endpoint's base URL (the key comes from VITSCOPE_JUDGE_API_KEY or
-    OPENAI_API_KEY, never a flag)."""
-    judge_model: str = "gpt-4o-mini"
-    """http judge: the vision model to ask."""
+    judge_url: str = ""
+    """http judge: the endpoint's base URL; empty = $VITSCOPE_JUDGE_URL, else OpenAI's."""
+    judge_model: str = ""
+    """http judge: the vision model to ask; empty = $VITSCOPE_JUDGE_MODEL, else gpt-4o-mini."""
+    judge_key_env: str = ""
+    """http judge: the environment variable holding the API key (never the key itself, which a
+    flag would leave in the shell's history and `ps`); empty = VITSCOPE_JUDGE_API_KEY, else
+    OPENAI_API_KEY."""
+    judge_timeout: Annotated[float, Above(0)] = 60.0
+    """http judge: seconds to wait for one reply."""
+    judge_retries: Annotated[int, AtLeast(0)] = 5
+    """http judge: retries of a request after a 429, a 5xx, a timeout or a dropped connection,
+    with exponential backoff (or the server's Retry-After)."""
     answers: str = ""
     """human judge: the answers.jsonl the game page saved, to score."""
     device: str = "auto"

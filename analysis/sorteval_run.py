@@ -7,11 +7,12 @@ refused. Images are read back from the shards a batch of trials at a time.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
+import shlex
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from vitscope.analysis.sorteval import (
     record_answers,
     sample_trials,
     score,
+    trial_set_id,
 )
 from vitscope.analysis.sorteval_config import SortEvalConfig
 from vitscope.cache_spec.store import Cache, open_cache
@@ -124,31 +126,51 @@ def write_game(config: SortEvalConfig) -> Path:
         shutil.copy(ASSETS / name, game / name)
     rows = sorted({r for t in job.trials for r in (*t.rows_a, *t.rows_b, t.query)})
     write_thumbnails(job.cache, np.asarray(rows), game / "images", job.shards, GAME_THUMB_PX)
-    command = (
-        f"vitscope sorteval {config.run} --judge human --seed {config.seed} "
-        f"--pairs {config.pairs} --token {config.token} --answers answers.jsonl"
-    )
     shown = [{k: v for k, v in asdict(t).items() if k != "truth"} for t in job.trials]
-    settings = json.dumps([config.run, config.seed, config.pairs, config.token]).encode()
-    trials = {"id": hashlib.sha1(settings).hexdigest()[:12], "pairs": shown, "command": command}
+    trials = {"id": trial_set_id(job.trials), "pairs": shown, "command": scoring_command(config)}
     (game / "data" / "trials.js").write_text(f"VS.trials = {json.dumps(trials)};\n")
     return game / "sortgame.html"
 
 
+def scoring_command(config: SortEvalConfig) -> str:
+    """The command that scores the game's answers: every setting that shapes the trials or
+    says where they are, as given, so that it rebuilds the very trials the page showed."""
+    flags = [
+        f"--{field.name.replace('_', '-')} {shlex.quote(str(getattr(config, field.name)))}"
+        for field in fields(config)
+        if field.name not in ("run", "judge", "answers", "device")
+        and not field.name.startswith("judge_")
+        and getattr(config, field.name) != field.default
+    ]
+    run = shlex.quote(config.run)
+    return " ".join(["vitscope sorteval", run, "--judge human", *flags, "--answers answers.jsonl"])
+
+
 def _saved_answers(path: Path, trials: list[SortTrial]) -> dict[int, Answer]:
-    """{pair: A or B} from the game's file; a line that is not one is a one-line error."""
-    valid = {t.pair for t in trials}
+    """{pair: A or B} from the game's file; a line that is not one, or answers another eval's
+    trials (its id differs), is a one-line error."""
+    valid, expected_id = {t.pair for t in trials}, trial_set_id(trials)
     answers: dict[int, Answer] = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            pair, letter = int(record["pair"]), record["answer"]
+            trial_set, pair, letter = record["trials"], int(record["pair"]), record["answer"]
         except (ValueError, KeyError, TypeError):
             raise AnalysisError(
-                path, 'lines {"pair": N, "answer": "A" or "B"}', f"line {number}: {line[:60]!r}"
+                path,
+                'lines {"trials": ID, "pair": N, "answer": "A" or "B"}',
+                f"line {number}: {line[:60]!r}",
+                "save the answers from the game page",
             ) from None
+        if trial_set != expected_id:
+            raise AnalysisError(
+                path,
+                f"answers to trial set {expected_id}",
+                f"line {number} answers trial set {trial_set!r}",
+                "score it with the command the game page shows (same seed, pairs and settings)",
+            )
         if pair not in valid or letter not in ("A", "B"):
             raise AnalysisError(
                 path,
@@ -162,9 +184,7 @@ def _saved_answers(path: Path, trials: list[SortTrial]) -> dict[int, Answer]:
 
 def make_judge(config: SortEvalConfig, model: str | None, pretrained: str | None, device: str):
     if config.judge == "http":
-        from vitscope.analysis.judge_http import HttpJudge
-
-        return GridPictures(HttpJudge(config.judge_url, config.judge_model))
+        return GridPictures(http_judge(config))
     from vitscope.analysis.judge_clip import ClipJudge
     from vitscope.pipeline.model import load_vision_tower
 
@@ -173,6 +193,23 @@ def make_judge(config: SortEvalConfig, model: str | None, pretrained: str | None
             f"{config.run}: the SAE does not record its model; the clip judge needs it"
         )
     return ClipJudge(load_vision_tower(model, pretrained, device))
+
+
+def http_judge(config: SortEvalConfig):
+    """The HTTP judge from flags, else the environment, else OpenAI's endpoint."""
+    from vitscope.analysis.judge_http import DEFAULT_MODEL, DEFAULT_URL, HttpJudge
+
+    url = config.judge_url or os.environ.get("VITSCOPE_JUDGE_URL") or DEFAULT_URL
+    model = config.judge_model or os.environ.get("VITSCOPE_JUDGE_MODEL") or DEFAULT_MODEL
+    key = None
+    if config.judge_key_env:
+        key = os.environ.get(config.judge_key_env)
+        if not key:
+            raise ValueError(
+                f"--judge-key-env {config.judge_key_env}: that environment variable is not set; "
+                "export the API key in it"
+            )
+    return HttpJudge(url, model, key, timeout=config.judge_timeout, retries=config.judge_retries)
 
 
 class GridPictures:

@@ -34,6 +34,7 @@ from common import (
 )
 
 from vitscope.cache_spec import open_cache
+from vitscope.support.memory import return_large_buffers
 from vitscope.train.card import SAECard
 from vitscope.train.loader import ActivationStream, read_chunks
 from vitscope.train.sae import TopKSAE
@@ -62,6 +63,8 @@ import re, sys, time
 from pathlib import Path
 from vitscope.analysis.analyze import analyze
 from vitscope.analysis.config import AnalyzeConfig
+from vitscope.support.memory import return_large_buffers
+return_large_buffers()  # as the vitscope command does
 sae, cache, out = sys.argv[1:]
 start = time.perf_counter()
 analyze(AnalyzeConfig(run=sae, cache=cache, out=out, grids=0, device="cpu"))
@@ -100,6 +103,7 @@ def random_sae(folder: Path, n_latents: int, cache_path: Path) -> Path:
 
 
 def main() -> None:
+    return_large_buffers()  # the reads below run as under the vitscope command
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", default="32,128", help="cache sizes, comma-separated")
     parser.add_argument("--widths", default="4096,65536")

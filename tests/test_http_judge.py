@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import traceback
@@ -10,7 +11,10 @@ import pytest
 from openai_server import OpenAIServer, request_images, serve_openai
 from PIL import Image
 
+from vitscope.analysis import judge_http
 from vitscope.analysis.judge_http import PROMPT, HttpJudge, JudgeError, parse_letter
+from vitscope.analysis.sorteval_config import SortEvalConfig
+from vitscope.analysis.sorteval_run import http_judge
 
 KEY = "sk-test-secret-key-0123456789"
 RED, BLUE = (220, 30, 30), (30, 30, 220)
@@ -174,3 +178,35 @@ def test_the_key_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, ser
     monkeypatch.setenv("OPENAI_API_KEY", "other")
     monkeypatch.setenv("VITSCOPE_JUDGE_API_KEY", KEY)
     assert ask(HttpJudge(server.url, "m")) == "A"
+
+
+def test_the_backoff_doubles_up_to_its_cap_and_a_retry_after_wins(
+    monkeypatch: pytest.MonkeyPatch, server: OpenAIServer
+):
+    pauses: list[float] = []
+    monkeypatch.setattr(judge_http.time, "sleep", pauses.append)
+    server.faults += ["500", "500", "500"]
+    assert ask(judge(server, backoff=0.01)) == "A"
+    assert pauses == pytest.approx([0.01, 0.02, 0.04])
+    pauses.clear()
+    server.faults += ["500", "500", "429"]  # this 429 says Retry-After: 0
+    assert ask(judge(server, backoff=40.0)) == "A"
+    assert pauses == [40.0, judge_http.MAX_WAIT, 0.0]
+
+
+def test_the_sort_eval_takes_url_model_and_key_variable_from_flags_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch, server: OpenAIServer
+):
+    monkeypatch.setenv("VITSCOPE_JUDGE_URL", server.url)
+    monkeypatch.setenv("VITSCOPE_JUDGE_MODEL", "model-from-env")
+    monkeypatch.setenv("MY_JUDGE_KEY", KEY)
+    config = SortEvalConfig(run="r", judge="http", judge_key_env="MY_JUDGE_KEY", judge_retries=0)
+    j = http_judge(config)
+    assert ask(j) == "A" and server.requests[-1]["model"] == "model-from-env"
+    assert (j.retries, j.timeout) == (0, 60.0)
+    flagged = dataclasses.replace(config, judge_model="model-from-flag", judge_timeout=2.5)
+    assert ask(http_judge(flagged)) == "A" and server.requests[-1]["model"] == "model-from-flag"
+    assert http_judge(flagged).timeout == 2.5
+    monkeypatch.delenv("MY_JUDGE_KEY")
+    with pytest.raises(ValueError, match=r"^--judge-key-env MY_JUDGE_KEY: that environment"):
+        http_judge(config)

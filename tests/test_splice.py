@@ -69,8 +69,14 @@ def test_an_exact_sae_recovers_the_clean_run(clip: ClipModel, photos, card: SAEC
     assert (result.n_images, result.n_labels, result.layer) == (8, len(LABELS), 5)
 
 
-def test_a_zero_sae_is_zero_ablation(clip: ClipModel, photos, card: SAECard):
-    result = splice_eval(StandIn(card, torch.zeros_like), photos, clip, LABELS)
+def test_a_zero_sae_is_zero_ablation(clip: ClipModel, photos, photo_sae: Path):
+    """The trained photo SAE with its decoder and pre-bias zeroed: a real SAE whose every
+    reconstruction is 0, through its own encode, decode and input scale."""
+    sae = load_sae(photo_sae)
+    with torch.no_grad():
+        sae.w_dec.zero_()
+        sae.b_pre.zero_()
+    result = splice_eval(sae, photos, clip, LABELS)
     assert result.sae == result.zero_ablation
     assert result.sae.cosine < 0.999
     assert result.sae.agreement < 1  # the 8th photo's clean label is lost (seeded weights)

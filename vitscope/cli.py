@@ -19,6 +19,7 @@ from vitscope.pipeline.config import CacheConfig, DownloadConfig
 from vitscope.pipeline.writer import CacheWriteError
 from vitscope.saes.hub import HubError
 from vitscope.support.extras import MissingExtraError, require
+from vitscope.support.memory import return_large_buffers
 from vitscope.support.records import FileFormatError, check_output_path
 from vitscope.train.config import TrainConfig
 
@@ -28,6 +29,13 @@ app = typer.Typer(
     help="Cache ViT activations once into Zarr; train TopK SAEs on them.",
     rich_markup_mode=None,  # help texts hold literal [brackets]: "[default: 500]"
 )
+
+
+@app.callback()
+def _every_command() -> None:
+    """Before any command: large buffers as mmaps, so streaming passes keep a flat footprint."""
+    return_large_buffers()
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -161,18 +169,17 @@ add_config_command(
 
 @one_line_errors
 def run_sorteval(config: SortEvalConfig) -> None:
-    from vitscope.analysis.sorteval_run import sort_eval, write_game
+    from vitscope.analysis.sorteval_run import scoring_command, sort_eval, write_game
 
     if config.judge == "human" and not config.answers:
         page = write_game(config)
         print(f"sort-eval game: {page}; open it, answer, save answers.jsonl, then run")
-        print(f"  vitscope sorteval {config.run} --judge human --answers answers.jsonl")
+        print(f"  {scoring_command(config)}")
         return
     result = sort_eval(config)
     print(
-        f"sort eval ({config.judge} judge, {config.token} tokens): accuracy {result.accuracy:.3f} "
-        f"[{result.low:.3f}, {result.high:.3f}] over {result.usable} usable of {result.trials} "
-        f"pairs (chance 0.5); answers in {config.out_dir}"
+        f"sort eval ({config.judge} judge, {config.token} tokens): {result.summary()}; "
+        f"answers in {config.out_dir}"
     )
 
 

@@ -198,10 +198,7 @@ def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
         spliced, _ = splice_run(str(run), labels=labels)
         print("\n".join(spliced.lines()))
         scored = sort_eval(SortEvalConfig(run=str(run), pairs=100))
-        print(
-            f"sort eval (clip judge): {scored.accuracy:.3f} [{scored.low:.3f}, {scored.high:.3f}] "
-            f"over {scored.usable} pairs"
-        )
+        print(f"sort eval (clip judge): {scored.summary()}")
         index = write_browser(load_analysis(analysis), run / "browser")
         runs.append(run)
     for path in compare(runs, workdir / "compare"):

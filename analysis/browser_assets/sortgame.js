@@ -1,6 +1,6 @@
 /* The sort eval as a game for a human judge: one pair at a time, answer A or B. Answers are
-   kept in localStorage (a reload resumes) and saved as answers.jsonl, which
-   `vitscope sorteval RUN --judge human --answers answers.jsonl` scores. The page never sees
+   kept in localStorage (a reload resumes) and saved as answers.jsonl, which the command the
+   page shows (`vitscope sorteval RUN --judge human ... --answers answers.jsonl`) scores. The page never sees
    which feature is the true one. */
 "use strict";
 
@@ -29,10 +29,13 @@ function show() {
   const next = pairs.find((p) => !(p.pair in answers));
   const count = Object.keys(answers).length;
   document.getElementById("progress").textContent = `${count} of ${pairs.length} answered`;
-  const lines = Object.entries(answers).map(([pair, answer]) => JSON.stringify({ pair: Number(pair), answer }));
+  // Each line names the trial set it answers, so the command refuses answers to another eval.
+  const lines = Object.entries(answers).map(([pair, answer]) =>
+    JSON.stringify({ trials: VS.trials.id, pair: Number(pair), answer }));
   const save = document.getElementById("save");
   save.href = URL.createObjectURL(new Blob([lines.join("\n") + "\n"], { type: "application/x-ndjson" }));
   save.title = command;
+  document.getElementById("command").textContent = command;
   document.getElementById("trial").hidden = !next;
   document.getElementById("done").hidden = Boolean(next);
   if (!next) return;
