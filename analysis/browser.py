@@ -3,10 +3,12 @@
     SITE/
       index.html feature.html app.js style.css   copied from browser_assets/
       data/index.js          VS.index: site meta and features.parquet as columns (sort, search),
-                             with the MS column when the analysis has one
+                             with the MS column when the analysis has one; the meta links the
+                             run's sort-eval game pages (`vitscope sorteval RUN --judge human`)
       data/block_NNNNN.js    VS.blocks[n]: 1024 features' top images as [row, peak, CLS], their
                              patch maps (uint8 per feature, base64) and the images' captions
-      data/layers.js         VS.layers: links to the other layers' browsers (`vitscope compare`)
+      data/layers.js         VS.layers: links to the other layers' browsers (`vitscope compare`),
+                             kept when the site is written again
       images/ROW.jpg         each top image once: a square thumbnail of the model's centre crop
 
 Data files are scripts assigning into the global VS because file:// pages cannot fetch(); a
@@ -20,6 +22,7 @@ import contextlib
 import functools
 import http.server
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -39,12 +42,19 @@ BLOCK_FEATURES = 1024
 INDEX_FILE = "data/index.js"
 LAYERS_FILE = "data/layers.js"
 """VS.layers: links to the browsers of the same cache's other layers (`vitscope compare`)."""
+GAME_PAGES = "*/game/sortgame.html"
+"""Sort-eval game pages inside a run (RUN/sorteval-human-TOKEN/game/ by default)."""
 
 
 def write_browser(
-    analysis: Analysis, out: Path, shards: Path | None = None, thumb_px: int = 112
+    analysis: Analysis,
+    out: Path,
+    shards: Path | None = None,
+    thumb_px: int = 112,
+    run: Path | None = None,
 ) -> Path:
-    """Write the site into `out` (built beside it, then swapped in); returns its index.html."""
+    """Write the site into `out` (built beside it, then swapped in); returns its index.html. The
+    index links the sort-eval games inside `run` (default: the folder holding the analysis)."""
     if out.exists() and not (out / INDEX_FILE).is_file():
         raise ValueError(f"{out}: exists and is not a feature browser; choose another --out")
     partial = out.with_name(out.name + ".partial")
@@ -53,13 +63,30 @@ def write_browser(
     for name in SITE_ASSETS:
         shutil.copy(ASSETS / name, partial / name)
     (partial / "data").mkdir()
-    _write_index(analysis, partial / INDEX_FILE)
-    (partial / LAYERS_FILE).write_text("VS.layers = [];\n")
+    games = game_links(run or analysis.folder.parent, out)
+    _write_index(analysis, partial / INDEX_FILE, games)
+    _keep_layer_links(out, partial)
     rows = _write_blocks(analysis, partial / "data")
     _write_thumbnails(analysis, rows, partial / "images", shards, thumb_px)
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
     return out / "index.html"
+
+
+def game_links(run: Path, out: Path) -> list[dict]:
+    """[{name, href}] for each sort-eval game page in the run, relative to the site in `out`:
+    the game is written by `vitscope sorteval`, not here, and may come before or after."""
+    pages = sorted(run.glob(GAME_PAGES))
+    return [{"name": page.parent.parent.name, "href": os.path.relpath(page, out)} for page in pages]
+
+
+def _keep_layer_links(out: Path, partial: Path) -> None:
+    """The layer links `vitscope compare` wrote into the old site survive a re-run of browse
+    (which does not know the other layers); a new site starts with none."""
+    if (out / LAYERS_FILE).is_file():
+        shutil.copy(out / LAYERS_FILE, partial / LAYERS_FILE)
+    else:
+        (partial / LAYERS_FILE).write_text("VS.layers = [];\n")
 
 
 def size_per_feature(site: Path, n_features: int) -> float:
@@ -77,7 +104,7 @@ def serve(out: Path, port: int = 0) -> None:
             server.serve_forever()
 
 
-def _write_index(analysis: Analysis, path: Path) -> None:
+def _write_index(analysis: Analysis, path: Path, games: list[dict]) -> None:
     meta, ms = analysis.meta, analysis.monosemanticity
     columns = {}
     for name in analysis.features.column_names:
@@ -99,6 +126,7 @@ def _write_index(analysis: Analysis, path: Path) -> None:
         "ms": None
         if ms is None
         else f"{ms.n_images:,} images, {ms.encoder} ({ms.encoder_weights})",
+        "games": games,
     }
     _write_script(path, "VS.index", {"meta": site_meta, "features": columns})
 

@@ -2,27 +2,34 @@
 
 Per run: held-out explained variance and dead fraction (the last log line), median firing
 frequency of the live features over images (the analysis), splice cosine (splice.json),
-sort-eval accuracy with its 95% interval (sorteval-*/score.json) and the mean MonoSemanticity
-Score of the scored features (the analysis's monosemanticity.parquet); a number a run does not
-have yet is left blank. Written as compare.md, compare.csv and compare.png; each run's browser gets
-links to the others'.
+sort-eval accuracy with its 95% interval (one judge and token set's score.json, in the folder
+`vitscope sorteval` writes by default) and the mean MonoSemanticity Score of the scored features
+(the analysis's monosemanticity.parquet); a number a run does not have yet is left blank. Runs
+analysed over different caches are refused: their numbers are not over the same images. Written
+as compare.md, compare.csv and compare.png; each run's browser gets links to the others'.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vitscope.analysis.browser import LAYERS_FILE
-from vitscope.analysis.files import MS_COLUMN, load_analysis
+from vitscope.analysis.files import META_FILE, MS_COLUMN, load_analysis, read_meta
+from vitscope.analysis.sorteval_config import SortEvalConfig
 from vitscope.support.records import check_output_path
 from vitscope.train.report import read_log
 from vitscope.train.sae_folder import load_sae_folder
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,8 @@ class LayerRow:
     median_frequency: float | None
     """Median over the live features of the fraction of images they fire on."""
     splice_cosine: float | None
+    sort_eval: str
+    """Whose sort-eval score the row reads, e.g. "clip judge, all tokens"."""
     sort_accuracy: float | None
     sort_low: float | None
     sort_high: float | None
@@ -43,8 +52,8 @@ class LayerRow:
     """The image encoder of those MS: runs compare only under the same one."""
 
 
-def layer_row(run: Path) -> LayerRow:
-    """What one run folder has measured about itself."""
+def layer_row(run: Path, judge: str = "clip", token: str = "all") -> LayerRow:
+    """What one run folder has measured about itself; the sort eval of `judge` over `token`."""
     card = load_sae_folder(run).card
     last = read_log(run)[-1] if (run / "log.jsonl").is_file() else {}
     median = mean_ms = ms_encoder = None
@@ -61,8 +70,7 @@ def layer_row(run: Path) -> LayerRow:
                 f"{analysis.monosemanticity.encoder} ({analysis.monosemanticity.encoder_weights})"
             )
     splice = _json(run / "splice.json")
-    scores = sorted(run.glob("sorteval-*/score.json"))
-    sort = _json(scores[0]) if scores else {}
+    sort = sort_score(run, judge, token)
     return LayerRow(
         run=str(run),
         layer=card.layer,
@@ -70,6 +78,7 @@ def layer_row(run: Path) -> LayerRow:
         dead_fraction=last.get("dead_fraction"),
         median_frequency=median,
         splice_cosine=splice.get("sae", {}).get("cosine"),
+        sort_eval=sort_label(judge, token),
         sort_accuracy=sort.get("accuracy"),
         sort_low=sort.get("low"),
         sort_high=sort.get("high"),
@@ -78,25 +87,60 @@ def layer_row(run: Path) -> LayerRow:
     )
 
 
-def compare(runs: list[Path], out: Path) -> list[Path]:
-    """The table (markdown, CSV), the figure, and layer links in every run's browser."""
+def sort_score(run: Path, judge: str, token: str) -> dict:
+    """score.json of the sort eval `vitscope sorteval RUN --judge J --token T` wrote; {} when
+    there is none or it has no accuracy (no usable answer), so the cells stay blank."""
+    folder = SortEvalConfig(run=str(run), judge=judge, token=token).out_dir  # type: ignore[arg-type]
+    score = _json(folder / "score.json")
+    accuracy = score.get("accuracy")
+    return {} if accuracy is None or math.isnan(accuracy) else score
+
+
+def sort_label(judge: str, token: str) -> str:
+    """The sort eval a table or figure shows: scores of other judges or tokens do not mix."""
+    return f"{judge} judge, {token} tokens"
+
+
+def check_one_cache(runs: list[Path]) -> None:
+    """Layers compare over the same images only: refuse runs analysed over different caches."""
+    analysed = [run for run in runs if (run / "analysis" / META_FILE).is_file()]
+    caches = {run: read_meta(run / "analysis").cache for run in analysed}
+    for run in analysed[1:]:
+        if caches[run] != caches[analysed[0]]:
+            raise ValueError(
+                f"{analysed[0]} was analysed over {caches[analysed[0]]} but {run} over "
+                f"{caches[run]}; compare runs of one cache (or re-run `vitscope analyze RUN "
+                "--cache CACHE` over the same one)"
+            )
+
+
+def compare(runs: list[Path], out: Path, judge: str = "clip", token: str = "all") -> list[Path]:
+    """The table (markdown, CSV), the figure, and layer links in every run's browser; the
+    sort-eval columns are those of `judge` over `token`."""
+    from vitscope.analysis.plots import save_figure
+
     check_output_path(out, "--out")
-    rows = sorted((layer_row(run) for run in runs), key=lambda r: (r.layer is None, r.layer))
+    check_one_cache(runs)
+    rows = sorted(
+        (layer_row(run, judge, token) for run in runs), key=lambda r: (r.layer is None, r.layer)
+    )
     out.mkdir(parents=True, exist_ok=True)
     names = [f.name for f in fields(LayerRow)]
     with open(out / "compare.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=names)
         writer.writeheader()
         writer.writerows(asdict(row) for row in rows)
-    (out / "compare.md").write_text(_markdown(rows))
+    label = sort_label(judge, token)
+    (out / "compare.md").write_text(_markdown(rows, label))
     _link_browsers(rows)
-    return [out / "compare.md", out / "compare.csv", _figure(rows, out / "compare.png")]
+    figure = save_figure(layer_figure(rows, label), out / "compare.png")
+    return [out / "compare.md", out / "compare.csv", figure]
 
 
-def _markdown(rows: list[LayerRow]) -> str:
+def _markdown(rows: list[LayerRow], sort_eval: str) -> str:
     lines = [
         "| layer | explained variance | dead | median frequency (images) | splice cosine | "
-        "sort eval (95% CI) | mean MS | run |",
+        f"sort eval ({sort_eval}; 95% CI) | mean MS | run |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
@@ -117,15 +161,17 @@ def _markdown(rows: list[LayerRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figure(rows: list[LayerRow], path: Path) -> Path:
-    from vitscope.analysis.plots import plt, save_figure
+def layer_figure(rows: list[LayerRow], sort_eval: str) -> Figure:
+    """One panel per number against the layer; sort-eval accuracy with its interval as error
+    bars (`sort_eval` names the judge and token set in its title)."""
+    from vitscope.analysis.plots import plt
 
     panels = [
         ("explained_variance", "held-out explained variance"),
         ("dead_fraction", "dead fraction"),
         ("median_frequency", "median frequency (images)"),
         ("splice_cosine", "splice cosine"),
-        ("sort_accuracy", "sort-eval accuracy (95% CI)"),
+        ("sort_accuracy", f"sort-eval accuracy (95% CI)\n{sort_eval}"),
         ("mean_ms", "mean MonoSemanticity Score"),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), layout="constrained")
@@ -142,7 +188,7 @@ def _figure(rows: list[LayerRow], path: Path) -> Path:
             ax.plot(*zip(*shown, strict=True), marker="o")
         ax.set(title=title, xlabel="layer")
     fig.suptitle("SAEs by layer")
-    return save_figure(fig, path)
+    return fig
 
 
 def _link_browsers(rows: list[LayerRow]) -> None:

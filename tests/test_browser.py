@@ -23,6 +23,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from conftest import BROWSER_WAIT_S, shown_features, wait_for
 from vitscope.analysis.browser import size_per_feature, write_browser
 from vitscope.analysis.files import AnalysisMeta, load_analysis, write_meta, write_results
+from vitscope.analysis.sorteval_config import SortEvalConfig
 from vitscope.cache_spec import open_cache
 
 
@@ -138,6 +139,26 @@ def test_browse_command_writes_and_serves_the_site(
     finally:
         server.terminate()
         server.wait(timeout=BROWSER_WAIT_S)
+
+
+def test_index_links_the_runs_sort_eval_games(
+    photo_analysis: Path, chromium: webdriver.Chrome, tmp_path: Path
+):
+    """A game page `vitscope sorteval RUN --judge human` left in the run (its default folder)
+    is linked from the index, relative to the site, and the link opens it."""
+    run = tmp_path / "run"
+    config = SortEvalConfig(run=str(run), judge="human", token="cls")
+    game = config.out_dir / "game" / "sortgame.html"
+    game.parent.mkdir(parents=True)
+    game.write_text("<!doctype html><title>the game</title>")
+    index = write_browser(load_analysis(photo_analysis), run / "browser", run=run)
+
+    chromium.get(index.as_uri())
+    (link,) = wait_for(chromium, "#games a")
+    assert link.text == "sort-eval game (sorteval-human-cls)"
+    assert link.get_attribute("href") == game.as_uri()
+    link.click()
+    WebDriverWait(chromium, BROWSER_WAIT_S).until(lambda d: d.title == "the game")
 
 
 def wide_analysis(folder: Path, cache: Path, n_features: int, top_n: int, grid: int) -> Path:

@@ -6,7 +6,7 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 
@@ -200,12 +200,19 @@ def compare_layers(
     out: Annotated[Path, typer.Option(help="Folder for compare.md, .csv and .png.")] = Path(
         "runs/compare"
     ),
+    judge: Annotated[
+        Literal["clip", "http", "human"],
+        typer.Option(help="Whose sort-eval score the table shows (RUN/sorteval-JUDGE-TOKEN)."),
+    ] = "clip",
+    token: Annotated[
+        Literal["all", "cls"], typer.Option(help="The token set of that sort-eval score.")
+    ] = "all",
 ) -> None:
     """SAEs on different layers side by side: explained variance, dead fraction, median feature
     frequency, splice cosine, sort-eval accuracy; links the layers' browsers."""
     from vitscope.analysis.compare import compare
 
-    written = compare(runs, out)
+    written = compare(runs, out, judge, token)
     print(written[0].read_text(), end="")
     print("\n".join(f"written: {path}" for path in written))
 
@@ -355,7 +362,7 @@ def browse(
     from vitscope.analysis.files import load_analysis
 
     loaded = load_analysis(analysis or run / "analysis")
-    index = write_browser(loaded, out or run / "browser", shards)
+    index = write_browser(loaded, out or run / "browser", shards, run=run)
     per_feature = size_per_feature(index.parent, loaded.meta.n_features)
     print(f"feature browser: {index} ({per_feature:,.0f} bytes per feature)")
     if serve:

@@ -219,6 +219,17 @@ function showLayers() {
   }
 }
 
+function showGames() {
+  /* The run's sort-eval game pages (`vitscope sorteval RUN --judge human`), found by browse. */
+  const nav = document.getElementById("games");
+  for (const { name, href } of VS.index.meta.games || []) {
+    const link = document.createElement("a");
+    link.textContent = `sort-eval game (${name})`;
+    link.href = href;
+    nav.append(link, " ");
+  }
+}
+
 window.addEventListener("DOMContentLoaded", () => {
   if (document.body.dataset.page !== "index") {
     showFeature();
@@ -226,4 +237,5 @@ window.addEventListener("DOMContentLoaded", () => {
   }
   showIndex();
   showLayers();
+  showGames();
 });
