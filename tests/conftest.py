@@ -3,6 +3,7 @@ open_clip ViT, caches on disk. Expensive ones are made once per session; copy th
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,12 @@ from vitscope.pipeline.download import download
 from vitscope.pipeline.model import VisionTower, load_vision_tower
 from vitscope.pipeline.run import cache
 from vitscope.train.config import TrainConfig
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on a 2-core machine: one thread each, for the worker and the
+    # commands it starts, or every torch product fights the other worker's for the cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 TEST_MODEL = "ViT-S-32"
 TEST_LAYERS = (2, 5, 11)
