@@ -25,7 +25,7 @@ from vitscope.analysis.files import (
     write_meta,
     write_results,
 )
-from vitscope.analysis.images import ImageSourceError, row_sources, shards_folder
+from vitscope.analysis.images import ImageSourceError, row_sources, shard_paths
 from vitscope.analysis.stats import FeatureAccumulator
 from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.saes.load import load_sae
@@ -98,12 +98,12 @@ def absolute(location: str) -> str:
 
 def check_shards_folder(cache: Cache, shards: Path | None) -> None:
     """Fail before the pass, not after it, when the grids' images cannot be read back."""
-    folder = shards_folder(cache, shards)
-    if not folder.is_dir():
-        raise ImageSourceError(
-            f"{folder}: the cache's shard folder is not there; pass --shards DIR where its "
-            "shards are now"
-        )
+    for folder in sorted({path.parent for path in shard_paths(cache, shards).values()}):
+        if not folder.is_dir():
+            raise ImageSourceError(
+                f"{folder}: the cache's shard folder is not there; pass --shards DIR where its "
+                "shards are now"
+            )
 
 
 def first_images(chunks: list, max_images: int) -> list:

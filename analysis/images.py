@@ -1,7 +1,8 @@
 """Read the images behind cache rows back from their webdataset shards (row -> shard, key).
 
-The cache records where its shards were read from (`source_shards`, spec 1.1); `shards` overrides
-it when they moved. A missing shard or key is a one-line error naming it and the fix.
+Each shard's commit record names the folder its tar was read from (spec 1.3), older caches the
+first run's folder (`source_shards`, 1.1); `shards` overrides both when they moved. A missing
+shard or key is a one-line error naming it and the fix.
 """
 
 from __future__ import annotations
@@ -23,16 +24,20 @@ class ImageSourceError(Exception):
     """A top image cannot be read back: its shard or key is not where the cache says."""
 
 
-def shards_folder(cache: Cache, shards: Path | None) -> Path:
-    """Where the cache's shards are: `shards` if given, else the folder the cache recorded."""
-    if shards is not None:
-        return shards
-    if cache.attrs.source_shards is None:
-        raise ImageSourceError(
-            f"{cache.path}: the cache does not record where its shards were read from (spec "
-            f"{cache.attrs.spec_version}); pass --shards DIR"
-        )
-    return Path(cache.attrs.source_shards)
+def shard_paths(cache: Cache, shards: Path | None) -> dict[str, Path]:
+    """shard file name -> its tar, for every committed shard: in `shards` if given, else in the
+    folder its commit record names, else in the one the cache recorded (a cache may have grown
+    from shards in several folders)."""
+    paths = {}
+    for commit in cache.committed.values():
+        folder = shards or commit.source_folder or cache.attrs.source_shards
+        if folder is None:
+            raise ImageSourceError(
+                f"{cache.path}: the cache does not record where its shards were read from (spec "
+                f"{cache.attrs.spec_version}); pass --shards DIR"
+            )
+        paths[commit.shard] = Path(folder) / commit.shard
+    return paths
 
 
 def row_sources(
@@ -61,7 +66,7 @@ def iter_images(
 ) -> Iterator[tuple[int, Image.Image]]:
     """(row, decoded image) for each row, shard by shard in tar order, one image in memory at a
     time. `sources` (from `row_sources`) saves re-reading the row table when called in batches."""
-    folder = shards_folder(cache, shards)
+    paths = shard_paths(cache, shards)
     wanted_rows = set(rows)
     if sources is None:
         sources = row_sources(cache, wanted_rows)
@@ -72,7 +77,7 @@ def iter_images(
         shard, key, _ = sources[row]
         wanted[shard][key] = row
     for shard, keys in sorted(wanted.items()):
-        path = folder / shard
+        path = paths[shard]
         if not path.is_file():
             raise ImageSourceError(
                 f"{path}: shard of {len(keys)} top image(s) not found; pass --shards DIR where "

@@ -48,7 +48,7 @@ from vitscope.analysis.files import (
     read_meta,
     write_monosemanticity,
 )
-from vitscope.analysis.images import ImageSourceError, shards_folder
+from vitscope.analysis.images import ImageSourceError, shard_paths
 from vitscope.cache_spec.store import Cache, ChunkRef, open_cache
 from vitscope.pipeline.dataset import ShardBatch, ShardImages, shard_loader
 from vitscope.pipeline.model import ImageEncoder, load_image_encoder
@@ -231,9 +231,9 @@ def _accumulate(
     refs_of: dict[int, list[ChunkRef]] = defaultdict(list)
     for ref in chunks:
         refs_of[ref.shard_index].append(ref)
-    folder = shards_folder(cache, Path(config.shards) if config.shards else None)
+    paths = shard_paths(cache, Path(config.shards) if config.shards else None)
     committed = cache.committed
-    todo = [(index, folder / committed[index].shard) for index in refs_of]
+    todo = [(index, paths[committed[index].shard]) for index in refs_of]
     for _, path in todo:
         if not path.is_file():
             raise ImageSourceError(

@@ -15,7 +15,7 @@ import pyarrow as pa
 from vitscope.cache_spec.errors import CacheSpecError
 from vitscope.support.records import parse_record
 
-SPEC_VERSION = "1.2"
+SPEC_VERSION = "1.3"
 ATTRS_KEY = "vitscope_cache"
 SHARDS_DIR = "shards"
 
@@ -103,7 +103,9 @@ class CacheAttrs:
     spec_version: str = SPEC_VERSION
     """Version of this contract: major.minor; readers refuse another major."""
     source_shards: str | None = None
-    """Absolute folder the shards were read from, to read images back (spec 1.1; optional)."""
+    """Absolute folder the shards were read from, to read images back (spec 1.1; optional). The
+    first run's folder: a shard's commit record names its own (1.3), for caches grown from
+    several folders."""
 
     def __post_init__(self) -> None:
         if self.storage not in STORAGES:
@@ -157,6 +159,9 @@ class ShardCommit:
     """host:pid of the writer."""
     committed_at: str
     """UTC time of the commit, ISO 8601."""
+    source_folder: str | None = None
+    """Absolute folder this shard's tar was read from (spec 1.3; absent before): a cache grown
+    from several shard folders reads each image back from its own."""
 
     @classmethod
     def from_json(cls, data: Any, where: Path | str) -> ShardCommit:

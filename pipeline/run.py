@@ -159,7 +159,7 @@ def _encode(
             if batch.shard_index in failed:
                 continue
             writer = writers.setdefault(
-                batch.shard_index, ShardWriter(store, batch.shard_index, queue)
+                batch.shard_index, ShardWriter(store, batch.shard_index, queue, batch.shard)
             )
             if decoder is not None:
                 batch = decoder(batch)

@@ -11,6 +11,7 @@ import errno
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import pyarrow as pa
 import torch
@@ -98,10 +99,12 @@ def _copy_event(device: torch.device) -> torch.cuda.Event | None:
 class ShardWriter:
     """Rows of one shard go to its region in order: row i of the shard is row first_row + i."""
 
-    def __init__(self, cache: Cache, shard_index: int, queue: WriteQueue) -> None:
+    def __init__(self, cache: Cache, shard_index: int, queue: WriteQueue, source: Path) -> None:
         self.cache = cache
         self.shard_index = shard_index
         self.shard = cache.attrs.shards[shard_index]
+        self.source_folder = str(source.resolve().parent)
+        """Where the shard's tar was read from: its commit record says so (spec 1.3)."""
         self.first_row, self.stop_row = cache.attrs.region(shard_index)
         self.queue = queue
         self.n_rows = 0
@@ -153,6 +156,7 @@ class ShardWriter:
             source_bytes=source_bytes,
             written_by=writer_id(),
             committed_at=utc_now(),
+            source_folder=self.source_folder,
         )
         try:
             self.cache.commit(commit, self._rows_table())

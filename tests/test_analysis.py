@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import vitscope
-from conftest import run_vitscope
+from conftest import cache_config, run_vitscope
 from vitscope.analysis import analyze as analyze_module
 from vitscope.analysis.analyze import analyze
 from vitscope.analysis.config import AnalyzeConfig
@@ -28,6 +28,8 @@ from vitscope.analysis.plots import (
 )
 from vitscope.analysis.stats import FeatureAccumulator
 from vitscope.cache_spec import open_cache
+from vitscope.pipeline.run import cache
+from vitscope.pipeline.shards import list_shards
 from vitscope.train.report import read_log
 
 
@@ -150,14 +152,28 @@ def test_checkpoints_choose_the_mse_panels():
     assert panel_windows(log[:16], 500) == log[:16]  # all windows while they fit
 
 
+def record_shards_at(cache: Path, folder: Path | None) -> None:
+    """Edit a cache as if its shards had been read from `folder`, in its attributes and every
+    commit record (None: as caches before spec 1.1 recorded nothing)."""
+    meta = cache / "zarr.json"
+    data = json.loads(meta.read_text())
+    attrs = data["attributes"]["vitscope_cache"]
+    records = [(path, json.loads(path.read_text())) for path in cache.glob("shards/*.commit.json")]
+    assert records and all(record["source_folder"] for _, record in records)
+    for fields, name in [(attrs, "source_shards"), *((r, "source_folder") for _, r in records)]:
+        del fields[name]
+        if folder is not None:
+            fields[name] = str(folder)
+    meta.write_text(json.dumps(data))
+    for path, record in records:
+        path.write_text(json.dumps(record))
+
+
 def test_moved_shards_work_with_shards_and_fail_in_one_line_without(
     photo_sae: Path, reference_cache: Path, shards: Path, tmp_path: Path
 ):
     cache = shutil.copytree(reference_cache, tmp_path / "cache")
-    meta = cache / "zarr.json"
-    data = json.loads(meta.read_text())
-    data["attributes"]["vitscope_cache"]["source_shards"] = str(tmp_path / "gone")
-    meta.write_text(json.dumps(data))
+    record_shards_at(cache, tmp_path / "gone")
     moved = shutil.copytree(shards, tmp_path / "moved")
     args = ["analyze", str(photo_sae), "--cache", str(cache), "--grids", "1"]
 
@@ -195,10 +211,7 @@ def test_a_cache_that_never_recorded_its_shards_asks_for_them(
     photo_sae: Path, reference_cache: Path, shards: Path, tmp_path: Path
 ):
     cache = shutil.copytree(reference_cache, tmp_path / "cache")
-    meta = cache / "zarr.json"
-    data = json.loads(meta.read_text())
-    del data["attributes"]["vitscope_cache"]["source_shards"]  # as caches before spec 1.1
-    meta.write_text(json.dumps(data))
+    record_shards_at(cache, None)  # as caches before spec 1.1
     args = ["analyze", str(photo_sae), "--cache", str(cache), "--grids", "1"]
     failed = run_vitscope(*args, "--out", str(tmp_path / "a1"))
     assert failed.returncode == 1
@@ -221,6 +234,34 @@ def test_a_shard_that_changed_names_the_missing_key(
         pass  # the same name, none of its samples
     with pytest.raises(ImageSourceError, match=f"no sample with key {top[0]['key']}"):
         read_images(open_cache(analysis.meta.cache), [top[0]["row"]], replaced)
+
+
+def test_a_cache_grown_from_two_shard_folders_reads_every_image_back(shards: Path, tmp_path: Path):
+    """Each commit record names its shard's folder (spec 1.3): no --shards needed, and the image
+    read back for a row is the one its shard holds under the row's key."""
+    from vitscope.analysis.images import read_images, row_sources
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    *early, late = list_shards(shards)
+    for folder, tars in [(first, early), (second, [late])]:
+        folder.mkdir()
+        for tar in tars:
+            shutil.copy(tar, folder)
+        cache(cache_config(folder, tmp_path / "cache"))
+    grown = open_cache(tmp_path / "cache")
+    assert grown.attrs.source_shards == str(first)
+    folders = [commit.source_folder for commit in grown.committed.values()]
+    assert folders == [str(first)] * len(early) + [str(second)]
+
+    sources = row_sources(grown)
+    images = read_images(grown, list(sources))
+    assert sorted(images) == sorted(sources) and {s for s, _, _ in sources.values()} == {
+        tar.name for tar in (*early, late)
+    }
+    for row, (shard, key, _) in sources.items():
+        with tarfile.open(shards / shard) as tar:  # the shard as img2dataset wrote it
+            original = Image.open(tar.extractfile(f"{key}.jpg")).convert("RGB")
+        assert np.array_equal(np.asarray(images[row]), np.asarray(original)), row
 
 
 def test_the_passs_state_does_not_grow_with_the_cache(
