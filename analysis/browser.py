@@ -3,12 +3,13 @@
     SITE/
       index.html feature.html app.js style.css   copied from browser_assets/
       data/index.js          VS.index: site meta and features.parquet as columns (sort, search),
-                             with the MS column when the analysis has one; the meta links the
-                             run's sort-eval game pages (`vitscope sorteval RUN --judge human`)
+                             with the MS column when the analysis has one
       data/block_NNNNN.js    VS.blocks[n]: 1024 features' top images as [row, peak, CLS], their
                              patch maps (uint8 per feature, base64) and the images' captions
       data/layers.js         VS.layers: links to the other layers' browsers (`vitscope compare`),
                              kept when the site is written again
+      data/games.js          VS.games: links to the run's sort-eval game pages, rewritten by
+                             `vitscope sorteval RUN --judge human` when it writes one later
       images/ROW.jpg         each top image once: a square thumbnail of the model's centre crop
 
 Data files are scripts assigning into the global VS because file:// pages cannot fetch(); a
@@ -42,6 +43,8 @@ BLOCK_FEATURES = 1024
 INDEX_FILE = "data/index.js"
 LAYERS_FILE = "data/layers.js"
 """VS.layers: links to the browsers of the same cache's other layers (`vitscope compare`)."""
+GAMES_FILE = "data/games.js"
+"""VS.games: links to the run's sort-eval game pages, whichever of browse and sorteval ran last."""
 GAME_PAGES = "*/game/sortgame.html"
 """Sort-eval game pages inside a run (RUN/sorteval-human-TOKEN/game/ by default)."""
 
@@ -63,8 +66,8 @@ def write_browser(
     for name in SITE_ASSETS:
         shutil.copy(ASSETS / name, partial / name)
     (partial / "data").mkdir()
-    games = game_links(run or analysis.folder.parent, out)
-    _write_index(analysis, partial / INDEX_FILE, games)
+    _write_index(analysis, partial / INDEX_FILE)
+    _write_script(partial / GAMES_FILE, "VS.games", game_links(run or analysis.folder.parent, out))
     _keep_layer_links(out, partial)
     rows = _write_blocks(analysis, partial / "data")
     _write_thumbnails(analysis, rows, partial / "images", shards, thumb_px)
@@ -78,6 +81,13 @@ def game_links(run: Path, out: Path) -> list[dict]:
     the game is written by `vitscope sorteval`, not here, and may come before or after."""
     pages = sorted(run.glob(GAME_PAGES))
     return [{"name": page.parent.parent.name, "href": os.path.relpath(page, out)} for page in pages]
+
+
+def link_games(run: Path, site: Path) -> None:
+    """Rewrite the game links of the run's browser, if it has one: a game written after
+    `vitscope browse` ran shows up without re-running it."""
+    if (site / INDEX_FILE).is_file():
+        _write_script(site / GAMES_FILE, "VS.games", game_links(run, site))
 
 
 def _keep_layer_links(out: Path, partial: Path) -> None:
@@ -104,7 +114,7 @@ def serve(out: Path, port: int = 0) -> None:
             server.serve_forever()
 
 
-def _write_index(analysis: Analysis, path: Path, games: list[dict]) -> None:
+def _write_index(analysis: Analysis, path: Path) -> None:
     meta, ms = analysis.meta, analysis.monosemanticity
     columns = {}
     for name in analysis.features.column_names:
@@ -126,7 +136,6 @@ def _write_index(analysis: Analysis, path: Path, games: list[dict]) -> None:
         "ms": None
         if ms is None
         else f"{ms.n_images:,} images, {ms.encoder} ({ms.encoder_weights})",
-        "games": games,
     }
     _write_script(path, "VS.index", {"meta": site_meta, "features": columns})
 

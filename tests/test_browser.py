@@ -5,6 +5,7 @@ decode and carry a drawn heatmap; at 65,536 features the index still loads and s
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from conftest import BROWSER_WAIT_S, shown_features, wait_for
+from conftest import BROWSER_WAIT_S, run_vitscope, shown_features, wait_for
 from vitscope.analysis.browser import size_per_feature, write_browser
 from vitscope.analysis.files import AnalysisMeta, load_analysis, write_meta, write_results
 from vitscope.analysis.sorteval_config import SortEvalConfig
@@ -141,24 +142,39 @@ def test_browse_command_writes_and_serves_the_site(
         server.wait(timeout=BROWSER_WAIT_S)
 
 
-def test_index_links_the_runs_sort_eval_games(
-    photo_analysis: Path, chromium: webdriver.Chrome, tmp_path: Path
+def test_index_links_the_runs_sort_eval_games_written_before_or_after_it(
+    photo_sae: Path, photo_analysis: Path, chromium: webdriver.Chrome, tmp_path: Path
 ):
-    """A game page `vitscope sorteval RUN --judge human` left in the run (its default folder)
-    is linked from the index, relative to the site, and the link opens it."""
-    run = tmp_path / "run"
+    """A game page left in the run (the default folder of `vitscope sorteval RUN --judge
+    human`) is linked from the index, relative to the site, and the link opens it; a game the
+    command writes after browse ran is linked too, without browsing again."""
+    run = shutil.copytree(photo_sae, tmp_path / "run")
     config = SortEvalConfig(run=str(run), judge="human", token="cls")
-    game = config.out_dir / "game" / "sortgame.html"
-    game.parent.mkdir(parents=True)
-    game.write_text("<!doctype html><title>the game</title>")
-    index = write_browser(load_analysis(photo_analysis), run / "browser", run=run)
+    early = config.out_dir / "game" / "sortgame.html"
+    early.parent.mkdir(parents=True)
+    early.write_text("<!doctype html><title>the game</title>")
+    browsed = run_vitscope("browse", str(run))
+    assert browsed.returncode == 0, browsed.stderr
+    index = run / "browser" / "index.html"
 
     chromium.get(index.as_uri())
     (link,) = wait_for(chromium, "#games a")
     assert link.text == "sort-eval game (sorteval-human-cls)"
-    assert link.get_attribute("href") == game.as_uri()
+    assert link.get_attribute("href") == early.as_uri()
     link.click()
     WebDriverWait(chromium, BROWSER_WAIT_S).until(lambda d: d.title == "the game")
+
+    played = run_vitscope("sorteval", str(run), "--judge", "human", "--pairs", "2")
+    assert played.returncode == 0, played.stderr
+    chromium.get(index.as_uri())
+    links = wait_for(chromium, "#games a")
+    assert [a.text for a in links] == [
+        f"sort-eval game (sorteval-human-{token})" for token in ("all", "cls")
+    ]
+    links[0].click()
+    WebDriverWait(chromium, BROWSER_WAIT_S).until(
+        lambda d: d.find_element(By.ID, "progress").text == "0 of 2 answered"
+    )
 
 
 def wide_analysis(folder: Path, cache: Path, n_features: int, top_n: int, grid: int) -> Path:
@@ -227,8 +243,8 @@ def test_browser_at_65536_features(
     print(f"\n65,536 features: {written_s:.1f} s, {per_feature:,.0f} bytes/feature, {files} files")
     assert 0 < per_feature < 4096
     n_images = len(pc.unique(analysis.top_images["row"]))
-    # assets, index, layer links, blocks, thumbnails
-    assert files == 4 + 2 + n_features // 1024 + n_images
+    # assets, index, layer and game links, blocks, thumbnails
+    assert files == 4 + 3 + n_features // 1024 + n_images
 
     chromium.get((site / "index.html").as_uri())
     wait_for(chromium, "#features tbody tr")

@@ -222,7 +222,7 @@ function showLayers() {
 function showGames() {
   /* The run's sort-eval game pages (`vitscope sorteval RUN --judge human`), found by browse. */
   const nav = document.getElementById("games");
-  for (const { name, href } of VS.index.meta.games || []) {
+  for (const { name, href } of VS.games || []) {
     const link = document.createElement("a");
     link.textContent = `sort-eval game (${name})`;
     link.href = href;
