@@ -220,7 +220,7 @@ function showLayers() {
 }
 
 function showGames() {
-  /* The run's sort-eval game pages (`vitscope sorteval RUN --judge human`), found by browse. */
+  /* The run's sort-eval game pages (data/games.js: written by browse, rewritten by sorteval). */
   const nav = document.getElementById("games");
   for (const { name, href } of VS.games || []) {
     const link = document.createElement("a");
