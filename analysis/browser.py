@@ -40,6 +40,9 @@ SITE_ASSETS = ("index.html", "feature.html", "app.js", "style.css")
 """The browser's pages; the sort-eval game (sortgame.*) lives beside them, written elsewhere."""
 BLOCK_FEATURES = 1024
 """Features per block file: one script of a few MB at ViT-L/14's 16x16 grid."""
+RUN_SITE = "browser"
+"""The site's folder inside a run by default (`vitscope browse RUN`): compare and sorteval find
+it there."""
 INDEX_FILE = "data/index.js"
 LAYERS_FILE = "data/layers.js"
 """VS.layers: links to the browsers of the same cache's other layers (`vitscope compare`)."""
@@ -96,7 +99,7 @@ def _keep_layer_links(out: Path, partial: Path) -> None:
     if (out / LAYERS_FILE).is_file():
         shutil.copy(out / LAYERS_FILE, partial / LAYERS_FILE)
     else:
-        (partial / LAYERS_FILE).write_text("VS.layers = [];\n")
+        _write_script(partial / LAYERS_FILE, "VS.layers", [])
 
 
 def size_per_feature(site: Path, n_features: int) -> float:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vitscope.analysis.browser import LAYERS_FILE
+from vitscope.analysis.browser import LAYERS_FILE, RUN_SITE
 from vitscope.analysis.files import META_FILE, MS_COLUMN, load_analysis, read_meta
 from vitscope.analysis.sorteval_config import SortEvalConfig
 from vitscope.support.records import check_output_path
@@ -193,7 +193,7 @@ def layer_figure(rows: list[LayerRow], sort_eval: str) -> Figure:
 
 def _link_browsers(rows: list[LayerRow]) -> None:
     """data/layers.js in every run's browser (LAYERS_FILE): the index links the other layers."""
-    sites = [(r.layer, Path(r.run) / "browser") for r in rows if (Path(r.run) / "browser").is_dir()]
+    sites = [(r.layer, Path(r.run) / RUN_SITE) for r in rows if (Path(r.run) / RUN_SITE).is_dir()]
     for _, site in sites:
         links = [
             {

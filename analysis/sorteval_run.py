@@ -117,7 +117,7 @@ def sort_eval(config: SortEvalConfig) -> SortScore:
 
 def write_game(config: SortEvalConfig) -> Path:
     """The sort eval as a page for a person (browser_assets/sortgame.*); returns the page."""
-    from vitscope.analysis.browser import ASSETS, link_games, write_thumbnails
+    from vitscope.analysis.browser import ASSETS, RUN_SITE, link_games, write_thumbnails
 
     job = prepare(config)
     game = job.out / "game"
@@ -129,7 +129,7 @@ def write_game(config: SortEvalConfig) -> Path:
     shown = [{k: v for k, v in asdict(t).items() if k != "truth"} for t in job.trials]
     trials = {"id": trial_set_id(job.trials), "pairs": shown, "command": scoring_command(config)}
     (game / "data" / "trials.js").write_text(f"VS.trials = {json.dumps(trials)};\n")
-    link_games(Path(config.run), Path(config.run) / "browser")
+    link_games(Path(config.run), Path(config.run) / RUN_SITE)
     return game / "sortgame.html"
 
 

@@ -357,12 +357,12 @@ def browse(
     port: Annotated[int, typer.Option(min=0, help="Port for --serve; 0 = a free one.")] = 0,
 ) -> None:
     """Write the static feature browser of an analysis (opens from file://, no server needed)."""
+    from vitscope.analysis.browser import RUN_SITE, size_per_feature, write_browser
     from vitscope.analysis.browser import serve as serve_site
-    from vitscope.analysis.browser import size_per_feature, write_browser
     from vitscope.analysis.files import load_analysis
 
     loaded = load_analysis(analysis or run / "analysis")
-    index = write_browser(loaded, out or run / "browser", shards, run=run)
+    index = write_browser(loaded, out or run / RUN_SITE, shards, run=run)
     per_feature = size_per_feature(index.parent, loaded.meta.n_features)
     print(f"feature browser: {index} ({per_feature:,.0f} bytes per feature)")
     if serve:

@@ -110,7 +110,7 @@ def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
     for module, extra in (("skimage", "demo"), ("img2dataset", "cache"), ("matplotlib", "plots")):
         require(module, extra, "vitscope demo")
     from vitscope.analysis.analyze import analyze
-    from vitscope.analysis.browser import write_browser
+    from vitscope.analysis.browser import RUN_SITE, write_browser
     from vitscope.analysis.compare import compare
     from vitscope.analysis.config import AnalyzeConfig, MonosemanticityConfig
     from vitscope.analysis.files import load_analysis
@@ -199,7 +199,7 @@ def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
         print("\n".join(spliced.lines()))
         scored = sort_eval(SortEvalConfig(run=str(run), pairs=100))
         print(f"sort eval (clip judge): {scored.summary()}")
-        index = write_browser(load_analysis(analysis), run / "browser")
+        index = write_browser(load_analysis(analysis), run / RUN_SITE)
         runs.append(run)
     for path in compare(runs, workdir / "compare"):
         print(f"layer comparison: {path}")
