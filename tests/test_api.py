@@ -45,6 +45,29 @@ def test_a_run_from_before_the_sae_format_still_loads_and_gives_its_outputs():
     torch.testing.assert_close(sae(expected["acts"]), expected["recon"])
 
 
+@pytest.mark.parametrize(
+    ("name", "architecture"),
+    [
+        ("sae-v1.0-topk", "topk"),
+        ("sae-v1.1-topk", "topk"),
+        ("sae-v1.1-batchtopk", "batchtopk"),
+        ("sae-v1.1-matryoshka", "matryoshka"),
+    ],
+)
+def test_an_sae_folder_of_every_format_version_still_loads_and_gives_its_outputs(
+    name: str, architecture: str
+):
+    """Golden folders written by the code of their format version (d_in 8, 32 latents, k 4)."""
+    sae = vitscope.load_sae(DATA / name)
+    expected = load_file(DATA / f"{name}-expected.safetensors")
+    assert sae.card.format_version == name.split("-")[1][1:]
+    assert sae.card.architecture == architecture and sae.card.layer == 3
+    codes = sae.encode(expected["acts"])
+    torch.testing.assert_close(codes.indices, expected["idx"])
+    torch.testing.assert_close(codes.values, expected["values"])
+    torch.testing.assert_close(sae(expected["acts"]), expected["recon"])
+
+
 def test_a_trained_sae_records_what_it_belongs_to(photo_sae: Path, reference_cache: Path):
     card = json.loads((photo_sae / "cfg.json").read_text())
     attrs = open_cache(reference_cache).attrs
