@@ -29,11 +29,11 @@ from vitscope.analysis.images import ImageSourceError, row_sources, shard_paths
 from vitscope.analysis.stats import FeatureAccumulator
 from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.saes.load import load_sae
+from vitscope.saes.sae import TopKSAE
 from vitscope.support.devices import resolve_device
 from vitscope.support.progress import status
 from vitscope.support.records import check_output_path, write_atomically
 from vitscope.train.loader import read_chunks, token_slice
-from vitscope.train.sae import TopKSAE
 
 
 def analyze(config: AnalyzeConfig) -> Path:

@@ -24,9 +24,9 @@ import numpy as np
 from vitscope.analysis.browser import LAYERS_FILE, RUN_SITE
 from vitscope.analysis.files import META_FILE, MS_COLUMN, load_analysis, read_meta
 from vitscope.analysis.sorteval_config import SortEvalConfig
+from vitscope.saes.folder import load_sae_folder
 from vitscope.support.records import check_output_path
 from vitscope.train.report import read_log
-from vitscope.train.sae_folder import load_sae_folder
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

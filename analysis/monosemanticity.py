@@ -53,11 +53,11 @@ from vitscope.cache_spec.store import Cache, ChunkRef, open_cache
 from vitscope.pipeline.dataset import ShardBatch, ShardImages, shard_loader
 from vitscope.pipeline.model import ImageEncoder, load_image_encoder
 from vitscope.saes.load import load_sae
+from vitscope.saes.sae import TopKSAE
 from vitscope.support.devices import resolve_device
 from vitscope.support.progress import status
 from vitscope.support.records import check_output_path
 from vitscope.train.loader import read_chunks, token_slice
-from vitscope.train.sae import TopKSAE
 
 FEATURE_BLOCK = 4096
 """Features whose rows of R are updated (and scored) at once: bounds the (block, E) buffers."""

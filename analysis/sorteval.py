@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from vitscope.cache_spec.store import Cache
+from vitscope.saes.sae import TopKSAE
 from vitscope.support.progress import status
 from vitscope.train.loader import read_chunks
-from vitscope.train.sae import TopKSAE
 
 Answer = Literal["A", "B"]
 TokenMode = Literal["all", "cls"]

@@ -42,11 +42,11 @@ from vitscope.pipeline.model import (
     spliced_forward,
 )
 from vitscope.pipeline.shards import model_input
+from vitscope.saes.card import SAECard
 from vitscope.saes.load import load_sae
 from vitscope.support.devices import resolve_device
 from vitscope.support.progress import status
 from vitscope.support.records import check_output_path, write_json_atomically
-from vitscope.train.card import SAECard
 from vitscope.train.loader import token_slice
 
 TEMPLATE = "a photo of a {}."

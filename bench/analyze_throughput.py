@@ -34,11 +34,11 @@ from common import (
 )
 
 from vitscope.cache_spec import open_cache
+from vitscope.saes.card import SAECard
+from vitscope.saes.folder import save_sae_folder
+from vitscope.saes.sae import TopKSAE
 from vitscope.support.memory import return_large_buffers
-from vitscope.train.card import SAECard
 from vitscope.train.loader import ActivationStream, read_chunks
-from vitscope.train.sae import TopKSAE
-from vitscope.train.sae_folder import save_sae_folder
 
 LAYER = 20
 PLAIN = "plain read (read_chunks, 4 threads)"

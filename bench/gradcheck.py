@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from vitscope.train.sae import TopKSAE, losses
+from vitscope.saes.sae import TopKSAE, losses
 
 
 def main() -> None:

@@ -32,9 +32,9 @@ from vitscope.analysis import monosemanticity as ms_module
 from vitscope.analysis.config import MonosemanticityConfig
 from vitscope.pipeline.config import CacheConfig
 from vitscope.pipeline.model import ImageEncoder
-from vitscope.train.card import SAECard
-from vitscope.train.sae import TopKSAE
-from vitscope.train.sae_folder import save_sae_folder
+from vitscope.saes.card import SAECard
+from vitscope.saes.folder import save_sae_folder
+from vitscope.saes.sae import TopKSAE
 
 LAYER = 8
 CHUNK, TOKENS, K, EMBED = 16, 257, 32, 768

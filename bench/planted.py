@@ -29,11 +29,11 @@ import torch
 from common import command_line, publish, timed, write_single_shard_cache
 
 from vitscope.pipeline.model import import_open_clip
+from vitscope.saes.folder import load_sae_folder
 from vitscope.support.configs import load_config
 from vitscope.train.config import TrainConfig
 from vitscope.train.loader import tensor_batches
 from vitscope.train.run import INIT_SAMPLE_TOKENS, train
-from vitscope.train.sae_folder import load_sae_folder
 from vitscope.train.synthetic import planted_tokens, planted_world, recovery
 from vitscope.train.trainer import fit, new_member
 

@@ -21,11 +21,11 @@ from photo_shards import write_photo_shards
 from vitscope.cache_spec import open_cache
 from vitscope.pipeline.config import CacheConfig
 from vitscope.pipeline.run import cache
+from vitscope.saes.folder import load_sae_folder
 from vitscope.train.config import TrainConfig
 from vitscope.train.loader import ActivationStream
 from vitscope.train.metrics import heldout_metrics
 from vitscope.train.run import train
-from vitscope.train.sae_folder import load_sae_folder
 
 STORAGES = ("float16", "int8", "float8_e4m3")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from common import command_line, publish, timed
 
-from vitscope.train.sae import TopKSAE, losses
+from vitscope.saes.sae import TopKSAE, losses
 
 
 def make_step(sae: TopKSAE, dense: bool, dead_F: torch.Tensor | None):

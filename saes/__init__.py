@@ -3,5 +3,5 @@
 Modules: `load` (`load_sae`: a folder, a CLIP-Scope .pt file or a hub id), `clipscope` (CLIP-Scope's
 released checkpoints), `saelens` (export to SAELens' layout), `hub` (push and pull with
 huggingface_hub), `model_card` (the README.md a pushed SAE carries). The SAE itself and its
-folder format live in stage two (`vitscope.train.sae`, `train/card.py`, `train/sae_folder.py`).
+folder format live in stage two (`vitscope.saes.sae`, `saes/card.py`, `saes/folder.py`).
 """

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from vitscope.train.card import InputNorm, SAECard, SAEFormatError
-from vitscope.train.sae import TopKSAE
+from vitscope.saes.card import InputNorm, SAECard, SAEFormatError
+from vitscope.saes.sae import TopKSAE
 
 CLIP_SCOPE_K = 32
 CLIP_SCOPE_MODEL = ("ViT-L-14", "laion2b_s32b_b82k")

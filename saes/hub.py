@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vitscope.saes.folder import CARD_FILE, WEIGHTS_FILE, load_sae_folder
 from vitscope.saes.model_card import model_card, run_metrics
 from vitscope.support.extras import require
-from vitscope.train.sae_folder import CARD_FILE, WEIGHTS_FILE, load_sae_folder
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi

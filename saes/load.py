@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from vitscope.train.card import InputNorm, SAEFormatError
-from vitscope.train.sae import TopKSAE
-from vitscope.train.sae_folder import NOT_AN_SAE_FIX, load_sae_folder
+from vitscope.saes.card import InputNorm, SAEFormatError
+from vitscope.saes.folder import NOT_AN_SAE_FIX, load_sae_folder
+from vitscope.saes.sae import TopKSAE
 
 HUB_REFERENCE = re.compile(r"^[\w.-]+/[\w.-]+(/[\w./-]+)?$")
 """owner/name, optionally followed by a path inside the repo (a subfolder or a .pt file)."""

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vitscope.train.card import SAECard
+from vitscope.saes.card import SAECard
 
 
 def run_metrics(run_dir: Path) -> dict[str, Any]:

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vitscope.train.architectures import THRESHOLD_RATE
-from vitscope.train.sae import TopKSAE
+from vitscope.saes.architectures import THRESHOLD_RATE
+from vitscope.saes.sae import TopKSAE
 
 SAELENS_FORMAT_VERSION = "6.54.12"
 """The SAELens release whose layout this writes (the test loads the export with it)."""

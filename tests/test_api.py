@@ -18,14 +18,14 @@ from conftest import PHOTOS, TEST_LAYERS
 from vitscope.cache_spec import open_cache
 from vitscope.demo import photo_dir
 from vitscope.pipeline.shards import read_samples
-from vitscope.train.card import SAEFormatError
+from vitscope.saes.card import SAEFormatError
 
 DATA = Path(__file__).parent / "data"
 README = Path(__file__).parents[1] / "README.md"
 
 
 def by_hand(sae: vitscope.TopKSAE, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The formula of train/sae.py written out densely: (top-k values, reconstruction)."""
+    """The formula of saes/sae.py written out densely: (top-k values, reconstruction)."""
     x = acts * sae.input_scale - sae.b_pre
     preacts = x @ sae.w_enc.T + sae.b_enc
     values, idx = preacts.topk(sae.k, dim=-1)
@@ -233,7 +233,7 @@ def test_encode_in_row_blocks_equals_one_product(
     sae = vitscope.load_sae(photo_sae)
     acts = open_cache(reference_cache).read_rows(5, [0, 1, 2])  # 150 tokens
     whole = sae.encode(acts)
-    monkeypatch.setattr("vitscope.train.sae.ENCODE_ROWS", 7)  # 22 blocks, the last one short
+    monkeypatch.setattr("vitscope.saes.sae.ENCODE_ROWS", 7)  # 22 blocks, the last one short
     blocked = sae.encode(acts)
     assert torch.equal(blocked.indices, whole.indices)
     torch.testing.assert_close(blocked.values, whole.values)  # BLAS blocks sum in other orders

@@ -19,18 +19,18 @@ from vitscope.analysis.config import AnalyzeConfig
 from vitscope.analysis.files import load_analysis
 from vitscope.analysis.sorteval import feature_peaks
 from vitscope.cache_spec import open_cache
-from vitscope.support.configs import load_config
-from vitscope.train.architectures import THRESHOLD_RATE, build_sae
-from vitscope.train.card import SAEFormatError
-from vitscope.train.config import TrainConfig, sweep_configs
-from vitscope.train.kernels import (
+from vitscope.saes.architectures import THRESHOLD_RATE, build_sae
+from vitscope.saes.card import SAEFormatError
+from vitscope.saes.folder import save_sae_folder
+from vitscope.saes.kernels import (
     batch_topk_rule,
     dense_preacts,
     kept_preacts,
     threshold_rule,
 )
-from vitscope.train.sae import TopKSAE, losses
-from vitscope.train.sae_folder import save_sae_folder
+from vitscope.saes.sae import TopKSAE, losses
+from vitscope.support.configs import load_config
+from vitscope.train.config import TrainConfig, sweep_configs
 
 WIDTHS = (16, 64, 500)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vitscope
-from vitscope.train.card import SAEFormatError
+from vitscope.saes.card import SAEFormatError
 
 
 def clipscope_by_hand(path: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

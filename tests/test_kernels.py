@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vitscope.train.kernels import (
+from vitscope.saes.kernels import (
     dense_preacts,
     gather_dot,
     gather_sum,
     scatter_outer,
     topk_preacts,
 )
-from vitscope.train.sae import TopKSAE, losses
+from vitscope.saes.sae import TopKSAE, losses
 
 
 def random_problem(n_tokens: int, d: int, n_latents: int, seed: int):

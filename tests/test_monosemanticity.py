@@ -35,7 +35,7 @@ from vitscope.cache_spec import open_cache
 from vitscope.pipeline import dataset as dataset_module
 from vitscope.pipeline.model import load_image_encoder
 from vitscope.pipeline.shards import model_input
-from vitscope.train.sae import SparseCodes, TopKSAE
+from vitscope.saes.sae import SparseCodes, TopKSAE
 
 
 def brute_force_ms(acts_NF: np.ndarray, emb_NE: np.ndarray) -> np.ndarray:

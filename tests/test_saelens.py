@@ -11,9 +11,9 @@ import vitscope
 from conftest import run_vitscope
 from vitscope.cache_spec import open_cache
 from vitscope.pipeline.model import import_open_clip
+from vitscope.saes.architectures import build_sae
+from vitscope.saes.sae import losses
 from vitscope.saes.saelens import SAELENS_TRAINING_ARCHITECTURE, export_saelens
-from vitscope.train.architectures import build_sae
-from vitscope.train.sae import losses
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,11 @@ from vitscope.analysis.files import (
 from vitscope.cache_spec import CacheAttrs, ShardCommit, open_cache
 from vitscope.cache_spec.layout import ROWS_SCHEMA, STORAGES
 from vitscope.cache_spec.storage import ENCODINGS
-from vitscope.train.card import SAECard
-from vitscope.train.sae import TopKSAE
+from vitscope.saes.card import SAECard
+from vitscope.saes.sae import TopKSAE
 
 SPEC = Path(__file__).parents[1] / "cache_spec" / "SPEC.md"
-SAE_FORMAT = Path(__file__).parents[1] / "train" / "SAE_FORMAT.md"
+SAE_FORMAT = Path(__file__).parents[1] / "saes" / "SAE_FORMAT.md"
 ANALYSIS = Path(__file__).parents[1] / "analysis" / "ANALYSIS.md"
 GOLDEN = Path(__file__).parent / "data"
 

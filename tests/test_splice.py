@@ -20,8 +20,8 @@ from conftest import TEST_MODEL, run_vitscope
 from vitscope.analysis.splice import cache_images, splice_eval
 from vitscope.cache_spec.store import open_cache
 from vitscope.pipeline.model import ClipModel, load_clip, residual_stream, spliced_forward
+from vitscope.saes.card import SAECard
 from vitscope.saes.load import load_sae
-from vitscope.train.card import SAECard
 
 LABELS = ("tench", "goldfish", "great white shark", "tiger shark", "hammerhead shark", "ray")
 

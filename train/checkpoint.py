@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from vitscope.train.card import SAECard
-from vitscope.train.sae import TopKSAE
-from vitscope.train.sae_folder import save_sae_folder
+from vitscope.saes.card import SAECard
+from vitscope.saes.folder import save_sae_folder
+from vitscope.saes.sae import TopKSAE
 
 CHECKPOINTS = "checkpoints"
 

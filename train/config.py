@@ -11,9 +11,9 @@ from typing import Annotated, Any, ClassVar, Literal, get_type_hints
 import tomllib
 import torch
 
+from vitscope.saes.card import Activation, Architecture, InputNorm
+from vitscope.saes.kernels import SelectionPrecision
 from vitscope.support.configs import Above, AtLeast, check_bounds, load_config, parse_field
-from vitscope.train.card import Activation, Architecture, InputNorm
-from vitscope.train.kernels import SelectionPrecision
 from vitscope.train.loader import TokenChoice
 
 SWEEPABLE = ("architecture", "k", "n_latents", "k_aux", "lr", "seed")
@@ -70,7 +70,7 @@ class TrainConfig:
     architecture: Architecture = "topk"
     """topk: each token's k largest pre-activations (Gao et al.); batchtopk: the whole batch's
     B·k largest, at inference a threshold estimated in training; matryoshka: batchtopk whose
-    nested prefixes (matryoshka_prefixes) each reconstruct too (train/architectures.py)."""
+    nested prefixes (matryoshka_prefixes) each reconstruct too (saes/architectures/)."""
     matryoshka_prefixes: tuple[float, ...] = (1 / 16, 1 / 4)
     """matryoshka: the inner prefixes' sizes as fractions of n_latents, ascending (all of it is
     the outermost); their reconstruction losses are summed with the full one."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vitscope.train.sae import SAEOutput, TopKSAE
+from vitscope.saes.sae import SAEOutput, TopKSAE
 
 
 @dataclass

@@ -20,16 +20,16 @@ import torch
 from tqdm import tqdm
 
 from vitscope.cache_spec.layout import CacheAttrs
+from vitscope.saes.architectures import build_sae
+from vitscope.saes.card import SAECard
+from vitscope.saes.folder import save_sae_folder
+from vitscope.saes.sae import TopKSAE, losses
 from vitscope.support.configs import config_dict
-from vitscope.train.architectures import build_sae
-from vitscope.train.card import SAECard
 from vitscope.train.checkpoint import TrainState, save_checkpoint
 from vitscope.train.config import TrainConfig
 from vitscope.train.data_parallel import DataParallel
 from vitscope.train.loader import Batch, distinct_images
 from vitscope.train.metrics import WindowStats, heldout_metrics
-from vitscope.train.sae import TopKSAE, losses
-from vitscope.train.sae_folder import save_sae_folder
 from vitscope.train.tensorboard import TensorBoardLog
 
 

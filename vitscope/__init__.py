@@ -22,15 +22,15 @@ if TYPE_CHECKING:
     from vitscope.api import ImageFeatures, features
     from vitscope.pipeline.activations import ViTActivations
     from vitscope.saes.load import load_sae
-    from vitscope.train.sae import SparseCodes, TopKSAE
+    from vitscope.saes.sae import SparseCodes, TopKSAE
 
 _EXPORTS = {
     "load_sae": "vitscope.saes.load",
     "ViTActivations": "vitscope.pipeline.activations",
     "features": "vitscope.api",
     "ImageFeatures": "vitscope.api",
-    "TopKSAE": "vitscope.train.sae",
-    "SparseCodes": "vitscope.train.sae",
+    "TopKSAE": "vitscope.saes.sae",
+    "SparseCodes": "vitscope.saes.sae",
 }
 
 __all__ = ["ImageFeatures", "SparseCodes", "TopKSAE", "ViTActivations", "features", "load_sae"]

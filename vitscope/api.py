@@ -2,7 +2,7 @@
 
 Everything else `import vitscope` offers is re-exported from where it lives: `load_sae`
 (vitscope.saes.load), `ViTActivations` (vitscope.pipeline.activations), `TopKSAE` and
-`SparseCodes` (vitscope.train.sae).
+`SparseCodes` (vitscope.saes.sae).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from vitscope.pipeline.activations import ViTActivations
-from vitscope.train.sae import SparseCodes, TopKSAE
+from vitscope.saes.sae import SparseCodes, TopKSAE
 
 
 @dataclass

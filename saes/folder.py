@@ -1,4 +1,4 @@
-"""An SAE on disk: a folder holding cfg.json (its card, train/card.py) and sae.safetensors.
+"""An SAE on disk: a folder holding cfg.json (its card, saes/card.py) and sae.safetensors.
 
 Run folders from `vitscope train`, checkpoints and folders fetched from the hub all have this
 shape; anything else is refused in one line that names the file and the fix.
@@ -13,10 +13,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from vitscope.saes.architectures import build_sae
+from vitscope.saes.card import SAECard, SAEFormatError, read_card
+from vitscope.saes.sae import TopKSAE
 from vitscope.support.records import write_atomically
-from vitscope.train.architectures import build_sae
-from vitscope.train.card import SAECard, SAEFormatError, read_card
-from vitscope.train.sae import TopKSAE
 
 CARD_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vitscope.train.card import Architecture
-from vitscope.train.kernels import (
+from vitscope.saes.card import Architecture
+from vitscope.saes.kernels import (
     KeepRule,
     SparseDecode,
     SparseEncode,
@@ -39,7 +39,7 @@ from vitscope.train.kernels import (
     kept_preacts,
     threshold_rule,
 )
-from vitscope.train.sae import SAEOutput, TopKSAE
+from vitscope.saes.sae import SAEOutput, TopKSAE
 
 THRESHOLD_RATE = 0.01
 """Weight of each training batch in θ's running mean (SAELens' topk_threshold_lr)."""

@@ -1,7 +1,7 @@
 """An SAE's card: the cfg.json beside its weights, saying what the SAE computes and what it
 belongs to (model, weights, layer, hook, tokens), so a folder is usable without its training run.
 
-train/SAE_FORMAT.md is the prose of this module; a test keeps the two in step. Run folders
+saes/SAE_FORMAT.md is the prose of this module; a test keeps the two in step. Run folders
 written before format 1.0 (the training config plus the SAE's shape, no `format_version`) are
 read as format 0 and still load.
 """
@@ -44,7 +44,7 @@ class SAECard:
     architecture: Architecture = "topk"
     """The encoder's sparsity rule: topk keeps the k largest pre-activations of each vector;
     batchtopk and matryoshka (Matryoshka-BatchTopK) those above the `threshold` tensor, which
-    training estimated from the batch-wide top B·k (train/SAE_FORMAT.md)."""
+    training estimated from the batch-wide top B·k (saes/SAE_FORMAT.md)."""
     matryoshka_widths: tuple[int, ...] = ()
     """matryoshka: the nested prefix sizes whose reconstruction losses were summed, ascending,
     the last = n_latents (empty for the other architectures)."""

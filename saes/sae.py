@@ -8,7 +8,7 @@
 the SAE. Users call `encode(a)`, `decode(codes)` and `sae(a)`, all in the activations' own units;
 training calls `autoencode(x)` on scaled inputs. Shapes: B tokens, D = d_in, F = n_latents,
 K = k. W_enc and W_dec are both (F, D): row f of W_dec is latent f's direction (unit norm for
-SAEs trained here); W_enc starts as W_dec. The sparse path (train/kernels.py) and the dense path
+SAEs trained here); W_enc starts as W_dec. The sparse path (saes/kernels.py) and the dense path
 compute the same function and the same gradients.
 """
 
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from vitscope.train.card import Activation, InputNorm, SAECard
-from vitscope.train.kernels import (
+from vitscope.saes.card import Activation, InputNorm, SAECard
+from vitscope.saes.kernels import (
     SelectionPrecision,
     SparseDecode,
     SparseEncode,

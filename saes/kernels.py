@@ -13,7 +13,7 @@ the encoder's selection is dense; everything else works on the (B, K) active ent
   the K-th and 2K-th pre-activations of nearly every token lie within bfloat16's error bound, so
   ~all tokens fell back to the dense product and steps slowed 2x: BENCHMARKS.md.)
 - `kept_preacts`: for rules that keep a varying number of latents per token (BatchTopK and
-  Matryoshka SAEs, train/architectures.py), the kept pre-activations padded to one width K', so
+  Matryoshka SAEs, saes/architectures/), the kept pre-activations padded to one width K', so
   the two functions below serve all three architectures unchanged.
 - `SparseEncode`: z = relu(pre-activations at the selected entries); the weight gradient is
   scattered to the K active rows per token, never formed as a dense (B, F) product.
