@@ -29,7 +29,7 @@ from vitscope.analysis.images import ImageSourceError, row_sources, shard_paths
 from vitscope.analysis.stats import FeatureAccumulator
 from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.saes.load import load_sae
-from vitscope.saes.sae import TopKSAE
+from vitscope.saes.sae import SAE
 from vitscope.support.devices import resolve_device
 from vitscope.support.progress import status
 from vitscope.support.records import check_output_path, write_atomically
@@ -80,7 +80,7 @@ def analyze(config: AnalyzeConfig) -> Path:
     return out
 
 
-def layer_of(config: AnalyzeConfig | MonosemanticityConfig, sae: TopKSAE) -> int:
+def layer_of(config: AnalyzeConfig | MonosemanticityConfig, sae: SAE) -> int:
     """The cached layer a pass reads: --layer, else the SAE's own."""
     if config.layer >= 0:
         return config.layer
@@ -122,7 +122,7 @@ def _start(
     out: Path,
     cache: Cache,
     layer: int,
-    sae: TopKSAE,
+    sae: SAE,
     chunks: list,
     n_tokens: int,
 ) -> tuple[AnalysisMeta, FeatureAccumulator]:

@@ -53,7 +53,7 @@ from vitscope.cache_spec.store import Cache, ChunkRef, open_cache
 from vitscope.pipeline.dataset import ShardBatch, ShardImages, shard_loader
 from vitscope.pipeline.model import ImageEncoder, load_image_encoder
 from vitscope.saes.load import load_sae
-from vitscope.saes.sae import TopKSAE
+from vitscope.saes.sae import SAE
 from vitscope.support.devices import resolve_device
 from vitscope.support.progress import status
 from vitscope.support.records import check_output_path
@@ -187,7 +187,7 @@ def monosemanticity(
     return out, meta, ms_F
 
 
-def _check_analysis(out: Path, sae: TopKSAE, layer: int) -> None:
+def _check_analysis(out: Path, sae: SAE, layer: int) -> None:
     """MS goes beside an analysis of the same SAE, if the folder holds one."""
     if not (out / META_FILE).is_file():
         return
@@ -221,7 +221,7 @@ def _accumulate(
     config: MonosemanticityConfig,
     cache: Cache,
     layer: int,
-    sae: TopKSAE,
+    sae: SAE,
     encoder: ImageEncoder,
     chunks: list[ChunkRef],
 ) -> None:

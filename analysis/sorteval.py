@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from vitscope.cache_spec.store import Cache
-from vitscope.saes.sae import TopKSAE
+from vitscope.saes.sae import SAE
 from vitscope.support.progress import status
 from vitscope.train.loader import read_chunks
 
@@ -50,7 +50,7 @@ class SortTrial:
 
 
 def feature_peaks(
-    sae: TopKSAE,
+    sae: SAE,
     cache: Cache,
     layer: int,
     features: np.ndarray,

@@ -56,7 +56,7 @@ EDITS = ("sae", "mean_ablation", "zero_ablation")
 
 
 class Reconstructor(Protocol):
-    """What the eval needs of an SAE (a `TopKSAE`, or a stand-in): its card and `sae(acts)`."""
+    """What the eval needs of an SAE (an `SAE`, or a stand-in): its card and `sae(acts)`."""
 
     card: SAECard
 

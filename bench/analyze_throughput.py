@@ -34,9 +34,10 @@ from common import (
 )
 
 from vitscope.cache_spec import open_cache
+from vitscope.saes.architectures import build_sae
+from vitscope.saes.architectures.topk import TopKOptions
 from vitscope.saes.card import SAECard
 from vitscope.saes.folder import save_sae_folder
-from vitscope.saes.sae import TopKSAE
 from vitscope.support.memory import return_large_buffers
 from vitscope.train.loader import ActivationStream, read_chunks
 
@@ -88,17 +89,16 @@ def analysis_pass(sae_dir: Path, cache_path: Path, out: Path) -> Timing:
 
 
 def random_sae(folder: Path, n_latents: int, cache_path: Path) -> Path:
-    sae = TopKSAE(1024, n_latents, 32, seed=0)
     card = SAECard(
         1024,
         n_latents,
-        32,
+        TopKOptions(k=32),
         layer=LAYER,
         model="random",
         pretrained="none:seed=0",
         training={"cache": str(cache_path)},
     )
-    save_sae_folder(folder, sae, card)
+    save_sae_folder(folder, build_sae(card), card)
     return folder
 
 

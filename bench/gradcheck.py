@@ -12,7 +12,10 @@ import argparse
 
 import torch
 
-from vitscope.saes.sae import TopKSAE, losses
+from vitscope.saes.architectures import build_sae
+from vitscope.saes.architectures.topk import TopKOptions
+from vitscope.saes.card import SAECard
+from vitscope.saes.sae import losses
 
 
 def main() -> None:
@@ -28,8 +31,8 @@ def main() -> None:
         ("dense float32", True, torch.float32),
         ("sparse float32", False, torch.float32),
     ):
-        sae = TopKSAE(d, n_latents, k, 512, seed=0).to(args.device, dtype)
-        losses(sae.autoencode(x.to(dtype), dense=dense), x.to(dtype))["loss"].backward()
+        sae = build_sae(SAECard(d, n_latents, TopKOptions(k=k))).to(args.device, dtype)
+        losses(sae, sae.autoencode(x.to(dtype), dense=dense), x.to(dtype))["loss"].backward()
         grads[name] = {n: p.grad.double() for n, p in sae.named_parameters()}
     reference = grads.pop("dense float64")
     for name, found in grads.items():

@@ -32,9 +32,11 @@ from vitscope.analysis import monosemanticity as ms_module
 from vitscope.analysis.config import MonosemanticityConfig
 from vitscope.pipeline.config import CacheConfig
 from vitscope.pipeline.model import ImageEncoder
+from vitscope.saes.architectures import build_sae
+from vitscope.saes.architectures.topk import TopKOptions
 from vitscope.saes.card import SAECard
 from vitscope.saes.folder import save_sae_folder
-from vitscope.saes.sae import TopKSAE
+from vitscope.saes.sae import SAE
 
 LAYER = 8
 CHUNK, TOKENS, K, EMBED = 16, 257, 32, 768
@@ -92,7 +94,7 @@ def whole_pass(run: Path, encoder: str, weights: str) -> dict:
             stack,
             [
                 (ImageEncoder, "embed", "encoder forward", False),
-                (TopKSAE, "encode", "SAE encode", False),
+                (SAE, "encode", "SAE encode", False),
                 (ms_module, "image_activations", "image activations", False),
                 (ms_module.MSAccumulator, "add", "sums", False),
                 (ms_module.MSAccumulator, "scores", "scores", False),
@@ -148,13 +150,13 @@ def prepare(work: Path, n_images: int, n_latents: int) -> Path:
     card = SAECard(
         d_model,
         n_latents,
-        K,
+        TopKOptions(k=K),
         layer=LAYER,
         model="ViT-B-32",
         pretrained="none:seed=0",
         training={"cache": str(summary.cache)},
     )
-    save_sae_folder(work / "sae", TopKSAE(d_model, n_latents, K, seed=0), card)
+    save_sae_folder(work / "sae", build_sae(card), card)
     return work / "sae"
 
 

@@ -23,15 +23,19 @@ from pathlib import Path
 import torch
 from common import command_line, publish, timed
 
-from vitscope.saes.sae import TopKSAE, losses
+from vitscope.saes.architectures import build_sae
+from vitscope.saes.architectures.topk import TopKOptions
+from vitscope.saes.card import SAECard
+from vitscope.saes.kernels import SelectionPrecision
+from vitscope.saes.sae import SAE, losses
 
 
-def make_step(sae: TopKSAE, dense: bool, dead_F: torch.Tensor | None):
+def make_step(sae: SAE, dense: bool, dead_F: torch.Tensor | None, k_aux: int):
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, eps=6.25e-10)
 
     def step(x_BD: torch.Tensor) -> torch.Tensor:
-        out = sae.autoencode(x_BD, dead_F=dead_F, dense=dense)
-        terms = losses(out, x_BD)
+        out = sae.autoencode(x_BD, dead_F, k_aux, dense)
+        terms = losses(sae, out, x_BD)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         sae.remove_parallel_decoder_grad()
@@ -40,6 +44,11 @@ def make_step(sae: TopKSAE, dense: bool, dead_F: torch.Tensor | None):
         return terms["loss"].detach()
 
     return step
+
+
+def topk_sae(args: argparse.Namespace, selection: SelectionPrecision = "float32") -> SAE:
+    """The benchmark's TopK SAE, seed 0."""
+    return build_sae(SAECard(args.d, args.latents, TopKOptions(k=args.k)), selection=selection)
 
 
 def time_steps(step, batches: list[torch.Tensor], repeats: int) -> list[float]:
@@ -59,9 +68,9 @@ def gradient_agreement(args: argparse.Namespace, x_BD: torch.Tensor, dead_F) -> 
     """Largest relative difference between the two paths' gradients, parameter by parameter."""
     grads = {}
     for dense in (True, False):
-        sae = TopKSAE(args.d, args.latents, args.k, args.k_aux, seed=0)
-        sae = sae.to(x_BD.device)
-        losses(sae.autoencode(x_BD, dead_F=dead_F, dense=dense), x_BD)["loss"].backward()
+        sae = topk_sae(args).to(x_BD.device)
+        out = sae.autoencode(x_BD, dead_F, args.k_aux, dense)
+        losses(sae, out, x_BD)["loss"].backward()
         grads[dense] = {name: p.grad for name, p in sae.named_parameters()}
     return max(
         float((grads[False][name] - grad).norm() / grad.norm().clamp_min(1e-30))
@@ -93,13 +102,14 @@ def main() -> None:
         dead_F = torch.rand(args.latents, generator=torch.Generator().manual_seed(1)) < args.dead
         dead_F = dead_F.to(device)
     error = gradient_agreement(args, batches[0], dead_F)
-    floor = TopKSAE(args.d, args.latents, args.k).w_enc.detach().to(device)
+    floor = topk_sae(args).w_enc.detach().to(device)
     timings = {"bfloat16 encoder product": product_seconds(batches[0], floor, args.repeats)}
     paths = [("sparse, float32 selection", False, "float32"), ("dense", True, "float32")]
     paths += [("sparse, bfloat16 selection", False, "bfloat16"), paths[0]]  # drift check
     for name, dense, selection in paths:
-        sae = TopKSAE(args.d, args.latents, args.k, args.k_aux, seed=0, selection=selection)
-        times = time_steps(make_step(sae.to(device), dense, dead_F), batches, args.repeats)
+        sae = topk_sae(args, selection=selection)
+        step = make_step(sae.to(device), dense, dead_F, args.k_aux)
+        times = time_steps(step, batches, args.repeats)
         timings.setdefault(name, []).extend(times)
     base = statistics.median(timings["bfloat16 encoder product"])
     fifth = max(1, args.repeats // 5)

@@ -1,7 +1,23 @@
-"""SAEs in and out: load any supported SAE, import CLIP-Scope's, export SAELens', share on the hub.
+"""The SAE artifact, below the stages that train and analyse it: what an SAE is and computes,
+on disk and in memory, whoever made it. It imports only `vitscope.support` (and torch).
 
-Modules: `load` (`load_sae`: a folder, a CLIP-Scope .pt file or a hub id), `clipscope` (CLIP-Scope's
-released checkpoints), `saelens` (export to SAELens' layout), `hub` (push and pull with
-huggingface_hub), `model_card` (the README.md a pushed SAE carries). The SAE itself and its
-folder format live in stage two (`vitscope.saes.sae`, `saes/card.py`, `saes/folder.py`).
+Modules: `sae` (the `SAE` base: weights, encode/decode, AuxK, losses, the recipe's rules),
+`architectures/` (the registry and one module per architecture: topk, batchtopk, matryoshka),
+`kernels` (the sparse products, one named function per implementation), `card` (`SAECard`, the
+cfg.json record), `folder` (cfg.json + sae.safetensors, every format version; SAE_FORMAT.md),
+`load` (`load_sae`), `clipscope` (CLIP-Scope's checkpoints), `saelens` (export to SAELens),
+`hub` (push and pull), `model_card` (the README.md a pushed SAE carries).
+
+The one call a user makes: `vitscope.load_sae(ref)` (a folder, a CLIP-Scope .pt or a hub id).
+
+Adding an architecture NAME:
+1. `architectures/NAME.py`: a frozen dataclass `NAMEOptions(Options)` with `architecture =
+   "NAME"` and its card fields (bounds as `Annotated[..., AtLeast(...)]`, defaults, `check` for
+   what depends on n_latents), and `NAMESAE(SAE)` with `Options = NAMEOptions`, its keep rule
+   (`_select`; `_encode_rows` if inference differs), `extra_losses` if it has loss terms of its
+   own, and `saelens_layout`.
+2. `architectures/__init__.py`: add the class to the registration line.
+3. `SAE_FORMAT.md`: a `### `NAME`` table of its fields (tests/test_spec_doc.py checks it) and a
+   line under "Versions".
+`vitscope train --architecture NAME` then builds it from the settings named like its fields.
 """

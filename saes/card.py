@@ -1,32 +1,48 @@
-"""An SAE's card: the cfg.json beside its weights, saying what the SAE computes and what it
-belongs to (model, weights, layer, hook, tokens), so a folder is usable without its training run.
+"""An SAE's card: the cfg.json beside its weights, saying what the SAE computes (its shape, its
+architecture and that architecture's options) and what it belongs to (model, weights, layer, hook,
+tokens), so a folder is usable without its training run.
 
-saes/SAE_FORMAT.md is the prose of this module; a test keeps the two in step. Run folders
-written before format 1.0 (the training config plus the SAE's shape, no `format_version`) are
-read as format 0 and still load.
+saes/SAE_FORMAT.md is the prose of this module; a test keeps the two in step. Reading and writing
+cfg.json, every format version included, is saes/folder.py's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from vitscope.support.records import FileFormatError, parse_record, read_json
+from vitscope.support.configs import AtLeast, check_bounds
+from vitscope.support.records import FileFormatError
 
 SAE_FORMAT = "vitscope-sae"
-SAE_FORMAT_VERSION = "1.1"
+SAE_FORMAT_VERSION = "1.2"
 RESID_POST = "resid_post"
 """The hook of cache_spec/SPEC.md: the residual stream after transformer block `layer`."""
 
 Activation = Literal["relu", "none"]
-Architecture = Literal["topk", "batchtopk", "matryoshka"]
 InputNorm = Literal["scale", "standardize"]
 
 
 class SAEFormatError(FileFormatError):
     """An SAE folder or file does not match its format: names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """An architecture's own card fields (each architecture subclasses this in its module under
+    saes/architectures/): what its SAE computes beyond the shape, with bounds and defaults."""
+
+    architecture: ClassVar[str]
+    """The name the card and the registry know the architecture by."""
+    k: Annotated[int, AtLeast(1)]
+    """Active latents per input vector (batch rules: on average, in training)."""
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+    def check(self, n_latents: int) -> None:
+        """Refuse options that do not fit a dictionary of `n_latents` (ValueError)."""
 
 
 @dataclass(frozen=True)
@@ -37,19 +53,11 @@ class SAECard:
     """Width of the activations it reads (d_model of the layer)."""
     n_latents: int
     """Dictionary size F."""
-    k: int
-    """Active latents per input vector (batchtopk, matryoshka: on average, in training)."""
+    options: Options
+    """The architecture and its options; in cfg.json `architecture` names it and the options'
+    fields sit beside the others (SAE_FORMAT.md has a table per architecture)."""
     input_scale: float = 1.0
     """Activations are multiplied by this before encoding (E‖x‖² = 1 on the training data)."""
-    architecture: Architecture = "topk"
-    """The encoder's sparsity rule: topk keeps the k largest pre-activations of each vector;
-    batchtopk and matryoshka (Matryoshka-BatchTopK) those above the `threshold` tensor, which
-    training estimated from the batch-wide top B·k (saes/SAE_FORMAT.md)."""
-    matryoshka_widths: tuple[int, ...] = ()
-    """matryoshka: the nested prefix sizes whose reconstruction losses were summed, ascending,
-    the last = n_latents (empty for the other architectures)."""
-    activation: Activation = "relu"
-    """Applied to the k kept values: relu (Gao et al.) or none (CLIP-Scope keeps raw values)."""
     input_norm: InputNorm = "scale"
     """scale: x · input_scale; standardize: each batch to zero mean, unit variance (CLIP-Scope's
     training inputs), undone after decoding."""
@@ -77,26 +85,18 @@ class SAECard:
     """major.minor of this format; readers refuse another major."""
 
     def __post_init__(self) -> None:
-        if self.architecture != "topk" and self.activation != "relu":
-            raise ValueError(
-                f"architecture {self.architecture} applies ReLU; activation must be relu, not "
-                f"{self.activation}"
-            )
-        widths = self.matryoshka_widths
-        if self.architecture != "matryoshka" and widths:
-            raise ValueError(f"matryoshka_widths is for matryoshka SAEs, not {self.architecture}")
-        if self.architecture == "matryoshka" and not (
-            widths
-            and widths[-1] == self.n_latents
-            and all(a < b for a, b in zip((0, *widths), widths, strict=False))
-        ):
-            raise ValueError(
-                f"matryoshka_widths must ascend from above 0 to n_latents ({self.n_latents}), "
-                f"not {list(widths)}"
-            )
+        self.options.check(self.n_latents)
+
+    @property
+    def architecture(self) -> str:
+        return self.options.architecture
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """cfg.json's object: the options flat beside the other fields, after `architecture`."""
+        data = dataclasses.asdict(self)
+        options = data.pop("options")
+        shape = {key: data.pop(key) for key in ("d_in", "n_latents")}
+        return {**shape, "architecture": self.architecture, **options, **data}
 
     def cache_or(self, given: str, who: str) -> str:
         """`given` if set, else the cache the SAE was trained on; ValueError naming `who`."""
@@ -106,45 +106,3 @@ class SAECard:
                 f"{who}: the SAE does not name the cache it was trained on; pass --cache CACHE"
             )
         return cache
-
-
-def read_card(path: Path) -> SAECard:
-    """Parse cfg.json (any supported format version); SAEFormatError names the file and field."""
-    data = read_json(path, SAEFormatError)
-    if not isinstance(data, dict):
-        raise SAEFormatError(path, "a JSON object (an SAE's cfg.json)", type(data).__name__)
-    if "format_version" not in data:
-        return _card_from_format_0(data, path)
-    version = str(data["format_version"])
-    if version.split(".")[0] != SAE_FORMAT_VERSION.split(".")[0]:
-        raise SAEFormatError(
-            path,
-            f"SAE format {SAE_FORMAT_VERSION.split('.')[0]}.x",
-            f"format {version}",
-            "upgrade vitscope to read it (pip install -U vitscope)",
-        )
-    return parse_record(SAECard, data, path, "SAE card", SAEFormatError)
-
-
-def _card_from_format_0(data: dict[str, Any], path: Path) -> SAECard:
-    """Before format 1.0 cfg.json was the training config plus d_in, n_latents, k, k_aux and
-    input_scale; the model was only named by the cache it was trained on."""
-    missing = [key for key in ("d_in", "n_latents", "k", "input_scale") if key not in data]
-    if missing:
-        raise SAEFormatError(
-            path,
-            "an SAE card (format_version, d_in, n_latents, k, ...)",
-            f"no {', '.join(missing)}",
-            "point at a folder written by `vitscope train`",
-        )
-    return SAECard(
-        d_in=data["d_in"],
-        n_latents=data["n_latents"],
-        k=data["k"],
-        input_scale=data["input_scale"],
-        layer=data.get("layer"),
-        token_set=data.get("token_set", "all"),
-        tokens_trained=data.get("tokens", 0),
-        training=data,
-        format_version="0",
-    )

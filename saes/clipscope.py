@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from vitscope.saes.architectures import build_sae
+from vitscope.saes.architectures.topk import TopKOptions
 from vitscope.saes.card import InputNorm, SAECard, SAEFormatError
-from vitscope.saes.sae import TopKSAE
+from vitscope.saes.sae import SAE
 
 CLIP_SCOPE_K = 32
 CLIP_SCOPE_MODEL = ("ViT-L-14", "laion2b_s32b_b82k")
@@ -31,8 +33,8 @@ KEYS = ("pre_b", "enc", "dec")
 
 def load_clipscope(
     path: Path, device: str | torch.device = "cpu", input_norm: InputNorm = "scale"
-) -> TopKSAE:
-    """A CLIP-Scope checkpoint as a TopKSAE with its card (layer and tokens from the path)."""
+) -> SAE:
+    """A CLIP-Scope checkpoint as a TopK SAE with its card (layer and tokens from the path)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types for bytes it cannot unpickle
@@ -58,26 +60,24 @@ def load_clipscope(
             f"pre_b [{d_in}] and dec [{n_latents}, {d_in}] to match enc {list(enc.shape)}",
             f"pre_b {list(pre_b.shape)}, dec {list(dec.shape)}",
         )
-    k = int(checkpoint.get("k", CLIP_SCOPE_K))
-    sae = TopKSAE(d_in, n_latents, k, activation="none")
-    with torch.no_grad():
-        sae.w_enc.copy_(enc.T)
-        sae.w_dec.copy_(dec)
-        sae.b_enc.zero_()
-        sae.b_pre.copy_(pre_b)
     layer, tokens = _layer_and_tokens(path)
-    sae.card = SAECard(
+    card = SAECard(
         d_in=d_in,
         n_latents=n_latents,
-        k=k,
-        activation="none",
+        options=TopKOptions(k=int(checkpoint.get("k", CLIP_SCOPE_K)), activation="none"),
+        input_norm=input_norm,
         model=CLIP_SCOPE_MODEL[0],
         pretrained=CLIP_SCOPE_MODEL[1],
         layer=layer,
         tokens_trained=int(checkpoint.get("token_count", tokens)),
         source="clip-scope",
     )
-    sae.set_input_norm(input_norm)
+    sae = build_sae(card)
+    with torch.no_grad():
+        sae.w_enc.copy_(enc.T)
+        sae.w_dec.copy_(dec)
+        sae.b_enc.zero_()
+        sae.b_pre.copy_(pre_b)
     return sae.to(device)
 
 

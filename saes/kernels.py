@@ -13,18 +13,24 @@ the encoder's selection is dense; everything else works on the (B, K) active ent
   the K-th and 2K-th pre-activations of nearly every token lie within bfloat16's error bound, so
   ~all tokens fell back to the dense product and steps slowed 2x: BENCHMARKS.md.)
 - `kept_preacts`: for rules that keep a varying number of latents per token (BatchTopK and
-  Matryoshka SAEs, saes/architectures/), the kept pre-activations padded to one width K', so
-  the two functions below serve all three architectures unchanged.
+  Matryoshka SAEs, whose rules live in saes/architectures/), the kept pre-activations padded
+  to one width K', so the two functions below serve all three architectures unchanged.
 - `SparseEncode`: z = relu(pre-activations at the selected entries); the weight gradient is
   scattered to the K active rows per token, never formed as a dense (B, F) product.
 - `SparseDecode`: x̂ = Σ_k z_bk W_dec[idx_bk] (embedding_bag); its weight gradient is scattered the
   same way and its gradient w.r.t. z is a sampled product.
+
+The two products behind the gradients have one named implementation per device family:
+`gather_dot_sddmm` and `scatter_outer_csr` (the CPU's sparse products), `gather_dot_bmm` and
+`scatter_outer_index_add` (what CUDA runs). `Kernels` chooses them, by default by device; tests
+run every one on the CPU, so CI checks the code a GPU runs.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -32,6 +38,8 @@ from torch import Tensor
 from torch.nn import functional
 
 SelectionPrecision = Literal["float32", "bfloat16"]
+GatherDotImpl = Literal["sddmm", "bmm"]
+ScatterOuterImpl = Literal["csr", "index_add"]
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -49,17 +57,17 @@ def selection_matrix(idx_BK: Tensor, values_BK: Tensor, n_latents: int) -> Tenso
     )
 
 
-def gather_dot(idx_BK: Tensor, a_BD: Tensor, m_FD: Tensor) -> Tensor:
-    """out[b, j] = a[b] · m[idx[b, j]] for sorted idx rows, without a (B, F) matrix.
+def gather_dot_sddmm(idx_BK: Tensor, a_BD: Tensor, m_FD: Tensor) -> Tensor:
+    """`gather_dot` as the CPU's fast float32 sampled product (SDDMM), checked against the dense
+    product by tests."""
+    zeros = torch.zeros_like(idx_BK, dtype=a_BD.dtype)
+    pattern = selection_matrix(idx_BK, zeros, m_FD.shape[0])
+    return torch.sparse.sampled_addmm(pattern, a_BD, m_FD.T).values().view(idx_BK.shape)
 
-    The CPU has a fast float32 sampled product (SDDMM), checked against the dense product by
-    tests; on CUDA the rows are gathered in blocks and multiplied by a plain float32 bmm, whose
-    precision we know, rather than cuSPARSE's sampled product, which no test here can check.
-    """
-    if a_BD.device.type == "cpu":
-        zeros = torch.zeros_like(idx_BK, dtype=a_BD.dtype)
-        pattern = selection_matrix(idx_BK, zeros, m_FD.shape[0])
-        return torch.sparse.sampled_addmm(pattern, a_BD, m_FD.T).values().view(idx_BK.shape)
+
+def gather_dot_bmm(idx_BK: Tensor, a_BD: Tensor, m_FD: Tensor) -> Tensor:
+    """`gather_dot` for CUDA: rows gathered in blocks and multiplied by a plain float32 bmm,
+    whose precision we know, rather than cuSPARSE's sampled product."""
     out = torch.empty(idx_BK.shape, device=a_BD.device, dtype=a_BD.dtype)
     block = max(1, 2**28 // (idx_BK.shape[1] * m_FD.shape[1]))  # ~1 GB of gathered float32 rows
     for start in range(0, len(idx_BK), block):
@@ -68,17 +76,59 @@ def gather_dot(idx_BK: Tensor, a_BD: Tensor, m_FD: Tensor) -> Tensor:
     return out
 
 
-def scatter_outer(idx_BK: Tensor, values_BK: Tensor, a_BD: Tensor, n_latents: int) -> Tensor:
-    """out[f] = Σ_{b,j: idx[b,j] = f} values[b, j] · a[b], as a dense (F, D) gradient.
+def scatter_outer_csr(idx_BK: Tensor, values_BK: Tensor, a_BD: Tensor, n_latents: int) -> Tensor:
+    """`scatter_outer` as a transposed sparse product: fastest on the CPU (0.12 s against 0.20 s
+    for index_add at the full configuration); CUDA has no kernel for it."""
+    return selection_matrix(idx_BK, values_BK, n_latents).t() @ a_BD
 
-    On the CPU a transposed sparse product is fastest (0.12 s against 0.20 s for index_add at
-    the full configuration); CUDA has no kernel for it, and index_add is fast there.
-    """
-    if a_BD.device.type == "cpu":
-        return selection_matrix(idx_BK, values_BK, n_latents).t() @ a_BD
+
+def scatter_outer_index_add(
+    idx_BK: Tensor, values_BK: Tensor, a_BD: Tensor, n_latents: int
+) -> Tensor:
+    """`scatter_outer` by index_add, fast on CUDA."""
     rows = (values_BK[:, :, None] * a_BD[:, None, :]).flatten(0, 1)
     out = torch.zeros(n_latents, a_BD.shape[1], device=a_BD.device, dtype=a_BD.dtype)
     return out.index_add_(0, idx_BK.flatten(), rows)
+
+
+GATHER_DOT: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "sddmm": gather_dot_sddmm,
+    "bmm": gather_dot_bmm,
+}
+SCATTER_OUTER: dict[str, Callable[[Tensor, Tensor, Tensor, int], Tensor]] = {
+    "csr": scatter_outer_csr,
+    "index_add": scatter_outer_index_add,
+}
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Which implementation of each product the sparse paths run; None = the device's own."""
+
+    gather_dot: GatherDotImpl | None = None
+    scatter_outer: ScatterOuterImpl | None = None
+
+
+def gather_dot(
+    idx_BK: Tensor, a_BD: Tensor, m_FD: Tensor, impl: GatherDotImpl | None = None
+) -> Tensor:
+    """out[b, j] = a[b] · m[idx[b, j]] for sorted idx rows, without a (B, F) matrix; `impl`
+    defaults to sddmm on the CPU, bmm elsewhere."""
+    impl = impl or ("sddmm" if a_BD.device.type == "cpu" else "bmm")
+    return GATHER_DOT[impl](idx_BK, a_BD, m_FD)
+
+
+def scatter_outer(
+    idx_BK: Tensor,
+    values_BK: Tensor,
+    a_BD: Tensor,
+    n_latents: int,
+    impl: ScatterOuterImpl | None = None,
+) -> Tensor:
+    """out[f] = Σ_{b,j: idx[b,j] = f} values[b, j] · a[b], as a dense (F, D) gradient; `impl`
+    defaults to csr on the CPU, index_add elsewhere."""
+    impl = impl or ("csr" if a_BD.device.type == "cpu" else "index_add")
+    return SCATTER_OUTER[impl](idx_BK, values_BK, a_BD, n_latents)
 
 
 def gather_sum(idx_BK: Tensor, values_BK: Tensor, m_FD: Tensor) -> Tensor:
@@ -164,23 +214,6 @@ def kept_preacts(
     return _sorted_by_latent(values, idx.gather(1, first))
 
 
-def batch_topk_rule(k: int) -> KeepRule:
-    """BatchTopK's training rule: the B·k largest positive pre-activations of the whole batch."""
-
-    def keep(values_BC: Tensor) -> Tensor:
-        flat = values_BC.flatten()
-        kept = torch.zeros_like(flat, dtype=torch.bool)
-        kept[flat.topk(min(k * len(values_BC), len(flat))).indices] = True
-        return kept.view(values_BC.shape) & (values_BC > 0)
-
-    return keep
-
-
-def threshold_rule(threshold: Tensor | float) -> KeepRule:
-    """BatchTopK's inference rule (a JumpReLU): every pre-activation above the threshold."""
-    return lambda values_BC: values_BC > threshold
-
-
 def _sorted_by_latent(values: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     idx, order = idx.sort(dim=1)
     return values.gather(1, order), idx
@@ -199,9 +232,10 @@ class SparseEncode(torch.autograd.Function):
         preacts_BK: Tensor,
         idx_BK: Tensor,
         relu: bool,
+        kernels: Kernels = Kernels(),
     ) -> Tensor:
         ctx.save_for_backward(x_BD, w_enc_FD, preacts_BK, idx_BK)
-        ctx.relu = relu
+        ctx.relu, ctx.kernels = relu, kernels
         return preacts_BK.clamp_min(0) if relu else preacts_BK.clone()
 
     @staticmethod
@@ -210,23 +244,31 @@ class SparseEncode(torch.autograd.Function):
         grad_pre_BK = grad_z_BK * (preacts_BK > 0) if ctx.relu else grad_z_BK
         n_latents = w_enc_FD.shape[0]
         grad_x = gather_sum(idx_BK, grad_pre_BK, w_enc_FD) if ctx.needs_input_grad[0] else None
-        grad_w = scatter_outer(idx_BK, grad_pre_BK, x_BD, n_latents)
+        grad_w = scatter_outer(idx_BK, grad_pre_BK, x_BD, n_latents, ctx.kernels.scatter_outer)
         grad_b = torch.zeros(n_latents, device=x_BD.device, dtype=grad_pre_BK.dtype)
         grad_b.index_add_(0, idx_BK.flatten(), grad_pre_BK.flatten())
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):
     """x̂_BD = Σ_k z_bk W_dec[idx_bk], without b_pre."""
 
     @staticmethod
-    def forward(ctx: Any, z_BK: Tensor, idx_BK: Tensor, w_dec_FD: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        z_BK: Tensor,
+        idx_BK: Tensor,
+        w_dec_FD: Tensor,
+        kernels: Kernels = Kernels(),
+    ) -> Tensor:
         ctx.save_for_backward(z_BK, idx_BK, w_dec_FD)
+        ctx.kernels = kernels
         return gather_sum(idx_BK, z_BK, w_dec_FD)
 
     @staticmethod
     def backward(ctx: Any, grad_out_BD: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         z_BK, idx_BK, w_dec_FD = ctx.saved_tensors
-        grad_z = gather_dot(idx_BK, grad_out_BD, w_dec_FD)
-        grad_w = scatter_outer(idx_BK, z_BK, grad_out_BD, w_dec_FD.shape[0])
-        return grad_z, None, grad_w
+        kernels = ctx.kernels
+        grad_z = gather_dot(idx_BK, grad_out_BD, w_dec_FD, kernels.gather_dot)
+        grad_w = scatter_outer(idx_BK, z_BK, grad_out_BD, w_dec_FD.shape[0], kernels.scatter_outer)
+        return grad_z, None, grad_w, None

@@ -9,7 +9,7 @@ import torch
 
 from vitscope.saes.card import InputNorm, SAEFormatError
 from vitscope.saes.folder import NOT_AN_SAE_FIX, load_sae_folder
-from vitscope.saes.sae import TopKSAE
+from vitscope.saes.sae import SAE
 
 HUB_REFERENCE = re.compile(r"^[\w.-]+/[\w.-]+(/[\w./-]+)?$")
 """owner/name, optionally followed by a path inside the repo (a subfolder or a .pt file)."""
@@ -20,7 +20,7 @@ def load_sae(
     device: str | torch.device = "cpu",
     input_norm: InputNorm | None = None,
     revision: str | None = None,
-) -> TopKSAE:
+) -> SAE:
     """The SAE at `ref`, ready for `encode`, `decode` and `sae(acts)` in activation units.
 
     `ref` is a local SAE or run folder, a CLIP-Scope `.pt` checkpoint, or a Hugging Face hub
@@ -43,7 +43,7 @@ def load_sae(
     return sae.eval().requires_grad_(False)
 
 
-def _load_local(path: Path, device: str | torch.device, input_norm: InputNorm | None) -> TopKSAE:
+def _load_local(path: Path, device: str | torch.device, input_norm: InputNorm | None) -> SAE:
     if path.is_file() and path.suffix == ".pt":
         from vitscope.saes.clipscope import load_clipscope
 

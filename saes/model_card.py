@@ -32,7 +32,7 @@ def model_card(card: SAECard, metrics: dict[str, Any], repo_id: str) -> str:
     """Markdown with hub metadata (front matter) for an SAE folder."""
     model = card.model or "unknown model"
     rows = [
-        ("architecture", f"{card.architecture}, k = {card.k}, {card.n_latents:,} latents"),
+        ("architecture", f"{card.architecture}, k = {card.options.k}, {card.n_latents:,} latents"),
         ("model", f"{model} ({card.pretrained or 'unknown weights'})"),
         ("layer", f"{card.layer} ({card.hook}: the residual stream after block {card.layer})"),
         ("tokens", f"{card.token_set}; {card.tokens_trained:,} trained"),

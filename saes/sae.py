@@ -1,7 +1,8 @@
-"""The TopK sparse autoencoder of Gao et al., "Scaling and evaluating sparse autoencoders" (2024).
+"""What every SAE here shares, whatever keeps its latents (Gao et al., "Scaling and evaluating
+sparse autoencoders", 2024, for TopK):
 
     x = s · a                                    (a: the activations, s: the input scale)
-    z = act(topk(W_enc · (x − b_pre) + b_enc))   (act: relu, or none for CLIP-Scope's SAEs)
+    z = act(keep(W_enc · (x − b_pre) + b_enc))   (keep: the architecture's rule; act: relu or none)
     x̂ = W_decᵀ · z + b_pre,   â = x̂ / s
 
 `input_scale` s is fixed at initialisation so that E‖x‖² = 1 on the training data and stored with
@@ -9,23 +10,25 @@ the SAE. Users call `encode(a)`, `decode(codes)` and `sae(a)`, all in the activa
 training calls `autoencode(x)` on scaled inputs. Shapes: B tokens, D = d_in, F = n_latents,
 K = k. W_enc and W_dec are both (F, D): row f of W_dec is latent f's direction (unit norm for
 SAEs trained here); W_enc starts as W_dec. The sparse path (saes/kernels.py) and the dense path
-compute the same function and the same gradients.
+compute the same function and the same gradients. Each architecture (saes/architectures/)
+subclasses `SAE` with its options, its keep rule and, where it has them, extra loss terms.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from vitscope.saes.card import Activation, InputNorm, SAECard
+from vitscope.saes.card import Activation, InputNorm, Options, SAECard
 from vitscope.saes.kernels import (
+    Kernels,
     SelectionPrecision,
     SparseDecode,
     SparseEncode,
-    topk_preacts,
 )
 
 STANDARDIZE_EPS = 1e-6
@@ -72,8 +75,8 @@ class SAEOutput:
     """Their latent indices, ascending per token."""
     aux_recon_BD: Tensor | None
     """AuxK's reconstruction of the residual from dead latents (None when none are dead)."""
-    prefix_recons: tuple[Tensor, ...] = ()
-    """Matryoshka SAEs: the reconstruction from each inner prefix of the dictionary."""
+    dense: bool = False
+    """Computed by the dense reference path (tests compare it with the sparse one)."""
 
     @property
     def active_BK(self) -> Tensor:
@@ -81,39 +84,51 @@ class SAEOutput:
         return self.z_BK != 0
 
 
-class TopKSAE(nn.Module):
-    """A TopK SAE with its input scale and its card (what it reads, where it came from)."""
+@dataclass
+class SAELensLayout:
+    """How an architecture appears in SAELens (saes/saelens.py writes the shared rest)."""
 
+    cfg: dict[str, Any]
+    """SAELens' architecture and its own cfg.json keys, e.g. {"architecture": "topk", "k": 32}."""
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    """Weights beyond W_enc, b_enc, W_dec and b_dec, e.g. a JumpReLU's threshold."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Keys of cfg.json's metadata, e.g. the training architecture."""
+
+
+class SAE(nn.Module):
+    """An SAE built from its card (`build_sae(card)`), with its input scale: the weights, encode
+    and decode, AuxK and the recipe's rules. An architecture subclasses it (saes/architectures/)
+    with its `Options`, its keep rule (`_select`) and its SAELens layout."""
+
+    Options: ClassVar[type[Options]]
+    """The architecture's card fields; `card.options` is one."""
     running_buffers: tuple[str, ...] = ()
     """Buffers that training steps update (not through gradients): data-parallel ranks average
     them after every step."""
+    activation: Activation = "relu"
+    """Applied to the kept pre-activations."""
 
     def __init__(
-        self,
-        d_in: int,
-        n_latents: int,
-        k: int,
-        k_aux: int = 0,
-        seed: int = 0,
-        activation: Activation = "relu",
-        selection: SelectionPrecision = "float32",
+        self, card: SAECard, seed: int = 0, selection: SelectionPrecision = "float32"
     ) -> None:
         super().__init__()
-        self.d_in, self.n_latents, self.k, self.k_aux = d_in, n_latents, k, k_aux
-        self.activation = activation
+        self.card = card
+        self.d_in, self.n_latents, self.k = card.d_in, card.n_latents, card.options.k
         self.selection: SelectionPrecision = selection
-        """The product that picks each token's top k in training (kernels.topk_preacts); the
-        kept values are float32 either way."""
-        self.input_norm: InputNorm = "scale"
-        self.card = SAECard(d_in, n_latents, k, activation=activation)
+        """The product that picks each token's kept latents in training (kernels.topk_preacts);
+        the kept values are float32 either way."""
+        self.input_norm: InputNorm = card.input_norm
+        self.kernels = Kernels()
+        """Which implementation of each sparse product to run (kernels.Kernels); by device."""
         generator = torch.Generator().manual_seed(seed)
-        w_dec = torch.randn(n_latents, d_in, generator=generator)
+        w_dec = torch.randn(self.n_latents, self.d_in, generator=generator)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         self.w_dec = nn.Parameter(w_dec)
         self.w_enc = nn.Parameter(w_dec.clone())
-        self.b_enc = nn.Parameter(torch.zeros(n_latents))
-        self.b_pre = nn.Parameter(torch.zeros(d_in))
-        self.register_buffer("input_scale", torch.ones(()))
+        self.b_enc = nn.Parameter(torch.zeros(self.n_latents))
+        self.b_pre = nn.Parameter(torch.zeros(self.d_in))
+        self.register_buffer("input_scale", torch.full((), card.input_scale))
 
     # ------------------------------------------------------- in the activations' units
     def encode(self, acts: Tensor) -> SparseCodes:
@@ -138,7 +153,7 @@ class TopKSAE(nn.Module):
         lead = codes.indices.shape[:-1]
         idx_BK = codes.indices.reshape(-1, codes.indices.shape[-1])
         z_BK = codes.values.reshape(idx_BK.shape).to(self.w_dec.dtype)
-        recon = SparseDecode.apply(z_BK, idx_BK, self.w_dec) + self.b_pre
+        recon = SparseDecode.apply(z_BK, idx_BK, self.w_dec, self.kernels) + self.b_pre
         if codes.standardized_by is not None:
             mean_D, std_D = codes.standardized_by
             recon = recon * (std_D + STANDARDIZE_EPS) + mean_D
@@ -179,45 +194,46 @@ class TopKSAE(nn.Module):
         return acts_BD * self.input_scale
 
     def autoencode(
-        self, x_BD: Tensor, dead_F: Tensor | None = None, dense: bool = False
+        self, x_BD: Tensor, dead_F: Tensor | None = None, k_aux: int = 0, dense: bool = False
     ) -> SAEOutput:
-        """Encode, decode, and (when latents are dead) the AuxK reconstruction of the residual."""
+        """Encode, decode, and (when latents are dead) AuxK's reconstruction of the residual from
+        the `k_aux` best dead latents (a training setting: the trainer passes its config's)."""
         x_centered = x_BD - self.b_pre
         z_BK, idx_BK = self._select(x_centered, dense)
-        if dense:
-            z_BF = torch.zeros(len(x_BD), self.n_latents, device=x_BD.device, dtype=z_BK.dtype)
-            recon = z_BF.scatter(1, idx_BK, z_BK) @ self.w_dec
-        else:
-            recon = SparseDecode.apply(z_BK, idx_BK, self.w_dec)
-        recon = recon + self.b_pre
+        recon = self._decoded(z_BK, idx_BK, dense) + self.b_pre
         aux = None
         if dead_F is not None and bool(dead_F.any()):
-            aux = self._aux_recon(x_centered.detach(), dead_F, dense)
-        return SAEOutput(recon, z_BK, idx_BK, aux)
+            aux = self._aux_recon(x_centered.detach(), dead_F, k_aux, dense)
+        return SAEOutput(recon, z_BK, idx_BK, aux, dense)
 
     def _encode_rows(self, x_centered: Tensor) -> tuple[Tensor, Tensor]:
-        """Inference's codes of (B, D) centred inputs: for TopK, training's selection."""
+        """Inference's codes of (B, D) centred inputs: by default, training's selection."""
         return self._select(x_centered, dense=False)
 
     def _select(self, x_centered: Tensor, dense: bool) -> tuple[Tensor, Tensor]:
-        """The K kept latents of each token after the activation, indices ascending."""
-        relu = self.activation == "relu"
-        if dense:
-            preacts_BF = x_centered @ self.w_enc.T + self.b_enc
-            values, idx = preacts_BF.topk(self.k, dim=1)
-            idx, order = idx.sort(dim=1)
-            values = values.gather(1, order)
-            return (values.relu() if relu else values), idx
-        preacts_BK, idx_BK = topk_preacts(
-            x_centered.detach(), self.w_enc, self.b_enc, self.k, self.selection
-        )
-        z_BK = SparseEncode.apply(x_centered, self.w_enc, self.b_enc, preacts_BK, idx_BK, relu)
-        return z_BK, idx_BK
+        """The architecture's keep rule: the kept latents of each token after the activation,
+        (B, K) values and indices ascending (padded with zeros where a token keeps fewer)."""
+        raise NotImplementedError(f"{type(self).__name__} has no keep rule")
 
-    def _aux_recon(self, x_centered: Tensor, dead_F: Tensor, dense: bool) -> Tensor:
+    def extra_losses(self, out: SAEOutput, x_BD: Tensor) -> dict[str, Tensor]:
+        """Loss terms of the architecture's own, added to the total by `losses` (none here)."""
+        return {}
+
+    def saelens_layout(self) -> SAELensLayout:
+        """The architecture in SAELens' terms, for saes/saelens.py."""
+        raise NotImplementedError(f"{type(self).__name__} has no SAELens layout")
+
+    def _decoded(self, z_BK: Tensor, idx_BK: Tensor, dense: bool) -> Tensor:
+        """W_decᵀ · z without b_pre, by the dense product or the sparse path."""
+        if dense:
+            z_BF = torch.zeros(len(z_BK), self.n_latents, device=z_BK.device, dtype=z_BK.dtype)
+            return z_BF.scatter(1, idx_BK, z_BK) @ self.w_dec
+        return SparseDecode.apply(z_BK, idx_BK, self.w_dec, self.kernels)
+
+    def _aux_recon(self, x_centered: Tensor, dead_F: Tensor, k_aux: int, dense: bool) -> Tensor:
         """Reconstruct with the top k_aux dead latents only (their pre-activations are exact)."""
         dead_idx = dead_F.nonzero().squeeze(1)
-        k_aux = min(self.k_aux, len(dead_idx))
+        k_aux = min(k_aux, len(dead_idx))
         if dense:
             preacts_BF = x_centered @ self.w_enc.T + self.b_enc
             masked = preacts_BF.masked_fill(~dead_F, float("-inf"))
@@ -229,8 +245,10 @@ class TopKSAE(nn.Module):
             values, position = dead_preacts.topk(k_aux, dim=1)
             idx, order = dead_idx[position].sort(dim=1)
             values = values.gather(1, order)
-        z_BK = SparseEncode.apply(x_centered, self.w_enc, self.b_enc, values, idx, True)
-        return SparseDecode.apply(z_BK, idx, self.w_dec)
+        z_BK = SparseEncode.apply(
+            x_centered, self.w_enc, self.b_enc, values, idx, True, self.kernels
+        )
+        return SparseDecode.apply(z_BK, idx, self.w_dec, self.kernels)
 
     # ------------------------------------------------------------ the recipe's rules
     @torch.no_grad()
@@ -266,22 +284,23 @@ def standardize(x_BD: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
 
 
 def losses(
-    out: SAEOutput, x_BD: Tensor, aux_coefficient: float = AUX_COEFFICIENT
+    sae: SAE, out: SAEOutput, x_BD: Tensor, aux_coefficient: float = AUX_COEFFICIENT
 ) -> dict[str, Tensor]:
-    """Reconstruction MSE (sum over D, mean over B), normalised AuxK loss, and their total;
-    a Matryoshka SAE adds each inner prefix's reconstruction MSE, unweighted, to the total."""
+    """Reconstruction MSE (sum over D, mean over B), normalised AuxK loss, the architecture's
+    own terms (`sae.extra_losses`, e.g. Matryoshka's prefix MSE), and their total."""
     mse = (out.recon_BD - x_BD).pow(2).sum(dim=1).mean()
-    prefix_mse = x_BD.new_zeros(())
-    for recon in out.prefix_recons:
-        prefix_mse = prefix_mse + (recon - x_BD).pow(2).sum(dim=1).mean()
+    extra = sae.extra_losses(out, x_BD)
     aux = torch.zeros((), device=x_BD.device)
     if out.aux_recon_BD is not None:
         residual = (x_BD - out.recon_BD).detach()
         aux = (out.aux_recon_BD - residual).pow(2).sum(dim=1).mean() / residual.pow(2).sum(
             dim=1
         ).mean().clamp_min(1e-12)
-    total = mse + prefix_mse + aux_coefficient * aux
-    return {"mse": mse, "prefix_mse": prefix_mse, "aux": aux, "loss": total}
+    total = mse
+    for term in extra.values():
+        total = total + term
+    total = total + aux_coefficient * aux
+    return {"mse": mse, **extra, "aux": aux, "loss": total}
 
 
 @torch.no_grad()

@@ -6,10 +6,12 @@ the raw activations (normalize_activations "none"). Ours scales the input by s f
 scale is folded into the weights: W_enc = s · W_encᵀ, b_dec = b_pre / s, W_dec = W_dec / s. Then
 every pre-activation, every kept latent and the reconstruction are the same numbers.
 
-BatchTopK and Matryoshka SAEs are exported as SAELens saves its own (BatchTopKTrainingSAE and
-MatryoshkaBatchTopKTrainingSAE save inference models): a JumpReLU SAE, z = relu(pre) · [pre > θ],
-with θ in every latent's `threshold` (the pre-activations are unchanged by the folding, so θ is
-too) and the training architecture named in the metadata.
+What differs by architecture (SAELens' architecture name and keys, extra tensors, metadata) is
+each architecture's `saelens_layout()` (saes/architectures/): BatchTopK and Matryoshka SAEs are
+exported as SAELens saves its own (BatchTopKTrainingSAE and MatryoshkaBatchTopKTrainingSAE save
+inference models): a JumpReLU SAE, z = relu(pre) · [pre > θ], with θ in every latent's
+`threshold` (the pre-activations are unchanged by the folding, so θ is too) and the training
+architecture named in the metadata.
 """
 
 from __future__ import annotations
@@ -20,21 +22,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vitscope.saes.architectures import THRESHOLD_RATE
-from vitscope.saes.sae import TopKSAE
+from vitscope.saes.sae import SAE
 
 SAELENS_FORMAT_VERSION = "6.54.12"
 """The SAELens release whose layout this writes (the test loads the export with it)."""
 
-SAELENS_TRAINING_ARCHITECTURE = {"batchtopk": "batchtopk", "matryoshka": "matryoshka_batchtopk"}
-"""SAELens' names of the training architectures that it, too, saves as JumpReLU SAEs."""
 
-
-def export_saelens(sae: TopKSAE, out: Path) -> Path:
+def export_saelens(sae: SAE, out: Path) -> Path:
     """Write `sae` into `out` in SAELens' TopK (or, for BatchTopK and Matryoshka SAEs, JumpReLU)
     layout; returns the folder."""
     card = sae.card
-    if card.activation != "relu" or card.input_norm != "scale":
+    if sae.activation != "relu" or card.input_norm != "scale":
         raise ValueError(
             f"{sae.describe()} keeps raw top-k values or standardises its inputs; SAELens' TopK "
             "SAE applies ReLU to raw inputs, so an export would not compute the same function"
@@ -47,19 +45,10 @@ def export_saelens(sae: TopKSAE, out: Path) -> Path:
             "W_dec": (sae.w_dec / scale).contiguous().float().cpu(),
             "b_dec": (sae.b_pre / scale).detach().float().cpu().clone(),
         }
-    layout, batch_rule = {"architecture": "topk", "k": sae.k}, {}
-    if card.architecture != "topk":
-        layout = {"architecture": "jumprelu"}
-        tensors["threshold"] = sae.get_buffer("threshold").float().cpu().repeat(sae.n_latents)
-        details: dict[str, object] = {"k": sae.k, "topk_threshold_lr": THRESHOLD_RATE}
-        if card.matryoshka_widths:
-            details["matryoshka_widths"] = list(card.matryoshka_widths)
-        batch_rule = {
-            "training_architecture": SAELENS_TRAINING_ARCHITECTURE[card.architecture],
-            "training_architecture_details": details,
-        }
+    layout = sae.saelens_layout()
+    tensors.update(layout.tensors)
     cfg = {
-        **layout,
+        **layout.cfg,
         "d_in": sae.d_in,
         "d_sae": sae.n_latents,
         "dtype": "float32",
@@ -70,7 +59,7 @@ def export_saelens(sae: TopKSAE, out: Path) -> Path:
             "sae_lens_version": SAELENS_FORMAT_VERSION,
             "model_name": card.model,
             "hook_name": None if card.layer is None else f"blocks.{card.layer}.hook_resid_post",
-            **batch_rule,
+            **layout.metadata,
             "exported_by": "vitscope",
             "vitscope_card": card.to_json(),
         },

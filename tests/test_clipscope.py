@@ -29,7 +29,7 @@ def test_a_clipscope_checkpoint_computes_their_formula(clipscope_checkpoint: Pat
     torch.testing.assert_close(sae(x), recon, rtol=1e-5, atol=1e-5)
     card = sae.card
     assert (card.model, card.pretrained, card.layer) == ("ViT-L-14", "laion2b_s32b_b82k", 22)
-    assert (card.source, card.activation, card.tokens_trained) == ("clip-scope", "none", 1200013184)
+    assert (card.source, sae.activation, card.tokens_trained) == ("clip-scope", "none", 1200013184)
 
 
 def test_standardised_inputs_as_clipscope_trained(clipscope_checkpoint: Path):

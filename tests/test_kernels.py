@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
+from vitscope.saes.architectures import build_sae
+from vitscope.saes.architectures.topk import TopKOptions
+from vitscope.saes.card import SAECard
 from vitscope.saes.kernels import (
+    GATHER_DOT,
+    SCATTER_OUTER,
+    Kernels,
     dense_preacts,
     gather_dot,
     gather_sum,
     scatter_outer,
     topk_preacts,
 )
-from vitscope.saes.sae import TopKSAE, losses
+from vitscope.saes.sae import losses
 
 
 def random_problem(n_tokens: int, d: int, n_latents: int, seed: int):
@@ -41,30 +49,39 @@ def test_topk_preacts_select_as_the_dense_product(n_latents: int):
         assert agree > 0.97
 
 
-def test_sparse_primitives_equal_their_dense_formulas():
+EVERY_KERNEL = [Kernels(*pair) for pair in itertools.product(GATHER_DOT, SCATTER_OUTER)]
+"""Every implementation of each product, the CUDA ones included: all run on the CPU."""
+
+
+@pytest.mark.parametrize("kernels", EVERY_KERNEL, ids=str)
+def test_sparse_primitives_equal_their_dense_formulas(kernels: Kernels):
     x, w, _ = random_problem(50, 16, 40, 0)
     idx = torch.rand(50, 40).argsort(dim=1)[:, :5].sort(dim=1).values
     values = torch.randn(50, 5)
     dense_selection = torch.zeros(50, 40).scatter(1, idx, values)
     torch.testing.assert_close(gather_sum(idx, values, w), dense_selection @ w)
-    torch.testing.assert_close(scatter_outer(idx, values, x, 40), dense_selection.T @ x)
-    torch.testing.assert_close(gather_dot(idx, x, w), (x @ w.T).gather(1, idx))
+    torch.testing.assert_close(
+        scatter_outer(idx, values, x, 40, kernels.scatter_outer), dense_selection.T @ x
+    )
+    torch.testing.assert_close(gather_dot(idx, x, w, kernels.gather_dot), (x @ w.T).gather(1, idx))
 
 
+@pytest.mark.parametrize("kernels", EVERY_KERNEL, ids=str)
 @pytest.mark.parametrize("n_latents", [512, 500])
-def test_sparse_sae_has_the_dense_loss_and_gradients(n_latents: int):
+def test_sparse_sae_has_the_dense_loss_and_gradients(n_latents: int, kernels: Kernels):
     x, _, _ = random_problem(128, 32, 1, 1)
     grads = {}
     outputs = {}
     for dense in (True, False):
-        sae = TopKSAE(32, n_latents, k=8, k_aux=16, seed=3)
+        sae = build_sae(SAECard(32, n_latents, TopKOptions(k=8)), seed=3)
+        sae.kernels = kernels
         with torch.no_grad():
             sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
             sae.b_pre.fill_(0.5)
         dead = torch.zeros(n_latents, dtype=torch.bool)
         dead[::3] = True
-        out = sae.autoencode(x, dead_F=dead, dense=dense)
-        terms = losses(out, x)
+        out = sae.autoencode(x, dead_F=dead, k_aux=16, dense=dense)
+        terms = losses(sae, out, x)
         terms["loss"].backward()
         outputs[dense] = (out, terms)
         grads[dense] = {name: p.grad.clone() for name, p in sae.named_parameters()}

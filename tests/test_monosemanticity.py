@@ -35,7 +35,10 @@ from vitscope.cache_spec import open_cache
 from vitscope.pipeline import dataset as dataset_module
 from vitscope.pipeline.model import load_image_encoder
 from vitscope.pipeline.shards import model_input
-from vitscope.saes.sae import SparseCodes, TopKSAE
+from vitscope.saes.architectures import build_sae
+from vitscope.saes.architectures.topk import TopKOptions
+from vitscope.saes.card import SAECard
+from vitscope.saes.sae import SparseCodes
 
 
 def brute_force_ms(acts_NF: np.ndarray, emb_NE: np.ndarray) -> np.ndarray:
@@ -59,7 +62,7 @@ def brute_force_ms(acts_NF: np.ndarray, emb_NE: np.ndarray) -> np.ndarray:
 def test_image_activation_is_the_dense_codes_max_over_tokens():
     acts = torch.randn(6, 5, 8)
     for activation in ("relu", "none"):
-        sae = TopKSAE(d_in=8, n_latents=12, k=3, activation=activation, seed=1)
+        sae = build_sae(SAECard(8, 12, TopKOptions(k=3, activation=activation)), seed=1)
         codes = sae.encode(acts)
         expected = codes.dense().amax(dim=1)
         assert torch.equal(image_activations(codes.indices, codes.values, 12), expected)

@@ -117,7 +117,8 @@ ALLOWED_IMPORTS = {
 def imported_modules(path: Path) -> list[str]:
     """Every module a file imports, absolute: `from vitscope import x` and `from . import x`
     count as importing vitscope.x, `from .. import x` as the package above."""
-    package = f"vitscope.{path.parent.name}"
+    folders = path.parent.relative_to(ROOT).parts if path.is_relative_to(ROOT) else ()
+    package = ".".join(("vitscope", *(folders or (path.parent.name,))))
     modules = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -131,11 +132,26 @@ def imported_modules(path: Path) -> list[str]:
 
 def test_imports_run_one_way():
     for folder, allowed in ALLOWED_IMPORTS.items():
-        for path in (ROOT / folder).glob("*.py"):
+        for path in (ROOT / folder).rglob("*.py"):
             for name in imported_modules(path):
                 parts = name.split(".")
                 if parts[0] == "vitscope" and len(parts) > 1:
                     assert parts[1] in allowed, f"{path.relative_to(ROOT)} imports {name}"
+
+
+SAE_MODULES = ("sae", "card", "kernels", "architectures", "sae_folder")
+"""What train/ held of the SAE artifact before it moved to saes/."""
+
+
+def test_nothing_gets_an_sae_from_train():
+    for folder in [*(f for f in ALLOWED_IMPORTS if f != "train"), "vitscope", "tests", "bench"]:
+        for path in (ROOT / folder).rglob("*.py"):
+            for name in imported_modules(path):
+                parts = name.split(".")
+                assert parts[:2] != ["vitscope", "train"] or parts[2] not in SAE_MODULES, (
+                    f"{path.relative_to(ROOT)} imports {name}"
+                )
+    assert not [m for m in SAE_MODULES if list((ROOT / "train").glob(f"{m}.*"))]
 
 
 def test_the_import_check_sees_every_spelling(tmp_path: Path):

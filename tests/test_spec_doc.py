@@ -21,8 +21,9 @@ from vitscope.analysis.files import (
 from vitscope.cache_spec import CacheAttrs, ShardCommit, open_cache
 from vitscope.cache_spec.layout import ROWS_SCHEMA, STORAGES
 from vitscope.cache_spec.storage import ENCODINGS
+from vitscope.saes.architectures import ARCHITECTURES, build_sae
+from vitscope.saes.architectures.topk import TopKOptions
 from vitscope.saes.card import SAECard
-from vitscope.saes.sae import TopKSAE
 
 SPEC = Path(__file__).parents[1] / "cache_spec" / "SPEC.md"
 SAE_FORMAT = Path(__file__).parents[1] / "saes" / "SAE_FORMAT.md"
@@ -64,15 +65,23 @@ def test_record_tables_match_the_dataclasses(heading: str, record: type):
     assert documented == in_code
 
 
-def test_sae_card_table_matches_the_dataclass():
+def test_sae_card_tables_match_the_card_and_every_architecture():
     hints = get_type_hints(SAECard)
+    in_code = [(f.name, spec_type(hints[f.name])) for f in dataclasses.fields(SAECard)]
+    in_code[in_code.index(("options", "Options"))] = ("architecture", "str")  # named, then flat
     documented = [(name, kind) for name, kind, _ in spec_table("## The card", SAE_FORMAT)]
-    assert documented == [(f.name, spec_type(hints[f.name])) for f in dataclasses.fields(SAECard)]
+    assert documented == in_code
+    for name, sae_class in ARCHITECTURES.items():
+        hints = get_type_hints(sae_class.Options)
+        documented = [(f, kind) for f, kind, _ in spec_table(f"### `{name}`", SAE_FORMAT)]
+        assert documented == [
+            (f.name, spec_type(hints[f.name])) for f in dataclasses.fields(sae_class.Options)
+        ]
 
 
 def test_sae_weights_table_matches_what_training_saves():
     documented = {name: shape for name, shape, _ in spec_table("## The weights", SAE_FORMAT)}
-    tensors = TopKSAE(d_in=4, n_latents=6, k=2).state_dict()
+    tensors = build_sae(SAECard(4, 6, TopKOptions(k=2))).state_dict()
     shapes = {"[F, D]": (6, 4), "[F]": (6,), "[D]": (4,), "[]": ()}
     assert {name: shapes[shape.rsplit(" ", 1)[0]] for name, shape in documented.items()} == {
         name: tuple(t.shape) for name, t in tensors.items()

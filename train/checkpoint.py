@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from vitscope.saes.card import SAECard
 from vitscope.saes.folder import save_sae_folder
-from vitscope.saes.sae import TopKSAE
+from vitscope.saes.sae import SAE
 
 CHECKPOINTS = "checkpoints"
 
@@ -44,7 +44,7 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 def save_checkpoint(
     run_dir: Path,
-    sae: TopKSAE,
+    sae: SAE,
     optimizer: torch.optim.Optimizer,
     state: TrainState,
     card: SAECard,
@@ -69,7 +69,7 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    folder: Path, sae: TopKSAE, optimizer: torch.optim.Optimizer, device: torch.device
+    folder: Path, sae: SAE, optimizer: torch.optim.Optimizer, device: torch.device
 ) -> TrainState:
     """Restore weights and optimizer in place; return the run's state."""
     sae.load_state_dict(load_file(folder / "sae.safetensors", device=str(device)))

@@ -11,7 +11,8 @@ from typing import Annotated, Any, ClassVar, Literal, get_type_hints
 import tomllib
 import torch
 
-from vitscope.saes.card import Activation, Architecture, InputNorm
+from vitscope.saes.architectures import ARCHITECTURES, Architecture
+from vitscope.saes.card import Activation, InputNorm, Options
 from vitscope.saes.kernels import SelectionPrecision
 from vitscope.support.configs import Above, AtLeast, check_bounds, load_config, parse_field
 from vitscope.train.loader import TokenChoice
@@ -68,9 +69,10 @@ class TrainConfig:
     tokens: Annotated[int, AtLeast(1)] = 1_200_000_000
     """Training tokens in all (CLIP-Scope: 1.2 billion)."""
     architecture: Architecture = "topk"
-    """topk: each token's k largest pre-activations (Gao et al.); batchtopk: the whole batch's
-    B·k largest, at inference a threshold estimated in training; matryoshka: batchtopk whose
-    nested prefixes (matryoshka_prefixes) each reconstruct too (saes/architectures/)."""
+    """A registered architecture (saes/architectures/): topk: each token's k largest
+    pre-activations (Gao et al.); batchtopk: the whole batch's B·k largest, at inference a
+    threshold estimated in training; matryoshka: batchtopk whose nested prefixes
+    (matryoshka_prefixes) each reconstruct too."""
     matryoshka_prefixes: tuple[float, ...] = (1 / 16, 1 / 4)
     """matryoshka: the inner prefixes' sizes as fractions of n_latents, ascending (all of it is
     the outermost); their reconstruction losses are summed with the full one."""
@@ -139,13 +141,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_bounds(self)
+        options = self.sae_options()  # an unknown architecture is refused, naming the known ones
         if not 0 < self.k <= self.n_latents:
             raise ValueError(f"k must be in 1..n_latents, not {self.k}")
         if self.tokens < self.batch_size:
             raise ValueError(f"tokens ({self.tokens}) must be at least batch_size")
         if not 0 <= self.warmup_fraction + self.decay_fraction <= 1:
             raise ValueError("warmup_fraction + decay_fraction must be within 0..1")
-        if self.architecture != "topk" and self.activation != "relu":
+        if self.activation != "relu" and not hasattr(options, "activation"):
             raise ValueError(
                 f"architecture {self.architecture} keeps positive values only; pass "
                 "--activation relu (the clip-scope preset sets none)"
@@ -156,6 +159,13 @@ class TrainConfig:
                 f"matryoshka_prefixes must ascend within 0..1 and give distinct prefixes of the "
                 f"{self.n_latents} latents, not {list(self.matryoshka_prefixes)}"
             )
+
+    def sae_options(self) -> Options:
+        """The architecture's options (its card fields) from the settings of the same names; one
+        without a setting here (batchtopk's threshold_rate) keeps its default."""
+        options = ARCHITECTURES.get_or_raise(self.architecture).Options
+        names = [f.name for f in dataclasses.fields(options) if hasattr(self, f.name)]
+        return options(**{name: getattr(self, name) for name in names})
 
     @property
     def run_dir(self) -> Path:

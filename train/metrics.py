@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vitscope.saes.sae import SAEOutput, TopKSAE
+from vitscope.saes.sae import SAE, SAEOutput
 
 
 @dataclass
@@ -47,7 +47,7 @@ class WindowStats:
 
 @torch.no_grad()
 def heldout_metrics(
-    sae: TopKSAE, acts_NTD: torch.Tensor, token_slice: slice, batch_size: int
+    sae: SAE, acts_NTD: torch.Tensor, token_slice: slice, batch_size: int
 ) -> dict[str, Any]:
     """MSE, FVU, explained variance and L0 on the chosen tokens; MSE at every token position.
     The SAE is evaluated as it is used (in eval mode: a BatchTopK SAE by its threshold)."""

@@ -23,7 +23,7 @@ from vitscope.cache_spec.layout import CacheAttrs
 from vitscope.saes.architectures import build_sae
 from vitscope.saes.card import SAECard
 from vitscope.saes.folder import save_sae_folder
-from vitscope.saes.sae import TopKSAE, losses
+from vitscope.saes.sae import SAE, losses
 from vitscope.support.configs import config_dict
 from vitscope.train.checkpoint import TrainState, save_checkpoint
 from vitscope.train.config import TrainConfig
@@ -38,7 +38,7 @@ class Member:
     """One SAE of a run or sweep, with its optimizer, its state and its run folder."""
 
     cfg: TrainConfig
-    sae: TopKSAE
+    sae: SAE
     optimizer: torch.optim.Optimizer
     state: TrainState
     stats: WindowStats = field(default_factory=WindowStats)
@@ -78,27 +78,10 @@ def new_member(
 ) -> Member:
     """A fresh SAE initialised on a sample of the training data (input scale, b_pre); `cache`
     names the model and weights the SAE's card records."""
-    sae = build_sae(
-        cfg.architecture,
-        d_in,
-        cfg.n_latents,
-        cfg.k,
-        cfg.k_aux,
-        cfg.matryoshka_widths,
-        seed=cfg.seed,
-        activation=cfg.activation,
-        selection=cfg.selection_on(device),
-    )
-    sae.set_input_norm(cfg.input_norm)
-    sae.initialise_from(sample_ND)
-    sae.to(device)
-    sae.card = SAECard(
+    card = SAECard(
         d_in=d_in,
         n_latents=cfg.n_latents,
-        k=cfg.k,
-        architecture=cfg.architecture,
-        matryoshka_widths=cfg.matryoshka_widths,
-        activation=cfg.activation,
+        options=cfg.sae_options(),
         input_norm=cfg.input_norm,
         model=cache.model if cache else None,
         pretrained=cache.pretrained if cache else None,
@@ -107,6 +90,9 @@ def new_member(
         cache_spec_version=cache.spec_version if cache else None,
         training=config_dict(cfg),
     )
+    sae = build_sae(card, seed=cfg.seed, selection=cfg.selection_on(device))
+    sae.initialise_from(sample_ND)
+    sae.to(device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.peak_lr, eps=cfg.adam_eps)
     since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=device)
     return Member(cfg, sae, optimizer, TrainState(since_fired_F=since_fired))
@@ -118,8 +104,8 @@ def train_step(member: Member, x_BD: torch.Tensor, parallel: DataParallel | None
     cfg, sae, state = member.cfg, member.sae, member.state
     world = parallel.world if parallel else 1
     dead_F = state.since_fired_F > cfg.dead_tokens
-    out = sae.autoencode(x_BD, dead_F=dead_F if cfg.aux_coefficient else None)
-    terms = losses(out, x_BD, cfg.aux_coefficient)
+    out = sae.autoencode(x_BD, dead_F if cfg.aux_coefficient else None, cfg.k_aux)
+    terms = losses(sae, out, x_BD, cfg.aux_coefficient)
     member.optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     if parallel:

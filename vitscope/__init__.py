@@ -8,9 +8,10 @@ From Python:
     feats = vitscope.features(images, sae)            # PIL images -> features per patch
 
 `vitscope.pipeline` (stage one) writes caches, `vitscope.cache_spec` is the on-disk contract,
-`vitscope.train` (stage two) trains TopK SAEs from a cache, `vitscope.saes` loads, converts and
-publishes SAEs; `vitscope.cli` is the command line. Names below are imported on first use, so
-`import vitscope` stays light.
+`vitscope.saes` is the SAE itself (architectures, sparse kernels, card, folder format) and
+loads, converts and publishes SAEs, `vitscope.train` (stage two) trains them from a cache;
+`vitscope.cli` is the command line. Names below are imported on first use, so `import vitscope`
+stays light.
 """
 
 from __future__ import annotations
@@ -21,19 +22,29 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from vitscope.api import ImageFeatures, features
     from vitscope.pipeline.activations import ViTActivations
+    from vitscope.saes.architectures.topk import TopKSAE
     from vitscope.saes.load import load_sae
-    from vitscope.saes.sae import SparseCodes, TopKSAE
+    from vitscope.saes.sae import SAE, SparseCodes
 
 _EXPORTS = {
     "load_sae": "vitscope.saes.load",
     "ViTActivations": "vitscope.pipeline.activations",
     "features": "vitscope.api",
     "ImageFeatures": "vitscope.api",
-    "TopKSAE": "vitscope.saes.sae",
+    "SAE": "vitscope.saes.sae",
+    "TopKSAE": "vitscope.saes.architectures.topk",
     "SparseCodes": "vitscope.saes.sae",
 }
 
-__all__ = ["ImageFeatures", "SparseCodes", "TopKSAE", "ViTActivations", "features", "load_sae"]
+__all__ = [
+    "SAE",
+    "ImageFeatures",
+    "SparseCodes",
+    "TopKSAE",
+    "ViTActivations",
+    "features",
+    "load_sae",
+]
 
 
 def __getattr__(name: str) -> Any:

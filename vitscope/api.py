@@ -1,8 +1,8 @@
 """The Python API's one computation of its own: an SAE's features on images.
 
 Everything else `import vitscope` offers is re-exported from where it lives: `load_sae`
-(vitscope.saes.load), `ViTActivations` (vitscope.pipeline.activations), `TopKSAE` and
-`SparseCodes` (vitscope.saes.sae).
+(vitscope.saes.load), `ViTActivations` (vitscope.pipeline.activations), `SAE` and
+`SparseCodes` (vitscope.saes.sae), `TopKSAE` (vitscope.saes.architectures.topk).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from vitscope.pipeline.activations import ViTActivations
-from vitscope.saes.sae import SparseCodes, TopKSAE
+from vitscope.saes.sae import SAE, SparseCodes
 
 
 @dataclass
@@ -44,7 +44,7 @@ class ImageFeatures:
 
 def features(
     images: Sequence[Image.Image] | torch.Tensor,
-    sae: TopKSAE,
+    sae: SAE,
     activations: ViTActivations | None = None,
 ) -> ImageFeatures:
     """Per image and per patch, the SAE's active features and their values.
