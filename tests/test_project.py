@@ -40,6 +40,7 @@ def test_wheel_installs_everything_under_the_vitscope_namespace(wheel: Path):
         assert f"vitscope/{module}" in names
     for module in (
         "saes/load.py",
+        "saes/architectures/matryoshka.py",
         "support/configs.py",
         "saes/SAE_FORMAT.md",
         "analysis/ANALYSIS.md",
