@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vitscope.train.kernels import (
+    Rows,
     dense_preacts,
     gather_dot,
     gather_sum,
@@ -43,12 +44,14 @@ def test_topk_preacts_select_as_the_dense_product(n_latents: int):
 
 def test_sparse_primitives_equal_their_dense_formulas():
     x, w, _ = random_problem(50, 16, 40, 0)
-    idx = torch.rand(50, 40).argsort(dim=1)[:, :5].sort(dim=1).values
-    values = torch.randn(50, 5)
-    dense_selection = torch.zeros(50, 40).scatter(1, idx, values)
-    torch.testing.assert_close(gather_sum(idx, values, w), dense_selection @ w)
-    torch.testing.assert_close(scatter_outer(idx, values, x, 40), dense_selection.T @ x)
-    torch.testing.assert_close(gather_dot(idx, x, w), (x @ w.T).gather(1, idx))
+    kept = torch.rand(50, 40) < torch.rand(50, 1) * 0.3  # a varying number per token, some none
+    kept[0] = False
+    values_BF = torch.randn(50, 40) * kept
+    rows = Rows.from_flat(kept.view(-1).nonzero().squeeze(1), 50, 40)
+    values = values_BF[kept]
+    torch.testing.assert_close(gather_sum(rows, values, w), values_BF @ w)
+    torch.testing.assert_close(scatter_outer(rows, values, x, 40), values_BF.T @ x)
+    torch.testing.assert_close(gather_dot(rows, x, w), (x @ w.T)[kept])
 
 
 @pytest.mark.parametrize("n_latents", [512, 500])
@@ -69,7 +72,7 @@ def test_sparse_sae_has_the_dense_loss_and_gradients(n_latents: int):
         outputs[dense] = (out, terms)
         grads[dense] = {name: p.grad.clone() for name, p in sae.named_parameters()}
     (dense_out, dense_terms), (sparse_out, sparse_terms) = outputs[True], outputs[False]
-    assert torch.equal(dense_out.idx_BK, sparse_out.idx_BK)
+    assert torch.equal(dense_out.rows.idx, sparse_out.rows.idx)
     torch.testing.assert_close(sparse_out.recon_BD, dense_out.recon_BD, rtol=1e-5, atol=1e-5)
     for name in ("mse", "aux", "loss"):
         torch.testing.assert_close(sparse_terms[name], dense_terms[name], rtol=1e-5, atol=1e-6)

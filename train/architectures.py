@@ -14,10 +14,11 @@ first batch sets θ (SAELens starts from 0, which weighs 0.99^steps of the estim
 Matryoshka (Bussmann et al., "Learning Multi-Level Features with Matryoshka SAEs", 2025; as
 SAELens' matryoshka_batchtopk): BatchTopK codes whose nested prefixes [0, m) of the dictionary
 must each reconstruct too; the loss sums ‖x − (W_dec[:m]ᵀ z[:m] + b_pre)‖² over the inner
-widths m on top of the full reconstruction's. With the codes' indices ascending, a prefix is a
-mask on the values, so every reconstruction reuses SparseDecode.
+widths m on top of the full reconstruction's. With the codes' indices ascending, a band of
+latents [m_i-1, m_i) is a slice of each token's entries: each band is decoded once by
+SparseDecode and the prefixes are their running sums.
 
-Both keep a varying number of latents per token, in the padded layout of kernels.kept_preacts;
+Both keep a varying number of latents per token, flat (kernels.Rows: B·k entries per batch);
 `sae.train()` applies the batch rule (and updates θ), `sae.eval()` and `encode` the threshold,
 as BatchNorm uses batch statistics in training and running ones at inference.
 """
@@ -33,19 +34,18 @@ from torch import Tensor
 from vitscope.train.card import Architecture
 from vitscope.train.kernels import (
     KeepRule,
+    Rows,
     SparseDecode,
     SparseEncode,
     batch_topk_rule,
     kept_preacts,
+    padded,
     threshold_rule,
 )
-from vitscope.train.sae import SAEOutput, TopKSAE
+from vitscope.train.sae import TopKSAE, dense_codes
 
 THRESHOLD_RATE = 0.01
 """Weight of each training batch in θ's running mean (SAELens' topk_threshold_lr)."""
-
-CANDIDATES_PER_K = 4
-"""Candidates each token offers the batch rule, times k (doubled when a token keeps them all)."""
 
 
 class BatchTopKSAE(TopKSAE):
@@ -59,36 +59,41 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold", torch.full((), float("nan")))
         """θ, in the scaled units of the pre-activations; NaN (keeps nothing) until trained."""
 
+    @torch.no_grad()
     def _encode_rows(self, x_centered: Tensor) -> tuple[Tensor, Tensor]:
-        return self._kept(x_centered, threshold_rule(self.threshold), dense=False)
+        """Inference's codes, padded to the most any vector keeps (θ > 0, so all positive)."""
+        preacts_N, rows = kept_preacts(
+            x_centered, self.w_enc, self.b_enc, self._rule(), self.selection
+        )
+        return padded(preacts_N, rows)
 
-    def _select(self, x_centered: Tensor, dense: bool) -> tuple[Tensor, Tensor]:
-        if not self.training:
-            return self._kept(x_centered, threshold_rule(self.threshold), dense)
-        z_BK, idx_BK = self._kept(x_centered, batch_topk_rule(self.k), dense)
-        self._update_threshold(z_BK)
-        return z_BK, idx_BK
+    def _select(self, x_centered: Tensor, dense: bool) -> tuple[Tensor, Rows]:
+        z_N, rows = self._kept(x_centered, self._rule(), dense)
+        if self.training:
+            self._update_threshold(z_N)
+        return z_N, rows
 
-    def _kept(self, x_centered: Tensor, keep: KeepRule, dense: bool) -> tuple[Tensor, Tensor]:
-        """relu of the kept pre-activations in the padded (B, K') layout, indices ascending."""
+    def _rule(self) -> KeepRule:
+        """The batch's top B·k in training, θ at inference (as BatchNorm's two modes)."""
+        return batch_topk_rule(self.k) if self.training else threshold_rule(self.threshold)
+
+    def _kept(self, x_centered: Tensor, keep: KeepRule, dense: bool) -> tuple[Tensor, Rows]:
+        """relu of the kept pre-activations, flat (B·k entries in all for the batch rule)."""
         if dense:
             preacts_BF = x_centered @ self.w_enc.T + self.b_enc
-            kept_BF = keep(preacts_BF.detach())
-            z_BF = preacts_BF.relu() * kept_BF
-            most = max(int(kept_BF.sum(dim=1).max()), 1)
-            idx = kept_BF.float().topk(most, dim=1).indices.sort(dim=1).values
-            return z_BF.gather(1, idx), idx
-        candidates = CANDIDATES_PER_K * self.k
-        preacts_BK, idx_BK = kept_preacts(
-            x_centered.detach(), self.w_enc, self.b_enc, keep, self.selection, candidates
+            kept_N = keep(preacts_BF.detach())
+            rows = Rows.from_flat(kept_N, *preacts_BF.shape)
+            return preacts_BF.relu().view(-1)[kept_N], rows
+        preacts_N, rows = kept_preacts(
+            x_centered.detach(), self.w_enc, self.b_enc, keep, self.selection
         )
-        z_BK = SparseEncode.apply(x_centered, self.w_enc, self.b_enc, preacts_BK, idx_BK, True)
-        return z_BK, idx_BK
+        z_N = SparseEncode.apply(x_centered, self.w_enc, self.b_enc, preacts_N, rows, True)
+        return z_N, rows
 
     @torch.no_grad()
-    def _update_threshold(self, z_BK: Tensor) -> None:
+    def _update_threshold(self, z_N: Tensor) -> None:
         """θ's running mean of the smallest kept activation (no host sync: GPU steps stay async)."""
-        smallest = torch.where(z_BK > 0, z_BK, float("inf")).min().to(self.threshold.dtype)
+        smallest = torch.where(z_N > 0, z_N, float("inf")).min().to(self.threshold.dtype)
         moved = torch.where(
             self.threshold.isnan(), smallest, self.threshold.lerp(smallest, THRESHOLD_RATE)
         )
@@ -105,20 +110,19 @@ class MatryoshkaSAE(BatchTopKSAE):
         )
         self.widths = self.card.matryoshka_widths
 
-    def autoencode(
-        self, x_BD: Tensor, dead_F: Tensor | None = None, dense: bool = False
-    ) -> SAEOutput:
-        out = super().autoencode(x_BD, dead_F, dense)
-        inner = self.widths[:-1]
+    def _reconstructions(self, z_N: Tensor, rows: Rows, dense: bool) -> list[Tensor]:
+        """Each prefix's reconstruction, the full one last: the sum of the bands [m_i-1, m_i)
+        up to it, each entry decoded once (its latents are ascending, so a band is a slice of
+        every token's entries)."""
         if dense:
-            z_BF = x_BD.new_zeros(len(x_BD), self.n_latents).scatter(1, out.idx_BK, out.z_BK)
-            recons = [z_BF[:, :m] @ self.w_dec[:m] for m in inner]
-        else:
-            recons = [
-                SparseDecode.apply(out.z_BK * (out.idx_BK < m), out.idx_BK, self.w_dec)
-                for m in inner
-            ]
-        return dataclasses.replace(out, prefix_recons=tuple(r + self.b_pre for r in recons))
+            z_BF = dense_codes(z_N, rows, self.n_latents)
+            return [z_BF[:, :m] @ self.w_dec[:m] for m in self.widths]
+        recons: list[Tensor] = []
+        for low, high in zip((0, *self.widths[:-1]), self.widths, strict=True):
+            band_N = (rows.idx >= low) & (rows.idx < high)
+            part = SparseDecode.apply(z_N[band_N], rows.subset(band_N), self.w_dec)
+            recons.append(recons[-1] + part if recons else part)
+        return recons
 
 
 def build_sae(

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from vitscope.train.card import Activation, InputNorm, SAECard
 from vitscope.train.kernels import (
+    Rows,
     SelectionPrecision,
     SparseDecode,
     SparseEncode,
@@ -66,19 +67,30 @@ class SparseCodes:
 @dataclass
 class SAEOutput:
     recon_BD: Tensor
-    z_BK: Tensor
-    """Activations of the K selected latents (after ReLU), one row per token."""
-    idx_BK: Tensor
-    """Their latent indices, ascending per token."""
+    z_N: Tensor
+    """Activations of the kept entries (after ReLU), flat in `rows`' order."""
+    rows: Rows
+    """Which latents each token kept (CSR: k per token for TopK, varying for the batch rules)."""
     aux_recon_BD: Tensor | None
     """AuxK's reconstruction of the residual from dead latents (None when none are dead)."""
     prefix_recons: tuple[Tensor, ...] = ()
     """Matryoshka SAEs: the reconstruction from each inner prefix of the dictionary."""
 
-    @property
-    def active_BK(self) -> Tensor:
-        """Which kept latents are active (nonzero: after a ReLU, the positive ones)."""
-        return self.z_BK != 0
+    def l0_B(self) -> Tensor:
+        """Active (nonzero: after a ReLU, positive) latents of each token."""
+        active = (self.z_N != 0).to(torch.long)
+        counts = torch.zeros(self.rows.n_tokens, dtype=torch.long, device=active.device)
+        return counts.index_add_(0, self.rows.token_of_entry(), active)
+
+    def fired_latents(self) -> Tensor:
+        """The latents active for some token of the batch (with repeats)."""
+        return self.rows.idx[self.z_N != 0]
+
+
+def dense_codes(z_N: Tensor, rows: Rows, n_latents: int) -> Tensor:
+    """(B, F) codes from flat ones, zero where not kept; differentiable in z_N."""
+    out = z_N.new_zeros(rows.n_tokens, n_latents)
+    return out.index_put((rows.token_of_entry(), rows.idx), z_N)
 
 
 class TopKSAE(nn.Module):
@@ -138,7 +150,7 @@ class TopKSAE(nn.Module):
         lead = codes.indices.shape[:-1]
         idx_BK = codes.indices.reshape(-1, codes.indices.shape[-1])
         z_BK = codes.values.reshape(idx_BK.shape).to(self.w_dec.dtype)
-        recon = SparseDecode.apply(z_BK, idx_BK, self.w_dec) + self.b_pre
+        recon = SparseDecode.apply(z_BK.flatten(), Rows.uniform(idx_BK), self.w_dec) + self.b_pre
         if codes.standardized_by is not None:
             mean_D, std_D = codes.standardized_by
             recon = recon * (std_D + STANDARDIZE_EPS) + mean_D
@@ -183,36 +195,42 @@ class TopKSAE(nn.Module):
     ) -> SAEOutput:
         """Encode, decode, and (when latents are dead) the AuxK reconstruction of the residual."""
         x_centered = x_BD - self.b_pre
-        z_BK, idx_BK = self._select(x_centered, dense)
-        if dense:
-            z_BF = torch.zeros(len(x_BD), self.n_latents, device=x_BD.device, dtype=z_BK.dtype)
-            recon = z_BF.scatter(1, idx_BK, z_BK) @ self.w_dec
-        else:
-            recon = SparseDecode.apply(z_BK, idx_BK, self.w_dec)
-        recon = recon + self.b_pre
+        z_N, rows = self._select(x_centered, dense)
+        *inner, recon = (r + self.b_pre for r in self._reconstructions(z_N, rows, dense))
         aux = None
         if dead_F is not None and bool(dead_F.any()):
             aux = self._aux_recon(x_centered.detach(), dead_F, dense)
-        return SAEOutput(recon, z_BK, idx_BK, aux)
+        return SAEOutput(recon, z_N, rows, aux, tuple(inner))
+
+    def _reconstructions(self, z_N: Tensor, rows: Rows, dense: bool) -> list[Tensor]:
+        """What the loss compares with the input, without b_pre: the reconstruction, after any
+        inner ones an architecture adds (Matryoshka's prefixes)."""
+        if dense:
+            return [dense_codes(z_N, rows, self.n_latents) @ self.w_dec]
+        return [SparseDecode.apply(z_N, rows, self.w_dec)]
 
     def _encode_rows(self, x_centered: Tensor) -> tuple[Tensor, Tensor]:
-        """Inference's codes of (B, D) centred inputs: for TopK, training's selection."""
-        return self._select(x_centered, dense=False)
+        """Inference's (B, K) codes of (B, D) centred inputs: for TopK, training's selection."""
+        z_N, rows = self._select(x_centered, dense=False)
+        return z_N.view(-1, self.k), rows.idx.view(-1, self.k)
 
-    def _select(self, x_centered: Tensor, dense: bool) -> tuple[Tensor, Tensor]:
+    def _select(self, x_centered: Tensor, dense: bool) -> tuple[Tensor, Rows]:
         """The K kept latents of each token after the activation, indices ascending."""
         relu = self.activation == "relu"
         if dense:
             preacts_BF = x_centered @ self.w_enc.T + self.b_enc
             values, idx = preacts_BF.topk(self.k, dim=1)
             idx, order = idx.sort(dim=1)
-            values = values.gather(1, order)
-            return (values.relu() if relu else values), idx
+            values = values.gather(1, order).flatten()
+            return (values.relu() if relu else values), Rows.uniform(idx)
         preacts_BK, idx_BK = topk_preacts(
             x_centered.detach(), self.w_enc, self.b_enc, self.k, self.selection
         )
-        z_BK = SparseEncode.apply(x_centered, self.w_enc, self.b_enc, preacts_BK, idx_BK, relu)
-        return z_BK, idx_BK
+        rows = Rows.uniform(idx_BK)
+        z_N = SparseEncode.apply(
+            x_centered, self.w_enc, self.b_enc, preacts_BK.flatten(), rows, relu
+        )
+        return z_N, rows
 
     def _aux_recon(self, x_centered: Tensor, dead_F: Tensor, dense: bool) -> Tensor:
         """Reconstruct with the top k_aux dead latents only (their pre-activations are exact)."""
@@ -228,9 +246,10 @@ class TopKSAE(nn.Module):
             dead_preacts = torch.addmm(self.b_enc[dead_idx], x_centered, self.w_enc[dead_idx].T)
             values, position = dead_preacts.topk(k_aux, dim=1)
             idx, order = dead_idx[position].sort(dim=1)
-            values = values.gather(1, order)
-        z_BK = SparseEncode.apply(x_centered, self.w_enc, self.b_enc, values, idx, True)
-        return SparseDecode.apply(z_BK, idx, self.w_dec)
+            values = values.gather(1, order).flatten()
+        rows = Rows.uniform(idx)
+        z_N = SparseEncode.apply(x_centered, self.w_enc, self.b_enc, values, rows, True)
+        return SparseDecode.apply(z_N, rows, self.w_dec)
 
     # ------------------------------------------------------------ the recipe's rules
     @torch.no_grad()
