@@ -1,18 +1,19 @@
 """Planted features: how many known directions vitscope and SAELens recover from the same
 synthetic tokens (train/synthetic.py), in the same batches and order, in one run.
 
-SAELens' TopK SAE is trained by its own SAETrainer, with its defaults and with its decoder bias
-at the data mean, and so are its BatchTopK and Matryoshka-BatchTopK SAEs (decoder bias at the
-mean, evaluated as the JumpReLU SAEs it saves for them); vitscope's trainer (`fit`) gets the very
-same tensor batches, with its defaults, with CLIP-Scope's preset, with each architecture and
-with any `--variant` of settings; vitscope is also trained through its real path (the tokens
-written as a cache on disk, read by its shuffling loader, `train([TrainConfig])`), which sees the
-same tokens in its own order.
+SAELens' TopK SAE is trained by its own SAETrainer, with its decoder bias at the data mean (and
+at its defaults), and so are its BatchTopK and Matryoshka-BatchTopK SAEs (evaluated as the
+JumpReLU SAEs it saves for them), each at the best learning rate of a grid (`--lrs`); vitscope's
+trainer (`fit`) gets the very same tensor batches, with its documented defaults, with CLIP-Scope's
+preset, with each architecture and with any `--variant` of settings; vitscope is also trained
+through its real path (the tokens written as a cache on disk, read by its shuffling loader,
+`train([TrainConfig])`), which sees the same tokens in its own order. Several worlds
+(`--worlds`, WORLDS) move one knob each of the synthetic data, so a recipe tuned to one fails.
 
-    .venv/bin/python bench/planted.py
+    .venv/bin/python bench/planted.py --worlds base,offset,noisy,crowded,steep
     .venv/bin/python bench/planted.py --runs fit --variant lr=1e-3 --variant k_aux=128
-    .venv/bin/python bench/planted.py --runs saelens-mean,saelens-batchtopk,saelens-matryoshka,\
-fit,batchtopk,matryoshka
+    .venv/bin/python bench/planted.py --runs saelens-batchtopk,saelens-matryoshka,batchtopk,\
+matryoshka
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import command_line, publish, timed, write_single_shard_cache
+from common import command_line, md_table, publish, timed, write_single_shard_cache
 
 from vitscope.pipeline.model import import_open_clip
 from vitscope.saes.folder import load_sae_folder
@@ -52,12 +55,21 @@ from sae_lens import (  # noqa: E402
 )
 from sae_lens.config import SAETrainerConfig  # noqa: E402
 
-D = 256
 TOKENS_PER_IMAGE = 256
 """How the training tokens are laid out as "images" in the on-disk cache (16 per chunk)."""
-RUNS = ("saelens", "saelens-mean", "fit", "clip-scope", "cache")
-ARCHITECTURE_RUNS = ("saelens-batchtopk", "saelens-matryoshka", "batchtopk", "matryoshka")
-"""Issue 14's rows: `--runs` names them (the default is the rows above)."""
+RUNS = (
+    "saelens",
+    "saelens-mean",
+    "fit",
+    "fit-tuned",
+    "clip-scope",
+    "cache",
+    "saelens-batchtopk",
+    "saelens-matryoshka",
+    "batchtopk",
+    "matryoshka",
+)
+"""Rows `--runs` may name; SAELens' and the fit-tuned rows are tuned over `--lrs`."""
 MATRYOSHKA_PREFIXES = (1 / 16, 1 / 4)
 """vitscope's default prefixes, given to SAELens' Matryoshka SAE as widths too."""
 
@@ -89,7 +101,7 @@ def scores(decoder_FD, autoencode, world, heldout_ND, timing, tokens) -> list[st
 
 def saelens_sae(args, architecture: str):
     """SAELens' training SAE of `architecture` with its defaults (k and width set)."""
-    sizes = dict(d_in=D, d_sae=args.latents, k=args.k)
+    sizes = dict(d_in=args.d_in, d_sae=args.latents, k=args.k)
     if architecture == "matryoshka":
         widths = [round(f * args.latents) for f in MATRYOSHKA_PREFIXES] + [args.latents]
         cfg = MatryoshkaBatchTopKTrainingSAEConfig(**sizes, matryoshka_widths=widths)
@@ -100,7 +112,14 @@ def saelens_sae(args, architecture: str):
 
 
 def saelens_run(
-    args, world, train_ND, heldout_ND, work: Path, b_dec_at_mean: bool, architecture: str = "topk"
+    args,
+    world,
+    train_ND,
+    heldout_ND,
+    work: Path,
+    b_dec_at_mean: bool,
+    architecture: str = "topk",
+    lr: float = SAETrainerConfig.lr,
 ) -> list[str]:
     """SAELens' SAE and SAETrainer with their defaults, lr_end = lr; evaluated as the inference
     SAE it saves (TopK, or JumpReLU with the estimated threshold for the batch rules)."""
@@ -111,7 +130,8 @@ def saelens_run(
     cfg = SAETrainerConfig(
         total_training_samples=args.tokens,
         train_batch_size_samples=args.batch,
-        lr_end=SAETrainerConfig.lr,  # required; the default schedule is constant
+        lr=float(lr),
+        lr_end=float(lr),  # required; the default schedule is constant
     )
     provider = (b.acts_BD for b in tensor_batches(train_ND, args.batch, seed=args.seed))
     timing = timed(SAETrainer(cfg, sae, provider).fit)
@@ -136,21 +156,23 @@ def vitscope_fit_run(args, world, train_ND, heldout_ND, work: Path, **settings) 
     (on the first INIT_SAMPLE_TOKENS tokens of the stream)."""
     cfg = vitscope_cfg(args, cache="(tensors)", out=str(work / "fit"), **settings)
     sample = torch.cat([b.acts_BD for b in first_batches(train_ND, args)])
-    member = new_member(cfg, D, sample, torch.device("cpu"))
+    member = new_member(cfg, args.d_in, sample, torch.device("cpu"))
     batches = tensor_batches(train_ND, args.batch, seed=args.seed)
-    heldout_NTD = heldout_ND[:4096].view(16, TOKENS_PER_IMAGE, D)
+    heldout_NTD = heldout_ND[:4096].view(16, TOKENS_PER_IMAGE, args.d_in)
     timing = timed(lambda: fit([member], batches, heldout_NTD, slice(None)))
     shutil.rmtree(cfg.run_dir)
     return vitscope_scores(member.sae.eval(), world, heldout_ND, timing, args.tokens)
 
 
-def vitscope_cache_run(args, world, train_ND, heldout_ND, work: Path) -> list[str]:
+def vitscope_cache_run(args, world, train_ND, heldout_ND, work: Path, **settings) -> list[str]:
     """The real path: cache on disk, loader, `train([TrainConfig])`; one chunk (16 images) held
     out by the loader, so its epoch is 4,096 tokens short and the run wraps into epoch two."""
     n_images = len(train_ND) // TOKENS_PER_IMAGE
-    chunks = train_ND.view(n_images, TOKENS_PER_IMAGE, D).split(16)
+    chunks = train_ND.view(n_images, TOKENS_PER_IMAGE, args.d_in).split(16)
     cache = write_single_shard_cache(work / "cache", chunks, n_images, 16, 0, "float32")
-    cfg = vitscope_cfg(args, cache=str(cache), out=str(work / "train"), heldout_fraction=1e-9)
+    cfg = vitscope_cfg(
+        args, cache=str(cache), out=str(work / "train"), heldout_fraction=1e-9, **settings
+    )
     timing = timed(lambda: train([cfg]))
     (run_dir,) = timing.result
     sae = load_sae_folder(run_dir).eval()
@@ -176,17 +198,142 @@ def variant(text: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in text.split(","))
 
 
+@dataclass(frozen=True)
+class World:
+    """One planted world: train/synthetic.py's knobs, and planted directions per latent."""
+
+    offset: float = 2.0
+    noise: float = 0.1
+    zipf: float = 1.0
+    features_per_latent: float = 0.5
+
+
+WORLDS = {
+    "base": World(),
+    "offset": World(offset=8.0),
+    "noisy": World(noise=0.3),
+    "crowded": World(features_per_latent=1.0),
+    "steep": World(zipf=1.3),
+}
+"""The worlds a recipe must win in: issue 11's, then one knob moved each (a mean offset 4x as
+large, 3x the noise, as many planted directions as latents, a steeper Zipf law)."""
+
+TUNED = ("saelens", "saelens-mean", "saelens-batchtopk", "saelens-matryoshka", "fit-tuned")
+"""Rows trained once per learning rate of `--lrs`; the table shows the best (most directions
+matched, then the lowest held-out FVU) and names its rate."""
+
+
+def trainers(data, work: Path) -> dict[str, tuple[str, Callable[..., list[str]]]]:
+    """Every row this benchmark can train: name -> (label, run(**settings) -> numbers)."""
+    peer = f"SAELens {sae_lens.__version__}"
+    return {
+        "saelens": (f"{peer} TopK, defaults", lambda **s: saelens_run(*data, work, False, **s)),
+        "saelens-mean": (
+            f"{peer} TopK, b_dec at data mean",
+            lambda **s: saelens_run(*data, work, True, **s),
+        ),
+        "saelens-batchtopk": (
+            f"{peer} BatchTopK, b_dec at data mean",
+            lambda **s: saelens_run(*data, work, True, "batchtopk", **s),
+        ),
+        "saelens-matryoshka": (
+            f"{peer} Matryoshka-BatchTopK, b_dec at data mean",
+            lambda **s: saelens_run(*data, work, True, "matryoshka", **s),
+        ),
+        "fit": ("vitscope fit, defaults", lambda **s: vitscope_fit_run(*data, work, **s)),
+        "fit-tuned": (
+            "vitscope fit, defaults but lr",
+            lambda **s: vitscope_fit_run(*data, work, **s),
+        ),
+        "clip-scope": (
+            "vitscope fit, --preset clip-scope",
+            lambda **s: vitscope_fit_run(*data, work, preset="clip-scope", **s),
+        ),
+        "cache": (
+            "vitscope train, defaults, real cache + loader",
+            lambda **s: vitscope_cache_run(*data, work, **s),
+        ),
+        **{
+            name: (
+                f"vitscope fit, --architecture {name}",
+                lambda name=name, **s: vitscope_fit_run(*data, work, architecture=name, **s),
+            )
+            for name in ("batchtopk", "matryoshka")
+        },
+    }
+
+
+def best(rows: list[tuple[str, list[str]]]) -> tuple[str, list[str]]:
+    """The learning rate whose row matched most planted directions (then lowest FVU)."""
+    return max(rows, key=lambda row: (float(row[1][2].rstrip("%")), -float(row[1][4])))
+
+
+def world_section(args, name: str, world_knobs: World, started: float) -> list[str]:
+    """Train every chosen row on one world; its description, table and every tuning row."""
+    features = round(args.latents * world_knobs.features_per_latent)
+    world = planted_world(
+        features,
+        args.d_in,
+        args.seed,
+        offset_ratio=world_knobs.offset,
+        noise_ratio=world_knobs.noise,
+        zipf_exponent=world_knobs.zipf,
+    )
+    train_ND, _ = planted_tokens(world, args.tokens, 1_000_003 * (args.seed + 1) + 1)
+    heldout_ND, noise_ND = planted_tokens(world, args.heldout, 1_000_003 * (args.seed + 1) + 2)
+    variance = (heldout_ND - heldout_ND.mean(dim=0)).double().pow(2).sum()
+    floor = float(noise_ND.double().pow(2).sum() / variance)
+    work = Path(tempfile.mkdtemp(prefix="planted-bench-"))
+    rows, tuning = [], []
+    try:
+        table = trainers((args, world, train_ND, heldout_ND), work)
+        for run in args.runs.split(","):
+            label, train_row = table[run]
+            if run in TUNED:
+                tried = [(lr, train_row(lr=lr)) for lr in args.lrs.split(",")]
+                tuning += [f"{label}, lr {lr} | " + " | ".join(row) for lr, row in tried]
+                lr, numbers = best(tried)
+                rows.append(f"{label}, best lr {lr} | " + " | ".join(numbers))
+            else:
+                rows.append(f"{label} | " + " | ".join(train_row()))
+            print(rows[-1], file=sys.stderr)
+        for settings in args.variant:
+            text = ", ".join(f"{k} {v}" for k, v in settings.items())
+            numbers = vitscope_fit_run(args, world, train_ND, heldout_ND, work, **settings)
+            rows.append(f"vitscope fit, {text} | " + " | ".join(numbers))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    p = world.p_F
+    header = (
+        "trainer | tokens/s | mean max cos | matched > 0.9 | rarest quarter > 0.9 | held-out FVU"
+        " | latents unused | L0 | others' cores"
+    )
+    return [
+        f"#### World `{name}`: {features:,} planted directions in d_in = {args.d_in}, firing p = "
+        f"{p[0]:.3g} .. {p[-1]:.2g} (Zipf exponent {world_knobs.zipf}, {p.sum():.0f} active per "
+        f"token on average), lognormal magnitudes, mean offset {world_knobs.offset}x and noise "
+        f"{world_knobs.noise}x the signal's RMS norm. Noise floor (held-out FVU of the true "
+        f"codes): {floor:.4f}. {time.perf_counter() - started:,.0f} s into the run.",
+        "",
+        *md_table(header, rows),
+        "",
+        *(tuning and ["Every learning rate tried (the best of each is above):", ""]),
+        *(tuning and [*md_table(header, tuning), ""]),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--features", type=int, default=2048, help="planted directions")
+    parser.add_argument("--d-in", type=int, default=256)
     parser.add_argument("--latents", type=int, default=4096)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=3_014_656, help="training tokens")
     parser.add_argument("--heldout", type=int, default=65_536, help="held-out tokens")
     parser.add_argument("--seed", type=int, default=0)
-    every = ",".join(RUNS + ARCHITECTURE_RUNS)
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"any of {every}")
+    parser.add_argument("--worlds", default="base", help=f"any of {','.join(WORLDS)}")
+    parser.add_argument("--lrs", default="1e-3,2e-3,4e-3", help="the grid of the tuned rows")
+    parser.add_argument("--runs", default="saelens-mean,fit", help=f"any of {','.join(RUNS)}")
     parser.add_argument(
         "--variant", type=variant, action="append", default=[], help="a fit row: KEY=VALUE,..."
     )
@@ -194,70 +341,15 @@ def main() -> None:
     args = parser.parse_args()
     args.tokens -= args.tokens % (16 * TOKENS_PER_IMAGE)  # whole cache chunks
     started = time.perf_counter()
-    world = planted_world(args.features, D, args.seed)
-    train_ND, _ = planted_tokens(world, args.tokens, 1_000_003 * (args.seed + 1) + 1)
-    heldout_ND, noise_ND = planted_tokens(world, args.heldout, 1_000_003 * (args.seed + 1) + 2)
-    variance = (heldout_ND - heldout_ND.mean(dim=0)).double().pow(2).sum()
-    floor = float(noise_ND.double().pow(2).sum() / variance)
-    data = (args, world, train_ND, heldout_ND)
-    work = Path(tempfile.mkdtemp(prefix="planted-bench-"))
-    peer = f"SAELens {sae_lens.__version__} TopK"
-    runs = {
-        "saelens": (f"{peer}, defaults", lambda: saelens_run(*data, work, False)),
-        "saelens-mean": (f"{peer}, b_dec at data mean", lambda: saelens_run(*data, work, True)),
-        "saelens-batchtopk": (
-            f"SAELens {sae_lens.__version__} BatchTopK, b_dec at data mean",
-            lambda: saelens_run(*data, work, True, "batchtopk"),
-        ),
-        "saelens-matryoshka": (
-            f"SAELens {sae_lens.__version__} Matryoshka-BatchTopK, b_dec at data mean",
-            lambda: saelens_run(*data, work, True, "matryoshka"),
-        ),
-        "fit": ("vitscope fit, defaults", lambda: vitscope_fit_run(*data, work)),
-        "clip-scope": (
-            "vitscope fit, --preset clip-scope",
-            lambda: vitscope_fit_run(*data, work, preset="clip-scope"),
-        ),
-        "cache": (
-            "vitscope train, defaults, real cache + loader",
-            lambda: vitscope_cache_run(*data, work),
-        ),
-        **{
-            name: (
-                f"vitscope fit, --architecture {name}",
-                lambda name=name: vitscope_fit_run(*data, work, architecture=name),
-            )
-            for name in ("batchtopk", "matryoshka")
-        },
-    }
-    chosen = [runs[name] for name in args.runs.split(",") if name]
-    for settings in args.variant:
-        text = ", ".join(f"{k} {v}" for k, v in settings.items())
-        chosen.append(
-            (f"vitscope fit, {text}", lambda s=settings: vitscope_fit_run(*data, work, **s))
-        )
-    rows = [
-        "| trainer | tokens/s | mean max cos | matched > 0.9 | rarest quarter > 0.9 | "
-        "held-out FVU | never fire | L0 | others' cores |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    try:
-        for name, run in chosen:
-            rows.append(f"| {name} | " + " | ".join(run()) + " |")
-            print(rows[-1], file=sys.stderr)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    p = world.p_F
     body = [
-        f"{args.features:,} planted directions in d_in = {D}, firing p = {p[0]:.3g} .. {p[-1]:.2g}"
-        f" (Zipf, {p.sum():.0f} active per token on average), lognormal magnitudes, mean offset "
-        f"2x the signal's RMS norm; {args.tokens:,} training tokens, {args.heldout:,} held out. "
-        f"SAEs: {args.latents:,} latents, k = {args.k}, batch {args.batch}, torch threads "
-        f"{torch.get_num_threads()}. Noise floor (held-out FVU of the true codes): {floor:.4f}. "
-        f"Whole run {time.perf_counter() - started:,.0f} s.",
+        f"SAEs: {args.latents:,} latents, k = {args.k}, batch {args.batch}, {args.tokens:,} "
+        f"training tokens, {args.heldout:,} held out, torch threads {torch.get_num_threads()}; "
+        f"tuned rows: the best of lr {args.lrs}.",
         "",
-        *rows,
     ]
+    for name in args.worlds.split(","):
+        body += world_section(args, name, WORLDS[name], started)
+    body.append(f"Whole run {time.perf_counter() - started:,.0f} s.")
     publish(args.out, torch.device("cpu"), command_line(), body)
 
 

@@ -1,10 +1,13 @@
 """The TopK SAE's sparse paths; each equals a dense computation (tests/test_kernels.py checks it).
 
-Shapes: B tokens, D width, F latents, K active latents per token, K' candidates per token.
+Shapes: B tokens, D width, F latents, K active latents per token, C candidates per token, N
+kept entries of a batch in all (B·K for TopK and for BatchTopK's batch rule).
 
 A TopK SAE touches K of F latents per token, yet a dense implementation pays for all F three more
 times after the encoder: the decoder product, and the two gradient products behind it. Here only
-the encoder's selection is dense; everything else works on the (B, K) active entries:
+the encoder's selection is dense; everything else works on the N kept entries, flat in CSR order
+(`Rows`: row pointers and latent indices), so a rule that keeps a varying number per token costs
+what TopK's k per token does:
 
 - `topk_preacts`: top-K of x·W_encᵀ + b_enc, selected by a float32 product, or by a bfloat16
   one (a GPU's fast path) whose K winners are then re-scored exactly in float32 by a sampled
@@ -13,15 +16,15 @@ the encoder's selection is dense; everything else works on the (B, K) active ent
   the K-th and 2K-th pre-activations of nearly every token lie within bfloat16's error bound, so
   ~all tokens fell back to the dense product and steps slowed 2x: BENCHMARKS.md.)
 - `kept_preacts`: for rules that keep a varying number of latents per token (BatchTopK and
-  Matryoshka SAEs, whose rules live in saes/architectures/), the kept pre-activations padded
-  to one width K', so the two functions below serve all three architectures unchanged.
+  Matryoshka SAEs, whose rules live in saes/architectures/), the N kept entries, flat; `padded`
+  turns them into the (B, K') codes users get.
 - `SparseEncode`: z = relu(pre-activations at the selected entries); the weight gradient is
-  scattered to the K active rows per token, never formed as a dense (B, F) product.
-- `SparseDecode`: x̂ = Σ_k z_bk W_dec[idx_bk] (embedding_bag); its weight gradient is scattered the
-  same way and its gradient w.r.t. z is a sampled product.
+  scattered to the N entries' rows, never formed as a dense (B, F) product.
+- `SparseDecode`: x̂_b = Σ z_n W_dec[idx_n] over token b's entries (embedding_bag); its weight
+  gradient is scattered the same way and its gradient w.r.t. z is a sampled product.
 
 The two products behind the gradients have one named implementation per device family:
-`gather_dot_sddmm` and `scatter_outer_csr` (the CPU's sparse products), `gather_dot_bmm` and
+`gather_dot_sddmm` and `scatter_outer_csr` (the CPU's sparse products), `gather_dot_rows` and
 `scatter_outer_index_add` (what CUDA runs). `Kernels` chooses them, by default by device; tests
 run every one on the CPU, so CI checks the code a GPU runs.
 """
@@ -38,64 +41,101 @@ from torch import Tensor
 from torch.nn import functional
 
 SelectionPrecision = Literal["float32", "bfloat16"]
-GatherDotImpl = Literal["sddmm", "bmm"]
+GatherDotImpl = Literal["sddmm", "rows"]
 ScatterOuterImpl = Literal["csr", "index_add"]
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
-def selection_matrix(idx_BK: Tensor, values_BK: Tensor, n_latents: int) -> Tensor:
-    """The (B, F) sparse matrix with values_BK at columns idx_BK (sorted per row), as CSR."""
-    n_tokens, k = idx_BK.shape
-    crow = torch.arange(0, n_tokens * k + 1, k, device=idx_BK.device)
+@dataclass(frozen=True)
+class Rows:
+    """Which latents each of B tokens keeps, flat in CSR order: token b keeps
+    idx_N[crow_B1[b] : crow_B1[b + 1]], ascending. N = B·k with crow = 0, k, 2k, ... for TopK;
+    BatchTopK and Matryoshka keep B·k in all, a varying number per token, at the same cost."""
+
+    crow: Tensor
+    idx: Tensor
+
+    @classmethod
+    def uniform(cls, idx_BK: Tensor) -> Rows:
+        """K latents per token, (B, K) with each row ascending."""
+        n_tokens, k = idx_BK.shape
+        crow = torch.arange(0, n_tokens * k + 1, k, device=idx_BK.device)
+        return cls(crow, idx_BK.flatten())
+
+    @classmethod
+    def from_flat(cls, flat_N: Tensor, n_tokens: int, n_latents: int) -> Rows:
+        """Entries given by ascending positions in a row-major (B, F) matrix (CSR's order)."""
+        tokens = flat_N // n_latents
+        crow = torch.zeros(n_tokens + 1, dtype=torch.long, device=flat_N.device)
+        torch.cumsum(torch.bincount(tokens, minlength=n_tokens), dim=0, out=crow[1:])
+        return cls(crow, flat_N - tokens * n_latents)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.crow) - 1
+
+    def subset(self, chosen_N: Tensor) -> Rows:
+        """The chosen entries (a boolean mask over N), still in CSR order."""
+        tokens = self.token_of_entry()[chosen_N]
+        crow = torch.zeros_like(self.crow)
+        torch.cumsum(torch.bincount(tokens, minlength=self.n_tokens), dim=0, out=crow[1:])
+        return Rows(crow, self.idx[chosen_N])
+
+    def token_of_entry(self) -> Tensor:
+        """(N,) the token each entry belongs to."""
+        tokens = torch.arange(self.n_tokens, device=self.crow.device)
+        return tokens.repeat_interleave(self.crow.diff(), output_size=len(self.idx))
+
+
+def selection_matrix(rows: Rows, values_N: Tensor, n_latents: int) -> Tensor:
+    """The (B, F) sparse matrix with values_N at the rows' entries, as CSR."""
     return torch.sparse_csr_tensor(
-        crow,
-        idx_BK.flatten(),
-        values_BK.flatten(),
-        size=(n_tokens, n_latents),
+        rows.crow,
+        rows.idx,
+        values_N,
+        size=(rows.n_tokens, n_latents),
         check_invariants=False,
     )
 
 
-def gather_dot_sddmm(idx_BK: Tensor, a_BD: Tensor, m_FD: Tensor) -> Tensor:
+def gather_dot_sddmm(rows: Rows, a_BD: Tensor, m_FD: Tensor) -> Tensor:
     """`gather_dot` as the CPU's fast float32 sampled product (SDDMM), checked against the dense
     product by tests."""
-    zeros = torch.zeros_like(idx_BK, dtype=a_BD.dtype)
-    pattern = selection_matrix(idx_BK, zeros, m_FD.shape[0])
-    return torch.sparse.sampled_addmm(pattern, a_BD, m_FD.T).values().view(idx_BK.shape)
+    pattern = selection_matrix(rows, torch.zeros_like(rows.idx, dtype=a_BD.dtype), len(m_FD))
+    return torch.sparse.sampled_addmm(pattern, a_BD, m_FD.T).values()
 
 
-def gather_dot_bmm(idx_BK: Tensor, a_BD: Tensor, m_FD: Tensor) -> Tensor:
-    """`gather_dot` for CUDA: rows gathered in blocks and multiplied by a plain float32 bmm,
-    whose precision we know, rather than cuSPARSE's sampled product."""
-    out = torch.empty(idx_BK.shape, device=a_BD.device, dtype=a_BD.dtype)
-    block = max(1, 2**28 // (idx_BK.shape[1] * m_FD.shape[1]))  # ~1 GB of gathered float32 rows
-    for start in range(0, len(idx_BK), block):
-        rows = m_FD[idx_BK[start : start + block]]
-        out[start : start + block] = torch.bmm(rows, a_BD[start : start + block, :, None])[..., 0]
+def gather_dot_rows(rows: Rows, a_BD: Tensor, m_FD: Tensor) -> Tensor:
+    """`gather_dot` for CUDA: the rows gathered in blocks and multiplied in plain float32, whose
+    precision we know, rather than cuSPARSE's sampled product."""
+    tokens = rows.token_of_entry()
+    out = torch.empty(len(rows.idx), device=a_BD.device, dtype=a_BD.dtype)
+    block = max(1, 2**28 // m_FD.shape[1])  # ~1 GB of gathered float32 rows
+    for start in range(0, len(out), block):
+        part = slice(start, start + block)
+        out[part] = (m_FD[rows.idx[part]] * a_BD[tokens[part]]).sum(dim=1)
     return out
 
 
-def scatter_outer_csr(idx_BK: Tensor, values_BK: Tensor, a_BD: Tensor, n_latents: int) -> Tensor:
+def scatter_outer_csr(rows: Rows, values_N: Tensor, a_BD: Tensor, n_latents: int) -> Tensor:
     """`scatter_outer` as a transposed sparse product: fastest on the CPU (0.12 s against 0.20 s
     for index_add at the full configuration); CUDA has no kernel for it."""
-    return selection_matrix(idx_BK, values_BK, n_latents).t() @ a_BD
+    return selection_matrix(rows, values_N, n_latents).t() @ a_BD
 
 
-def scatter_outer_index_add(
-    idx_BK: Tensor, values_BK: Tensor, a_BD: Tensor, n_latents: int
-) -> Tensor:
+def scatter_outer_index_add(rows: Rows, values_N: Tensor, a_BD: Tensor, n_latents: int) -> Tensor:
     """`scatter_outer` by index_add, fast on CUDA."""
-    rows = (values_BK[:, :, None] * a_BD[:, None, :]).flatten(0, 1)
+    contributions = values_N[:, None] * a_BD[rows.token_of_entry()]
     out = torch.zeros(n_latents, a_BD.shape[1], device=a_BD.device, dtype=a_BD.dtype)
-    return out.index_add_(0, idx_BK.flatten(), rows)
+    return out.index_add_(0, rows.idx, contributions)
 
 
-GATHER_DOT: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+GATHER_DOT: dict[str, Callable[[Rows, Tensor, Tensor], Tensor]] = {
     "sddmm": gather_dot_sddmm,
-    "bmm": gather_dot_bmm,
+    "rows": gather_dot_rows,
 }
-SCATTER_OUTER: dict[str, Callable[[Tensor, Tensor, Tensor, int], Tensor]] = {
+SCATTER_OUTER: dict[str, Callable[[Rows, Tensor, Tensor, int], Tensor]] = {
     "csr": scatter_outer_csr,
     "index_add": scatter_outer_index_add,
 }
@@ -109,31 +149,36 @@ class Kernels:
     scatter_outer: ScatterOuterImpl | None = None
 
 
-def gather_dot(
-    idx_BK: Tensor, a_BD: Tensor, m_FD: Tensor, impl: GatherDotImpl | None = None
-) -> Tensor:
-    """out[b, j] = a[b] · m[idx[b, j]] for sorted idx rows, without a (B, F) matrix; `impl`
-    defaults to sddmm on the CPU, bmm elsewhere."""
-    impl = impl or ("sddmm" if a_BD.device.type == "cpu" else "bmm")
-    return GATHER_DOT[impl](idx_BK, a_BD, m_FD)
+def gather_dot(rows: Rows, a_BD: Tensor, m_FD: Tensor, impl: GatherDotImpl | None = None) -> Tensor:
+    """out[n] = a[b] · m[idx[n]] for each entry n of token b, without a (B, F) matrix; `impl`
+    defaults to sddmm on the CPU, rows elsewhere."""
+    impl = impl or ("sddmm" if a_BD.device.type == "cpu" else "rows")
+    return GATHER_DOT[impl](rows, a_BD, m_FD)
 
 
 def scatter_outer(
-    idx_BK: Tensor,
-    values_BK: Tensor,
+    rows: Rows,
+    values_N: Tensor,
     a_BD: Tensor,
     n_latents: int,
     impl: ScatterOuterImpl | None = None,
 ) -> Tensor:
-    """out[f] = Σ_{b,j: idx[b,j] = f} values[b, j] · a[b], as a dense (F, D) gradient; `impl`
+    """out[f] = Σ_{n: idx[n] = f} values[n] · a[token of n], as a dense (F, D) gradient; `impl`
     defaults to csr on the CPU, index_add elsewhere."""
     impl = impl or ("csr" if a_BD.device.type == "cpu" else "index_add")
-    return SCATTER_OUTER[impl](idx_BK, values_BK, a_BD, n_latents)
+    return SCATTER_OUTER[impl](rows, values_N, a_BD, n_latents)
 
 
-def gather_sum(idx_BK: Tensor, values_BK: Tensor, m_FD: Tensor) -> Tensor:
-    """out[b] = Σ_j values[b, j] · m[idx[b, j]]."""
-    return functional.embedding_bag(idx_BK, m_FD, per_sample_weights=values_BK, mode="sum")
+def gather_sum(rows: Rows, values_N: Tensor, m_FD: Tensor) -> Tensor:
+    """out[b] = Σ values[n] · m[idx[n]] over token b's entries."""
+    return functional.embedding_bag(
+        rows.idx,
+        m_FD,
+        rows.crow,
+        mode="sum",
+        per_sample_weights=values_N,
+        include_last_offset=True,
+    )
 
 
 def dense_preacts(x_BD: Tensor, w_enc_FD: Tensor, b_enc_F: Tensor) -> Tensor:
@@ -172,11 +217,13 @@ def selection_product(
 @torch.no_grad()
 def _rescored(idx_BK: Tensor, x_BD: Tensor, w_enc_FD: Tensor, b_enc_F: Tensor) -> Tensor:
     """Exact float32 pre-activations at the chosen latents (a sampled product)."""
-    return gather_dot(idx_BK, x_BD, w_enc_FD) + b_enc_F[idx_BK]
+    rows = Rows.uniform(idx_BK)
+    return gather_dot(rows, x_BD, w_enc_FD).view(idx_BK.shape) + b_enc_F[idx_BK]
 
 
 KeepRule = Callable[[Tensor], Tensor]
-"""Given the (B, C) exact pre-activations of each token's C best candidates, which to keep."""
+"""Given a batch's (B, F) pre-activations (or the product that ranks them), the positions of
+those to keep in the flattened matrix, ascending."""
 
 
 @torch.no_grad()
@@ -186,32 +233,39 @@ def kept_preacts(
     b_enc_F: Tensor,
     keep: KeepRule,
     precision: SelectionPrecision,
-    candidates: int,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Rows]:
     """Pre-activations kept by a rule that may keep a different number per token (BatchTopK's
-    batch-wide top B·k, or a threshold), in the padded (B, K') layout the sparse paths take.
+    batch-wide top B·k, or a threshold), flat: (values_N, Rows), latents ascending per token.
 
-    K' is the most any token keeps; a token that keeps fewer fills its row with other candidate
-    latents whose pre-activation is −inf, so SparseEncode's ReLU makes them 0 with no gradient
-    and SparseDecode adds nothing for them. Each token offers its `candidates` best latents; if
-    one token keeps them all, the offer doubles (up to all F), so the result is the rule applied
-    to every latent. idx is ascending per row, as everywhere.
+    The rule sees the whole (B, F) product, so the kept set is exact whoever keeps how many;
+    reading it off a mask costs a pass over the product, as TopK's per-token top k does.
     """
     product_BF = selection_product(x_BD, w_enc_FD, b_enc_F, precision)
-    n_latents = product_BF.shape[1]
-    width = min(candidates, n_latents)
-    while True:
-        values, idx = product_BF.topk(width, dim=1, sorted=False)
-        if precision != "float32":
-            values = _rescored(idx, x_BD, w_enc_FD, b_enc_F)
-        kept = keep(values)
-        if width == n_latents or not bool(kept.all(dim=1).any()):
-            break
-        width = min(2 * width, n_latents)
-    most = max(int(kept.sum(dim=1).max()), 1)
-    first = kept.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :most]
-    values = values.gather(1, first).masked_fill(~kept.gather(1, first), float("-inf"))
-    return _sorted_by_latent(values, idx.gather(1, first))
+    kept_N = keep(product_BF)
+    rows = Rows.from_flat(kept_N, *product_BF.shape)
+    if precision == "float32":
+        return product_BF.view(-1)[kept_N], rows
+    return gather_dot(rows, x_BD, w_enc_FD) + b_enc_F[rows.idx], rows
+
+
+def padded(values_N: Tensor, rows: Rows) -> tuple[Tensor, Tensor]:
+    """Flat codes as (B, K') tensors, K' the most latents any token keeps: a token that keeps
+    fewer fills its row with latents it does not keep (the smallest such), of value 0, so every
+    row's indices are distinct and ascending."""
+    counts = rows.crow.diff()
+    most = max(int(counts.max()), 1) if rows.n_tokens else 1
+    tokens = rows.token_of_entry()
+    slot = torch.arange(len(rows.idx), device=rows.idx.device) - rows.crow[tokens]
+    small_kept = torch.zeros(rows.n_tokens, most, dtype=torch.bool, device=rows.idx.device)
+    small = rows.idx < most
+    small_kept[tokens[small], rows.idx[small]] = True
+    free = (~small_kept).to(torch.uint8).argsort(dim=1, descending=True, stable=True)
+    pad_slot = torch.arange(most, device=rows.idx.device) - counts[:, None]
+    idx_BK = free.gather(1, pad_slot.clamp(min=0))
+    idx_BK[tokens, slot] = rows.idx
+    values_BK = values_N.new_zeros(rows.n_tokens, most)
+    values_BK[tokens, slot] = values_N
+    return _sorted_by_latent(values_BK, idx_BK)
 
 
 def _sorted_by_latent(values: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -220,8 +274,8 @@ def _sorted_by_latent(values: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class SparseEncode(torch.autograd.Function):
-    """z_BK = relu(pre-activations at idx), or the raw values when `relu` is False; gradients
-    only at the active entries."""
+    """z_N = relu(pre-activations at the rows' entries), or the raw values when `relu` is False;
+    gradients only at those entries."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -229,46 +283,44 @@ class SparseEncode(torch.autograd.Function):
         x_BD: Tensor,
         w_enc_FD: Tensor,
         b_enc_F: Tensor,
-        preacts_BK: Tensor,
-        idx_BK: Tensor,
+        preacts_N: Tensor,
+        rows: Rows,
         relu: bool,
         kernels: Kernels = Kernels(),
     ) -> Tensor:
-        ctx.save_for_backward(x_BD, w_enc_FD, preacts_BK, idx_BK)
-        ctx.relu, ctx.kernels = relu, kernels
-        return preacts_BK.clamp_min(0) if relu else preacts_BK.clone()
+        ctx.save_for_backward(x_BD, w_enc_FD, preacts_N)
+        ctx.rows, ctx.relu, ctx.kernels = rows, relu, kernels
+        return preacts_N.clamp_min(0) if relu else preacts_N.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad_z_BK: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x_BD, w_enc_FD, preacts_BK, idx_BK = ctx.saved_tensors
-        grad_pre_BK = grad_z_BK * (preacts_BK > 0) if ctx.relu else grad_z_BK
+    def backward(ctx: Any, grad_z_N: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x_BD, w_enc_FD, preacts_N = ctx.saved_tensors
+        rows: Rows = ctx.rows
+        grad_pre_N = grad_z_N * (preacts_N > 0) if ctx.relu else grad_z_N
         n_latents = w_enc_FD.shape[0]
-        grad_x = gather_sum(idx_BK, grad_pre_BK, w_enc_FD) if ctx.needs_input_grad[0] else None
-        grad_w = scatter_outer(idx_BK, grad_pre_BK, x_BD, n_latents, ctx.kernels.scatter_outer)
-        grad_b = torch.zeros(n_latents, device=x_BD.device, dtype=grad_pre_BK.dtype)
-        grad_b.index_add_(0, idx_BK.flatten(), grad_pre_BK.flatten())
+        grad_x = gather_sum(rows, grad_pre_N, w_enc_FD) if ctx.needs_input_grad[0] else None
+        grad_w = scatter_outer(rows, grad_pre_N, x_BD, n_latents, ctx.kernels.scatter_outer)
+        grad_b = torch.zeros(n_latents, device=x_BD.device, dtype=grad_pre_N.dtype)
+        grad_b.index_add_(0, rows.idx, grad_pre_N)
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):
-    """x̂_BD = Σ_k z_bk W_dec[idx_bk], without b_pre."""
+    """x̂_BD = Σ_n z_n W_dec[idx_n] over each token's entries, without b_pre."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
-        z_BK: Tensor,
-        idx_BK: Tensor,
-        w_dec_FD: Tensor,
-        kernels: Kernels = Kernels(),
+        ctx: Any, z_N: Tensor, rows: Rows, w_dec_FD: Tensor, kernels: Kernels = Kernels()
     ) -> Tensor:
-        ctx.save_for_backward(z_BK, idx_BK, w_dec_FD)
-        ctx.kernels = kernels
-        return gather_sum(idx_BK, z_BK, w_dec_FD)
+        ctx.save_for_backward(z_N, w_dec_FD)
+        ctx.rows, ctx.kernels = rows, kernels
+        return gather_sum(rows, z_N, w_dec_FD)
 
     @staticmethod
     def backward(ctx: Any, grad_out_BD: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        z_BK, idx_BK, w_dec_FD = ctx.saved_tensors
-        kernels = ctx.kernels
-        grad_z = gather_dot(idx_BK, grad_out_BD, w_dec_FD, kernels.gather_dot)
-        grad_w = scatter_outer(idx_BK, z_BK, grad_out_BD, w_dec_FD.shape[0], kernels.scatter_outer)
+        z_N, w_dec_FD = ctx.saved_tensors
+        rows: Rows = ctx.rows
+        kernels: Kernels = ctx.kernels
+        grad_z = gather_dot(rows, grad_out_BD, w_dec_FD, kernels.gather_dot)
+        grad_w = scatter_outer(rows, z_N, grad_out_BD, w_dec_FD.shape[0], kernels.scatter_outer)
         return grad_z, None, grad_w, None

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from vitscope.saes.card import Activation, InputNorm, Options, SAECard
 from vitscope.saes.kernels import (
     Kernels,
+    Rows,
     SelectionPrecision,
     SparseDecode,
     SparseEncode,
@@ -69,19 +70,30 @@ class SparseCodes:
 @dataclass
 class SAEOutput:
     recon_BD: Tensor
-    z_BK: Tensor
-    """Activations of the K selected latents (after ReLU), one row per token."""
-    idx_BK: Tensor
-    """Their latent indices, ascending per token."""
+    z_N: Tensor
+    """Activations of the kept entries (after ReLU), flat in `rows`' order."""
+    rows: Rows
+    """Which latents each token kept (CSR: k per token for TopK, varying for the batch rules)."""
     aux_recon_BD: Tensor | None
     """AuxK's reconstruction of the residual from dead latents (None when none are dead)."""
-    dense: bool = False
-    """Computed by the dense reference path (tests compare it with the sparse one)."""
+    prefix_recons: tuple[Tensor, ...] = ()
+    """Inner reconstructions an architecture adds (Matryoshka's prefixes), for its own losses."""
 
-    @property
-    def active_BK(self) -> Tensor:
-        """Which kept latents are active (nonzero: after a ReLU, the positive ones)."""
-        return self.z_BK != 0
+    def l0_B(self) -> Tensor:
+        """Active (nonzero: after a ReLU, positive) latents of each token."""
+        active = (self.z_N != 0).to(torch.long)
+        counts = torch.zeros(self.rows.n_tokens, dtype=torch.long, device=active.device)
+        return counts.index_add_(0, self.rows.token_of_entry(), active)
+
+    def fired_latents(self) -> Tensor:
+        """The latents active for some token of the batch (with repeats)."""
+        return self.rows.idx[self.z_N != 0]
+
+
+def dense_codes(z_N: Tensor, rows: Rows, n_latents: int) -> Tensor:
+    """(B, F) codes from flat ones, zero where not kept; differentiable in z_N."""
+    out = z_N.new_zeros(rows.n_tokens, n_latents)
+    return out.index_put((rows.token_of_entry(), rows.idx), z_N)
 
 
 @dataclass
@@ -153,7 +165,8 @@ class SAE(nn.Module):
         lead = codes.indices.shape[:-1]
         idx_BK = codes.indices.reshape(-1, codes.indices.shape[-1])
         z_BK = codes.values.reshape(idx_BK.shape).to(self.w_dec.dtype)
-        recon = SparseDecode.apply(z_BK, idx_BK, self.w_dec, self.kernels) + self.b_pre
+        rows = Rows.uniform(idx_BK)
+        recon = SparseDecode.apply(z_BK.flatten(), rows, self.w_dec, self.kernels) + self.b_pre
         if codes.standardized_by is not None:
             mean_D, std_D = codes.standardized_by
             recon = recon * (std_D + STANDARDIZE_EPS) + mean_D
@@ -199,20 +212,27 @@ class SAE(nn.Module):
         """Encode, decode, and (when latents are dead) AuxK's reconstruction of the residual from
         the `k_aux` best dead latents (a training setting: the trainer passes its config's)."""
         x_centered = x_BD - self.b_pre
-        z_BK, idx_BK = self._select(x_centered, dense)
-        recon = self._decoded(z_BK, idx_BK, dense) + self.b_pre
+        z_N, rows = self._select(x_centered, dense)
+        *inner, recon = (r + self.b_pre for r in self._reconstructions(z_N, rows, dense))
         aux = None
         if dead_F is not None and bool(dead_F.any()):
             aux = self._aux_recon(x_centered.detach(), dead_F, k_aux, dense)
-        return SAEOutput(recon, z_BK, idx_BK, aux, dense)
+        return SAEOutput(recon, z_N, rows, aux, tuple(inner))
+
+    def _reconstructions(self, z_N: Tensor, rows: Rows, dense: bool) -> list[Tensor]:
+        """What the loss compares with the input, without b_pre: the reconstruction, after any
+        inner ones an architecture adds (Matryoshka's prefixes)."""
+        if dense:
+            return [dense_codes(z_N, rows, self.n_latents) @ self.w_dec]
+        return [SparseDecode.apply(z_N, rows, self.w_dec, self.kernels)]
 
     def _encode_rows(self, x_centered: Tensor) -> tuple[Tensor, Tensor]:
-        """Inference's codes of (B, D) centred inputs: by default, training's selection."""
-        return self._select(x_centered, dense=False)
+        """Inference's (B, K) codes of (B, D) centred inputs, indices ascending."""
+        raise NotImplementedError(f"{type(self).__name__} has no inference rule")
 
-    def _select(self, x_centered: Tensor, dense: bool) -> tuple[Tensor, Tensor]:
-        """The architecture's keep rule: the kept latents of each token after the activation,
-        (B, K) values and indices ascending (padded with zeros where a token keeps fewer)."""
+    def _select(self, x_centered: Tensor, dense: bool) -> tuple[Tensor, Rows]:
+        """The architecture's keep rule in training: the kept entries after the activation, flat
+        (values_N, Rows), latents ascending per token."""
         raise NotImplementedError(f"{type(self).__name__} has no keep rule")
 
     def extra_losses(self, out: SAEOutput, x_BD: Tensor) -> dict[str, Tensor]:
@@ -222,13 +242,6 @@ class SAE(nn.Module):
     def saelens_layout(self) -> SAELensLayout:
         """The architecture in SAELens' terms, for saes/saelens.py."""
         raise NotImplementedError(f"{type(self).__name__} has no SAELens layout")
-
-    def _decoded(self, z_BK: Tensor, idx_BK: Tensor, dense: bool) -> Tensor:
-        """W_decᵀ · z without b_pre, by the dense product or the sparse path."""
-        if dense:
-            z_BF = torch.zeros(len(z_BK), self.n_latents, device=z_BK.device, dtype=z_BK.dtype)
-            return z_BF.scatter(1, idx_BK, z_BK) @ self.w_dec
-        return SparseDecode.apply(z_BK, idx_BK, self.w_dec, self.kernels)
 
     def _aux_recon(self, x_centered: Tensor, dead_F: Tensor, k_aux: int, dense: bool) -> Tensor:
         """Reconstruct with the top k_aux dead latents only (their pre-activations are exact)."""
@@ -244,11 +257,12 @@ class SAE(nn.Module):
             dead_preacts = torch.addmm(self.b_enc[dead_idx], x_centered, self.w_enc[dead_idx].T)
             values, position = dead_preacts.topk(k_aux, dim=1)
             idx, order = dead_idx[position].sort(dim=1)
-            values = values.gather(1, order)
-        z_BK = SparseEncode.apply(
-            x_centered, self.w_enc, self.b_enc, values, idx, True, self.kernels
+            values = values.gather(1, order).flatten()
+        rows = Rows.uniform(idx)
+        z_N = SparseEncode.apply(
+            x_centered, self.w_enc, self.b_enc, values, rows, True, self.kernels
         )
-        return SparseDecode.apply(z_BK, idx, self.w_dec, self.kernels)
+        return SparseDecode.apply(z_N, rows, self.w_dec, self.kernels)
 
     # ------------------------------------------------------------ the recipe's rules
     @torch.no_grad()

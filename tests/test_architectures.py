@@ -25,8 +25,8 @@ from vitscope.saes.architectures.batchtopk import batch_topk_rule, threshold_rul
 from vitscope.saes.architectures.topk import TopKSAE
 from vitscope.saes.card import SAECard, SAEFormatError
 from vitscope.saes.folder import load_sae_folder, save_sae_folder
-from vitscope.saes.kernels import dense_preacts, kept_preacts
-from vitscope.saes.sae import SAE, losses
+from vitscope.saes.kernels import Rows, dense_preacts, kept_preacts, padded
+from vitscope.saes.sae import SAE, dense_codes, losses
 from vitscope.support.configs import load_config
 from vitscope.train.config import TrainConfig, sweep_configs
 
@@ -50,28 +50,39 @@ def new_sae(architecture: str, n_latents: int = 500) -> SAE:
     return sae
 
 
-def dense_codes(values_BK: torch.Tensor, idx_BK: torch.Tensor, n_latents: int) -> torch.Tensor:
-    return values_BK.new_zeros(len(values_BK), n_latents).scatter(1, idx_BK, values_BK)
+def reference_kept(dense_BF: torch.Tensor, rule: str) -> torch.Tensor:
+    """Each rule by its definition: the batch's 8 · B largest positive values, or those > 1.5."""
+    if rule == "threshold":
+        return dense_BF > 1.5
+    kept = torch.zeros(dense_BF.numel(), dtype=torch.bool)
+    kept[dense_BF.flatten().topk(8 * len(dense_BF)).indices] = True
+    return kept.view(dense_BF.shape) & (dense_BF > 0)
 
 
 @pytest.mark.parametrize("rule", ["batch", "threshold"])
-def test_kept_preacts_apply_the_rule_to_every_latent(rule: str):
-    """Two candidates per token force the doubling; the result is the rule on the dense matrix."""
+@pytest.mark.parametrize("n_latents", [300, 5000])
+def test_kept_preacts_apply_the_rule_to_every_latent(rule: str, n_latents: int):
+    """Flat and padded, float32 and bfloat16 selection; 5,000 latents make the batch rule's
+    sampled guess stride over the product."""
     x, generator = problem()
-    w = torch.randn(300, 32, generator=generator) / 32**0.5
-    b = torch.randn(300, generator=generator) * 0.1
+    w = torch.randn(n_latents, 32, generator=generator) / 32**0.5
+    b = torch.randn(n_latents, generator=generator) * 0.1
     dense_BF = dense_preacts(x, w, b)
     keep = batch_topk_rule(8) if rule == "batch" else threshold_rule(1.5)
-    expected = dense_BF.clamp_min(0) * keep(dense_BF)
-    preacts, idx = kept_preacts(x, w, b, keep, "float32", candidates=2)
+    expected = dense_BF.clamp_min(0) * reference_kept(dense_BF, rule)
+    preacts_N, rows = kept_preacts(x, w, b, keep, "float32")
+    assert len(rows.idx) == int((expected > 0).sum())
+    torch.testing.assert_close(dense_codes(preacts_N.clamp_min(0), rows, n_latents), expected)
+    values, idx = padded(preacts_N, rows)
     assert bool((idx.diff(dim=1) > 0).all())
     assert idx.shape[1] == int((expected > 0).sum(dim=1).max()) > 8
-    torch.testing.assert_close(dense_codes(preacts.clamp_min(0), idx, 300), expected)
+    torch.testing.assert_close(
+        dense_codes(values.flatten(), Rows.uniform(idx), n_latents), expected
+    )
     if rule == "batch":
         assert int((expected > 0).sum()) == 8 * len(x)
-    preacts, idx = kept_preacts(x, w, b, keep, "bfloat16", candidates=2)
-    kept = preacts > float("-inf")
-    torch.testing.assert_close(preacts[kept], dense_BF.gather(1, idx)[kept])
+    preacts_N, rows = kept_preacts(x, w, b, keep, "bfloat16")
+    torch.testing.assert_close(preacts_N, dense_BF[rows.token_of_entry(), rows.idx])
 
 
 @pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka"])
@@ -95,12 +106,15 @@ def test_sparse_paths_have_the_dense_loss_and_gradients(architecture: str, mode:
         results[False],
     )
     torch.testing.assert_close(
-        dense_codes(s_out.z_BK, s_out.idx_BK, 500), dense_codes(d_out.z_BK, d_out.idx_BK, 500)
+        dense_codes(s_out.z_N, s_out.rows, 500), dense_codes(d_out.z_N, d_out.rows, 500)
     )
     if mode == "train":
-        assert int(s_out.active_BK.sum()) == 6 * len(x)  # B·k in all, not k per token
-        assert s_out.active_BK.sum(dim=1).max() > 6 > s_out.active_BK.sum(dim=1).min()
+        assert len(s_out.rows.idx) == 6 * len(x)  # B·k in all, flat: not padded to the most
+        assert s_out.l0_B().max() > 6 > s_out.l0_B().min()
     torch.testing.assert_close(s_out.recon_BD, d_out.recon_BD, rtol=1e-5, atol=1e-5)
+    assert len(s_out.prefix_recons) == (2 if architecture == "matryoshka" else 0)
+    for got, expected in zip(s_out.prefix_recons, d_out.prefix_recons, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert s_terms.keys() == d_terms.keys()
     assert ("prefix_mse" in s_terms) == (architecture == "matryoshka")
     for name in s_terms:
@@ -117,7 +131,7 @@ def test_threshold_is_the_running_mean_of_the_smallest_kept_activation():
     smallest = []
     for seed in range(3):
         out = sae.autoencode(problem(seed=seed)[0])
-        smallest.append(float(out.z_BK.detach()[out.z_BK > 0].min()))
+        smallest.append(float(out.z_N.detach()[out.z_N > 0].min()))
     expected = smallest[0]
     for value in smallest[1:]:
         expected += sae.card.options.threshold_rate * (value - expected)

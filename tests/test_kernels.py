@@ -14,6 +14,7 @@ from vitscope.saes.kernels import (
     GATHER_DOT,
     SCATTER_OUTER,
     Kernels,
+    Rows,
     dense_preacts,
     gather_dot,
     gather_sum,
@@ -56,14 +57,16 @@ EVERY_KERNEL = [Kernels(*pair) for pair in itertools.product(GATHER_DOT, SCATTER
 @pytest.mark.parametrize("kernels", EVERY_KERNEL, ids=str)
 def test_sparse_primitives_equal_their_dense_formulas(kernels: Kernels):
     x, w, _ = random_problem(50, 16, 40, 0)
-    idx = torch.rand(50, 40).argsort(dim=1)[:, :5].sort(dim=1).values
-    values = torch.randn(50, 5)
-    dense_selection = torch.zeros(50, 40).scatter(1, idx, values)
-    torch.testing.assert_close(gather_sum(idx, values, w), dense_selection @ w)
+    kept = torch.rand(50, 40) < torch.rand(50, 1) * 0.3  # a varying number per token, some none
+    kept[0] = False
+    values_BF = torch.randn(50, 40) * kept
+    rows = Rows.from_flat(kept.view(-1).nonzero().squeeze(1), 50, 40)
+    values = values_BF[kept]
+    torch.testing.assert_close(gather_sum(rows, values, w), values_BF @ w)
     torch.testing.assert_close(
-        scatter_outer(idx, values, x, 40, kernels.scatter_outer), dense_selection.T @ x
+        scatter_outer(rows, values, x, 40, kernels.scatter_outer), values_BF.T @ x
     )
-    torch.testing.assert_close(gather_dot(idx, x, w, kernels.gather_dot), (x @ w.T).gather(1, idx))
+    torch.testing.assert_close(gather_dot(rows, x, w, kernels.gather_dot), (x @ w.T)[kept])
 
 
 @pytest.mark.parametrize("kernels", EVERY_KERNEL, ids=str)
@@ -86,7 +89,7 @@ def test_sparse_sae_has_the_dense_loss_and_gradients(n_latents: int, kernels: Ke
         outputs[dense] = (out, terms)
         grads[dense] = {name: p.grad.clone() for name, p in sae.named_parameters()}
     (dense_out, dense_terms), (sparse_out, sparse_terms) = outputs[True], outputs[False]
-    assert torch.equal(dense_out.idx_BK, sparse_out.idx_BK)
+    assert torch.equal(dense_out.rows.idx, sparse_out.rows.idx)
     torch.testing.assert_close(sparse_out.recon_BD, dense_out.recon_BD, rtol=1e-5, atol=1e-5)
     for name in ("mse", "aux", "loss"):
         torch.testing.assert_close(sparse_terms[name], dense_terms[name], rtol=1e-5, atol=1e-6)

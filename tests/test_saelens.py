@@ -13,7 +13,7 @@ from vitscope.cache_spec import open_cache
 from vitscope.pipeline.model import import_open_clip
 from vitscope.saes.architectures import ARCHITECTURES, build_sae
 from vitscope.saes.card import SAECard
-from vitscope.saes.sae import losses
+from vitscope.saes.sae import dense_codes, losses
 from vitscope.saes.saelens import export_saelens
 
 
@@ -84,7 +84,7 @@ def test_batch_rules_train_and_export_as_sae_lens_computes_them(sae_lens, archit
     theirs_out = theirs_training.training_forward_pass(step)
     out = ours.autoencode(x)
     terms = losses(ours, out, x, aux_coefficient=0.0)
-    z_BF = torch.zeros(64, 128).scatter(1, out.idx_BK, out.z_BK)
+    z_BF = dense_codes(out.z_N, out.rows, 128)
     torch.testing.assert_close(z_BF, theirs_out.feature_acts, rtol=1e-5, atol=1e-6)
     inner = sum(v for k, v in theirs_out.losses.items() if k.startswith("inner_mse_loss"))
     torch.testing.assert_close(terms["mse"], theirs_out.losses["mse_loss"])

@@ -28,7 +28,7 @@ class WindowStats:
         values = {
             "mse": terms["mse"].detach(),
             "aux_loss": terms["aux"].detach(),
-            "l0": out.active_BK.sum(dim=1).float().mean(),
+            "l0": out.l0_B().float().mean(),
             "dead": dead_F.float().mean(),
         }
         for name, value in values.items():
@@ -60,7 +60,7 @@ def heldout_metrics(
         x = sae.training_inputs(images.reshape(-1, d).to(device))
         out = sae.autoencode(x)
         errors.append((out.recon_BD - x).pow(2).sum(dim=1).cpu())
-        l0.append(out.active_BK.sum(dim=1).cpu())
+        l0.append(out.l0_B().cpu())
         chosen.append(x.view(len(images), n_tokens, d)[:, token_slice].reshape(-1, d).cpu())
     sae.train(was_training)
     error_NT = torch.cat(errors).view(n_images, n_tokens)

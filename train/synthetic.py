@@ -2,8 +2,10 @@
 and test measure how many known directions a trainer recovers from them.
 
 Each token is a constant mean offset (ViT residual streams have a large one), plus a sum of
-planted unit directions, each firing independently with a Zipf probability p ~ 1 / (rank + 10)
-with lognormal magnitudes, plus small isotropic noise. Everything follows from seeds.
+planted unit directions, each firing independently with a Zipf probability
+p ~ 1 / (rank + 10)^exponent with lognormal magnitudes, plus small isotropic noise. Everything
+follows from seeds; the offset, the noise and the exponent are knobs, so that the benchmark can
+run several worlds and a recipe tuned to one of them cannot pass.
 """
 
 from __future__ import annotations
@@ -31,20 +33,26 @@ class PlantedWorld:
 
 
 def planted_world(
-    n_features: int, d_in: int, seed: int, active: float = 16, offset_ratio: float = 2.0
+    n_features: int,
+    d_in: int,
+    seed: int,
+    active: float = 16,
+    offset_ratio: float = 2.0,
+    noise_ratio: float = 0.1,
+    zipf_exponent: float = 1.0,
 ) -> PlantedWorld:
     """`active` directions fire per token on average; the offset's norm is `offset_ratio` times
-    the signal's RMS norm, the noise's 10%. Seed it apart from the SAE's own initialisation
-    (TopKSAE(seed=s) draws its rows as randn with seed s)."""
+    the signal's RMS norm, the noise's `noise_ratio` times it. Seed it apart from the SAE's own
+    initialisation (TopKSAE(seed=s) draws its rows as randn with seed s)."""
     g = torch.Generator().manual_seed(1_000_003 * (seed + 1))
     dirs_FD = torch.randn(n_features, d_in, generator=g)
     dirs_FD /= dirs_FD.norm(dim=1, keepdim=True)
-    p_F = 1 / (torch.arange(1, n_features + 1) + 10.0)
+    p_F = (torch.arange(1, n_features + 1) + 10.0) ** -zipf_exponent
     p_F *= active / p_F.sum()
     signal_rms = math.sqrt(active * math.e)  # E|signal|^2 = sum p * E[m^2], m = exp(N(0, 1/2))
     offset_D = torch.randn(d_in, generator=g)
     offset_D *= offset_ratio * signal_rms / offset_D.norm()
-    noise_std = 0.1 * signal_rms / math.sqrt(d_in)
+    noise_std = noise_ratio * signal_rms / math.sqrt(d_in)
     return PlantedWorld(dirs_FD, p_F.clamp(max=1.0), offset_D, noise_std)
 
 

@@ -121,7 +121,7 @@ def train_step(member: Member, x_BD: torch.Tensor, parallel: DataParallel | None
         sae.normalize_decoder()
     with torch.no_grad():
         fired_F = torch.zeros_like(dead_F)
-        fired_F[out.idx_BK[out.active_BK]] = True
+        fired_F[out.fired_latents()] = True
         if parallel:
             fired_F = parallel.fired_anywhere(fired_F)
         state.since_fired_F += len(x_BD) * world

@@ -10,7 +10,7 @@ neighbours. It is a running mean of the smallest kept activation of each trainin
 topk_threshold_lr), except that the first batch sets θ (SAELens starts from 0, which weighs
 0.99^steps of the estimate on 0).
 
-A varying number of latents per token, in the padded layout of kernels.kept_preacts;
+A varying number of latents per token, flat (kernels.Rows: B·k entries per batch);
 `sae.train()` applies the batch rule (and updates θ), `sae.eval()` and `encode` the threshold,
 as BatchNorm uses batch statistics in training and running ones at inference.
 """
@@ -24,12 +24,16 @@ import torch
 from torch import Tensor
 
 from vitscope.saes.card import Options, SAECard
-from vitscope.saes.kernels import KeepRule, SelectionPrecision, SparseEncode, kept_preacts
+from vitscope.saes.kernels import (
+    KeepRule,
+    Rows,
+    SelectionPrecision,
+    SparseEncode,
+    kept_preacts,
+    padded,
+)
 from vitscope.saes.sae import SAE, SAELensLayout
 from vitscope.support.configs import Above
-
-CANDIDATES_PER_K = 4
-"""Candidates each token offers the batch rule, times k (doubled when a token keeps them all)."""
 
 
 @dataclass(frozen=True)
@@ -39,21 +43,43 @@ class BatchTopKOptions(Options):
     """Weight of each training batch in θ's running mean (SAELens' topk_threshold_lr)."""
 
 
-def batch_topk_rule(k: int) -> KeepRule:
-    """BatchTopK's training rule: the B·k largest positive pre-activations of the whole batch."""
+SAMPLED_PREACTS = 2**16
+"""Pre-activations the batch rule samples to guess its cut before the exact pass."""
 
-    def keep(values_BC: Tensor) -> Tensor:
-        flat = values_BC.flatten()
-        kept = torch.zeros_like(flat, dtype=torch.bool)
-        kept[flat.topk(min(k * len(values_BC), len(flat))).indices] = True
-        return kept.view(values_BC.shape) & (values_BC > 0)
+
+def batch_topk_rule(k: int) -> KeepRule:
+    """BatchTopK's training rule: the B·k largest positive pre-activations of the whole batch.
+
+    Found without sorting B·F values: a strided sample of the product guesses a cut a little
+    below the B·k-th largest, one pass keeps everything above it (lowered until at least B·k
+    pass, or every positive value does), and the B·k largest are chosen among those.
+    """
+
+    def keep(product_BF: Tensor) -> Tensor:
+        n_keep = k * len(product_BF)
+        flat = product_BF.view(-1)
+        stride = max(1, len(flat) // SAMPLED_PREACTS) | 1  # odd: not in step with a power-of-2 F
+        sample = flat[::stride].sort(descending=True).values
+        expected = n_keep / stride
+        rank = int(1.25 * expected + 3 * expected**0.5) + 1
+        while True:
+            guess = float(sample[rank]) if rank < len(sample) else 0.0
+            passed_N = (flat > 0).nonzero() if guess <= 0 else (flat >= guess).nonzero()
+            if len(passed_N) >= n_keep or guess <= 0:
+                break
+            rank *= 2
+        passed_N = passed_N.squeeze(1)
+        if len(passed_N) > n_keep:
+            best = flat[passed_N].topk(n_keep, sorted=False).indices
+            passed_N = passed_N[best].sort().values
+        return passed_N
 
     return keep
 
 
 def threshold_rule(threshold: Tensor | float) -> KeepRule:
     """BatchTopK's inference rule (a JumpReLU): every pre-activation above the threshold."""
-    return lambda values_BC: values_BC > threshold
+    return lambda product_BF: (product_BF.view(-1) > threshold).nonzero().squeeze(1)
 
 
 class BatchTopKSAE(SAE):
@@ -71,38 +97,43 @@ class BatchTopKSAE(SAE):
         self.register_buffer("threshold", torch.full((), float("nan")))
         """θ, in the scaled units of the pre-activations; NaN (keeps nothing) until trained."""
 
+    @torch.no_grad()
     def _encode_rows(self, x_centered: Tensor) -> tuple[Tensor, Tensor]:
-        return self._kept(x_centered, threshold_rule(self.threshold), dense=False)
+        """Inference's codes, padded to the most any vector keeps (θ > 0, so all positive)."""
+        preacts_N, rows = kept_preacts(
+            x_centered, self.w_enc, self.b_enc, self._rule(), self.selection
+        )
+        return padded(preacts_N, rows)
 
-    def _select(self, x_centered: Tensor, dense: bool) -> tuple[Tensor, Tensor]:
-        if not self.training:
-            return self._kept(x_centered, threshold_rule(self.threshold), dense)
-        z_BK, idx_BK = self._kept(x_centered, batch_topk_rule(self.k), dense)
-        self._update_threshold(z_BK)
-        return z_BK, idx_BK
+    def _select(self, x_centered: Tensor, dense: bool) -> tuple[Tensor, Rows]:
+        z_N, rows = self._kept(x_centered, self._rule(), dense)
+        if self.training:
+            self._update_threshold(z_N)
+        return z_N, rows
 
-    def _kept(self, x_centered: Tensor, keep: KeepRule, dense: bool) -> tuple[Tensor, Tensor]:
-        """relu of the kept pre-activations in the padded (B, K') layout, indices ascending."""
+    def _rule(self) -> KeepRule:
+        """The batch's top B·k in training, θ at inference (as BatchNorm's two modes)."""
+        return batch_topk_rule(self.k) if self.training else threshold_rule(self.threshold)
+
+    def _kept(self, x_centered: Tensor, keep: KeepRule, dense: bool) -> tuple[Tensor, Rows]:
+        """relu of the kept pre-activations, flat (B·k entries in all for the batch rule)."""
         if dense:
             preacts_BF = x_centered @ self.w_enc.T + self.b_enc
-            kept_BF = keep(preacts_BF.detach())
-            z_BF = preacts_BF.relu() * kept_BF
-            most = max(int(kept_BF.sum(dim=1).max()), 1)
-            idx = kept_BF.float().topk(most, dim=1).indices.sort(dim=1).values
-            return z_BF.gather(1, idx), idx
-        candidates = CANDIDATES_PER_K * self.k
-        preacts_BK, idx_BK = kept_preacts(
-            x_centered.detach(), self.w_enc, self.b_enc, keep, self.selection, candidates
+            kept_N = keep(preacts_BF.detach())
+            rows = Rows.from_flat(kept_N, *preacts_BF.shape)
+            return preacts_BF.relu().view(-1)[kept_N], rows
+        preacts_N, rows = kept_preacts(
+            x_centered.detach(), self.w_enc, self.b_enc, keep, self.selection
         )
-        z_BK = SparseEncode.apply(
-            x_centered, self.w_enc, self.b_enc, preacts_BK, idx_BK, True, self.kernels
+        z_N = SparseEncode.apply(
+            x_centered, self.w_enc, self.b_enc, preacts_N, rows, True, self.kernels
         )
-        return z_BK, idx_BK
+        return z_N, rows
 
     @torch.no_grad()
-    def _update_threshold(self, z_BK: Tensor) -> None:
+    def _update_threshold(self, z_N: Tensor) -> None:
         """θ's running mean of the smallest kept activation (no host sync: GPU steps stay async)."""
-        smallest = torch.where(z_BK > 0, z_BK, float("inf")).min().to(self.threshold.dtype)
+        smallest = torch.where(z_N > 0, z_N, float("inf")).min().to(self.threshold.dtype)
         moved = torch.where(
             self.threshold.isnan(),
             smallest,

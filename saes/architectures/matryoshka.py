@@ -2,8 +2,9 @@
 2025; as SAELens' matryoshka_batchtopk): BatchTopK codes whose nested prefixes [0, m) of the
 dictionary must each reconstruct too. The loss adds ‖x − (W_dec[:m]ᵀ z[:m] + b_pre)‖², unweighted,
 for every inner width m of `matryoshka_widths` to the full reconstruction's. With the codes'
-indices ascending, a prefix is a mask on the values, so every reconstruction reuses SparseDecode.
-At inference it is a BatchTopK SAE.
+indices ascending, a band of latents [m_i-1, m_i) is a slice of each token's entries: each band
+is decoded once by SparseDecode and the prefixes are their running sums. At inference it is a
+BatchTopK SAE.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from vitscope.saes.architectures.batchtopk import BatchTopKOptions, BatchTopKSAE
-from vitscope.saes.sae import SAEOutput
+from vitscope.saes.kernels import Rows, SparseDecode
+from vitscope.saes.sae import SAEOutput, dense_codes
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,25 @@ class MatryoshkaSAE(BatchTopKSAE):
     Options = MatryoshkaOptions
     saelens_training_architecture = "matryoshka_batchtopk"
 
+    def _reconstructions(self, z_N: Tensor, rows: Rows, dense: bool) -> list[Tensor]:
+        """Each prefix's reconstruction, the full one last: the sum of the bands [m_i-1, m_i)
+        up to it, each entry decoded once (its latents are ascending, so a band is a slice of
+        every token's entries)."""
+        widths = self.card.options.matryoshka_widths
+        if dense:
+            z_BF = dense_codes(z_N, rows, self.n_latents)
+            return [z_BF[:, :m] @ self.w_dec[:m] for m in widths]
+        recons: list[Tensor] = []
+        for low, high in zip((0, *widths[:-1]), widths, strict=True):
+            band_N = (rows.idx >= low) & (rows.idx < high)
+            part = SparseDecode.apply(z_N[band_N], rows.subset(band_N), self.w_dec, self.kernels)
+            recons.append(recons[-1] + part if recons else part)
+        return recons
+
     def extra_losses(self, out: SAEOutput, x_BD: Tensor) -> dict[str, Tensor]:
         """prefix_mse: the inner prefixes' reconstruction MSEs, summed."""
         prefix_mse = x_BD.new_zeros(())
-        for m in self.card.options.matryoshka_widths[:-1]:
-            z_BK = out.z_BK * (out.idx_BK < m)
-            recon = self._decoded(z_BK, out.idx_BK, out.dense) + self.b_pre
+        for recon in out.prefix_recons:
             prefix_mse = prefix_mse + (recon - x_BD).pow(2).sum(dim=1).mean()
         return {"prefix_mse": prefix_mse}
 

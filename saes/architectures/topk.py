@@ -13,7 +13,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from vitscope.saes.card import Activation, Options
-from vitscope.saes.kernels import SparseEncode, topk_preacts
+from vitscope.saes.kernels import Rows, SparseEncode, topk_preacts
 from vitscope.saes.sae import SAE, SAELensLayout
 
 
@@ -33,21 +33,28 @@ class TopKSAE(SAE):
     def activation(self) -> Activation:  # type: ignore[override]
         return self.card.options.activation
 
-    def _select(self, x_centered: Tensor, dense: bool) -> tuple[Tensor, Tensor]:
+    def _encode_rows(self, x_centered: Tensor) -> tuple[Tensor, Tensor]:
+        """Inference's (B, K) codes of (B, D) centred inputs: training's selection."""
+        z_N, rows = self._select(x_centered, dense=False)
+        return z_N.view(-1, self.k), rows.idx.view(-1, self.k)
+
+    def _select(self, x_centered: Tensor, dense: bool) -> tuple[Tensor, Rows]:
+        """The K kept latents of each token after the activation, indices ascending."""
         relu = self.activation == "relu"
         if dense:
             preacts_BF = x_centered @ self.w_enc.T + self.b_enc
             values, idx = preacts_BF.topk(self.k, dim=1)
             idx, order = idx.sort(dim=1)
-            values = values.gather(1, order)
-            return (values.relu() if relu else values), idx
+            values = values.gather(1, order).flatten()
+            return (values.relu() if relu else values), Rows.uniform(idx)
         preacts_BK, idx_BK = topk_preacts(
             x_centered.detach(), self.w_enc, self.b_enc, self.k, self.selection
         )
-        z_BK = SparseEncode.apply(
-            x_centered, self.w_enc, self.b_enc, preacts_BK, idx_BK, relu, self.kernels
+        rows = Rows.uniform(idx_BK)
+        z_N = SparseEncode.apply(
+            x_centered, self.w_enc, self.b_enc, preacts_BK.flatten(), rows, relu, self.kernels
         )
-        return z_BK, idx_BK
+        return z_N, rows
 
     def saelens_layout(self) -> SAELensLayout:
         """SAELens' TopK SAE: z = relu(topk(pre)), the same function (ReLU SAEs only)."""
