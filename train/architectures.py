@@ -39,7 +39,6 @@ from vitscope.train.kernels import (
     SparseEncode,
     batch_topk_rule,
     kept_preacts,
-    padded,
     threshold_rule,
 )
 from vitscope.train.sae import TopKSAE, dense_codes
@@ -60,12 +59,9 @@ class BatchTopKSAE(TopKSAE):
         """θ, in the scaled units of the pre-activations; NaN (keeps nothing) until trained."""
 
     @torch.no_grad()
-    def _encode_rows(self, x_centered: Tensor) -> tuple[Tensor, Tensor]:
-        """Inference's codes, padded to the most any vector keeps (θ > 0, so all positive)."""
-        preacts_N, rows = kept_preacts(
-            x_centered, self.w_enc, self.b_enc, self._rule(), self.selection
-        )
-        return padded(preacts_N, rows)
+    def _encode_rows(self, x_centered: Tensor) -> tuple[Tensor, Rows]:
+        """Inference's codes: the pre-activations above θ (> 0, so they are the activations)."""
+        return kept_preacts(x_centered, self.w_enc, self.b_enc, self._rule(), self.selection)
 
     def _select(self, x_centered: Tensor, dense: bool) -> tuple[Tensor, Rows]:
         z_N, rows = self._kept(x_centered, self._rule(), dense)
