@@ -71,6 +71,16 @@ class Rows:
         torch.cumsum(torch.bincount(tokens, minlength=n_tokens), dim=0, out=crow[1:])
         return cls(crow, flat_N - tokens * n_latents)
 
+    @classmethod
+    def cat(cls, parts: list[Rows]) -> Rows:
+        """The tokens of several Rows, one after another."""
+        ends = torch.stack([part.crow[-1] for part in parts]).cumsum(dim=0)
+        crows = [
+            parts[0].crow,
+            *(p.crow[1:] + end for p, end in zip(parts[1:], ends, strict=False)),
+        ]
+        return cls(torch.cat(crows), torch.cat([part.idx for part in parts]))
+
     @property
     def n_tokens(self) -> int:
         return len(self.crow) - 1

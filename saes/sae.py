@@ -30,6 +30,7 @@ from vitscope.saes.kernels import (
     SelectionPrecision,
     SparseDecode,
     SparseEncode,
+    padded,
 )
 
 STANDARDIZE_EPS = 1e-6
@@ -154,8 +155,7 @@ class SAE(nn.Module):
         # Rows a few thousand at a time: the selection's (rows x latents) product is 1 GB per
         # 4,096 rows at 65,536 latents, so a hundred ViT-L images at once would need 7 GB.
         blocks = [self._encode_rows(rows) for rows in (x_BD - self.b_pre).split(ENCODE_ROWS)]
-        z_BK = torch.cat([z for z, _ in blocks])
-        idx_BK = torch.cat([idx for _, idx in blocks])
+        z_BK, idx_BK = padded(torch.cat([z for z, _ in blocks]), Rows.cat([r for _, r in blocks]))
         shape = (*acts.shape[:-1], idx_BK.shape[1])
         values = z_BK.view(shape).to(acts.dtype)
         return SparseCodes(idx_BK.view(shape), values, self.n_latents, stats)
@@ -226,9 +226,10 @@ class SAE(nn.Module):
             return [dense_codes(z_N, rows, self.n_latents) @ self.w_dec]
         return [SparseDecode.apply(z_N, rows, self.w_dec, self.kernels)]
 
-    def _encode_rows(self, x_centered: Tensor) -> tuple[Tensor, Tensor]:
-        """Inference's (B, K) codes of (B, D) centred inputs, indices ascending."""
-        raise NotImplementedError(f"{type(self).__name__} has no inference rule")
+    @torch.no_grad()
+    def _encode_rows(self, x_centered: Tensor) -> tuple[Tensor, Rows]:
+        """Inference's flat codes of (B, D) centred inputs: by default training's selection."""
+        return self._select(x_centered, dense=False)
 
     def _select(self, x_centered: Tensor, dense: bool) -> tuple[Tensor, Rows]:
         """The architecture's keep rule in training: the kept entries after the activation, flat

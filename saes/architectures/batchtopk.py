@@ -30,7 +30,6 @@ from vitscope.saes.kernels import (
     SelectionPrecision,
     SparseEncode,
     kept_preacts,
-    padded,
 )
 from vitscope.saes.sae import SAE, SAELensLayout
 from vitscope.support.configs import Above
@@ -98,12 +97,9 @@ class BatchTopKSAE(SAE):
         """θ, in the scaled units of the pre-activations; NaN (keeps nothing) until trained."""
 
     @torch.no_grad()
-    def _encode_rows(self, x_centered: Tensor) -> tuple[Tensor, Tensor]:
-        """Inference's codes, padded to the most any vector keeps (θ > 0, so all positive)."""
-        preacts_N, rows = kept_preacts(
-            x_centered, self.w_enc, self.b_enc, self._rule(), self.selection
-        )
-        return padded(preacts_N, rows)
+    def _encode_rows(self, x_centered: Tensor) -> tuple[Tensor, Rows]:
+        """Inference's codes: the pre-activations above θ (> 0, so they are the activations)."""
+        return kept_preacts(x_centered, self.w_enc, self.b_enc, self._rule(), self.selection)
 
     def _select(self, x_centered: Tensor, dense: bool) -> tuple[Tensor, Rows]:
         z_N, rows = self._kept(x_centered, self._rule(), dense)

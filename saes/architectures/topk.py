@@ -33,11 +33,6 @@ class TopKSAE(SAE):
     def activation(self) -> Activation:  # type: ignore[override]
         return self.card.options.activation
 
-    def _encode_rows(self, x_centered: Tensor) -> tuple[Tensor, Tensor]:
-        """Inference's (B, K) codes of (B, D) centred inputs: training's selection."""
-        z_N, rows = self._select(x_centered, dense=False)
-        return z_N.view(-1, self.k), rows.idx.view(-1, self.k)
-
     def _select(self, x_centered: Tensor, dense: bool) -> tuple[Tensor, Rows]:
         """The K kept latents of each token after the activation, indices ascending."""
         relu = self.activation == "relu"
