@@ -36,9 +36,10 @@ import torch
 from common import command_line, log, md_table, publish, timed
 from planted import first_batches, saelens_sae, vitscope_cfg
 
+from vitscope.saes.sae import SparseCodes
+
 # vitscope's side, in one block: its modules move (train/ -> saes/), nothing else names them.
 from vitscope.train.loader import tensor_batches
-from vitscope.train.sae import SparseCodes
 from vitscope.train.trainer import fit, new_member
 
 os.environ.setdefault("WANDB_MODE", "disabled")

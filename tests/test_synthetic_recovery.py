@@ -20,7 +20,7 @@ import pytest
 import torch
 
 # vitscope's side, in one block: its modules move (train/ -> saes/).
-from vitscope.train import kernels
+from vitscope.saes import kernels
 from vitscope.train.config import TrainConfig
 from vitscope.train.loader import tensor_batches
 from vitscope.train.trainer import fit, new_member
