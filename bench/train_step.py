@@ -1,5 +1,5 @@
 """One SAE training step, sparse paths against a straightforward dense implementation and
-against one bfloat16 encoder product of the same shape.
+against one bfloat16 encoder product of the same shape, for each architecture.
 
 Why: issue 4 asks the sparse decoder and sparse encoder gradient to make a step at d=1024,
 65,536 latents, k=32, 4,096 tokens at least 5x faster than the dense computation on a CPU, with
@@ -7,7 +7,8 @@ the same gradients; issue 12 asks a GPU step within 3x of one bfloat16 product (
 with no slowdown over repeated steps (the first and last fifth of the steps are compared). Both
 paths are the same `TopKSAE` (`autoencode(x, dense=True)` is the plain PyTorch version: dense
 top-k scattered into a (B, F) matrix, dense decoder product, autograd); the sparse one runs with
-each selection precision.
+each selection precision. BatchTopK and Matryoshka (issue 23) take the sparse path, flat, with
+the selection TrainConfig's "auto" gives the device (bfloat16 on a GPU).
 
     .venv/bin/python bench/train_step.py                  # CPU, full configuration
     python bench/train_step.py --device cuda              # GPU
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from common import command_line, publish, timed
 
+from vitscope.train.architectures import build_sae
 from vitscope.train.sae import TopKSAE, losses
 
 
@@ -95,10 +97,28 @@ def main() -> None:
     error = gradient_agreement(args, batches[0], dead_F)
     floor = TopKSAE(args.d, args.latents, args.k).w_enc.detach().to(device)
     timings = {"bfloat16 encoder product": product_seconds(batches[0], floor, args.repeats)}
-    paths = [("sparse, float32 selection", False, "float32"), ("dense", True, "float32")]
-    paths += [("sparse, bfloat16 selection", False, "bfloat16"), paths[0]]  # drift check
-    for name, dense, selection in paths:
-        sae = TopKSAE(args.d, args.latents, args.k, args.k_aux, seed=0, selection=selection)
+    auto = "bfloat16" if device.type == "cuda" else "float32"  # TrainConfig's selection "auto"
+    paths = [
+        ("sparse, float32 selection", False, "float32", "topk"),
+        ("dense", True, "float32", "topk"),
+    ]
+    paths += [("sparse, bfloat16 selection", False, "bfloat16", "topk")]
+    paths += [
+        (f"{name}, {auto} selection", False, auto, name) for name in ("batchtopk", "matryoshka")
+    ]
+    paths += [paths[0]]  # drift check
+    widths = (args.latents // 16, args.latents // 4, args.latents)
+    for name, dense, selection, architecture in paths:
+        sae = build_sae(
+            architecture,
+            args.d,
+            args.latents,
+            args.k,
+            args.k_aux,
+            widths if architecture == "matryoshka" else (),
+            seed=0,
+            selection=selection,
+        )
         times = time_steps(make_step(sae.to(device), dense, dead_F), batches, args.repeats)
         timings.setdefault(name, []).extend(times)
     base = statistics.median(timings["bfloat16 encoder product"])

@@ -8,8 +8,8 @@ pre-activations of a whole training batch, so a token may use more or fewer than
 
 θ replaces the batch at inference (a JumpReLU), so one image's codes do not depend on its
 neighbours. It is a running mean of the smallest kept activation of each training batch,
-θ ← θ + 0.01 · (min z⁺ − θ), as SAELens estimates it (its topk_threshold_lr), except that the
-first batch sets θ (SAELens starts from 0, which weighs 0.99^steps of the estimate on 0).
+θ ← θ + 0.05 · (min z⁺ − θ), as SAELens estimates it (its topk_threshold_lr, 0.01 there),
+except that the first batch sets θ (SAELens starts from 0, which weighs 0.99^steps on that 0).
 
 Matryoshka (Bussmann et al., "Learning Multi-Level Features with Matryoshka SAEs", 2025; as
 SAELens' matryoshka_batchtopk): BatchTopK codes whose nested prefixes [0, m) of the dictionary
@@ -43,8 +43,10 @@ from vitscope.train.kernels import (
 )
 from vitscope.train.sae import TopKSAE, dense_codes
 
-THRESHOLD_RATE = 0.01
-"""Weight of each training batch in θ's running mean (SAELens' topk_threshold_lr)."""
+THRESHOLD_RATE = 0.05
+"""Weight of each training batch in θ's running mean. SAELens' 0.01 (its topk_threshold_lr)
+left inference L0 14% under k after 256 steps: the first batches' smallest kept activation,
+2x the later ones', still weighed 8% (BENCHMARKS.md, issue 23); at 0.05 it weighs 2e-6."""
 
 
 class BatchTopKSAE(TopKSAE):
@@ -89,7 +91,9 @@ class BatchTopKSAE(TopKSAE):
     @torch.no_grad()
     def _update_threshold(self, z_N: Tensor) -> None:
         """θ's running mean of the smallest kept activation (no host sync: GPU steps stay async)."""
-        smallest = torch.where(z_N > 0, z_N, float("inf")).min().to(self.threshold.dtype)
+        positive = torch.where(z_N > 0, z_N, float("inf"))
+        none = positive.new_full((1,), float("inf"))  # a batch may keep nothing
+        smallest = torch.cat((positive, none)).min().to(self.threshold.dtype)
         moved = torch.where(
             self.threshold.isnan(), smallest, self.threshold.lerp(smallest, THRESHOLD_RATE)
         )
