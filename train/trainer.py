@@ -83,13 +83,15 @@ def new_member(
         d_in,
         cfg.n_latents,
         cfg.k,
-        cfg.k_aux,
+        cfg.k_aux_for(d_in),
         cfg.matryoshka_widths,
         seed=cfg.seed,
         activation=cfg.activation,
         selection=cfg.selection_on(device),
     )
     sae.set_input_norm(cfg.input_norm)
+    with torch.no_grad():
+        sae.w_enc.mul_(cfg.encoder_init_scale)
     sae.initialise_from(sample_ND)
     sae.to(device)
     sae.card = SAECard(
@@ -117,7 +119,7 @@ def train_step(member: Member, x_BD: torch.Tensor, parallel: DataParallel | None
     process's share of the global batch when `parallel` spans several ranks."""
     cfg, sae, state = member.cfg, member.sae, member.state
     world = parallel.world if parallel else 1
-    dead_F = state.since_fired_F > cfg.dead_tokens
+    dead_F = state.since_fired_F > cfg.dead_window
     out = sae.autoencode(x_BD, dead_F=dead_F if cfg.aux_coefficient else None)
     terms = losses(out, x_BD, cfg.aux_coefficient)
     member.optimizer.zero_grad(set_to_none=True)
