@@ -120,9 +120,11 @@ def saelens_run(
     b_dec_at_mean: bool,
     architecture: str = "topk",
     lr: float = SAETrainerConfig.lr,
+    dead_feature_window: int = SAETrainerConfig.dead_feature_window,
 ) -> list[str]:
-    """SAELens' SAE and SAETrainer with their defaults, lr_end = lr; evaluated as the inference
-    SAE it saves (TopK, or JumpReLU with the estimated threshold for the batch rules)."""
+    """SAELens' SAE and SAETrainer with their defaults, lr_end = lr, its AuxK's dead window in
+    steps; evaluated as the inference SAE it saves (TopK, or JumpReLU with the estimated
+    threshold for the batch rules)."""
     torch.manual_seed(args.seed)  # SAELens initialises from the global generator
     sae = saelens_sae(args, architecture)
     if b_dec_at_mean:
@@ -132,6 +134,7 @@ def saelens_run(
         train_batch_size_samples=args.batch,
         lr=float(lr),
         lr_end=float(lr),  # required; the default schedule is constant
+        dead_feature_window=int(dead_feature_window),
     )
     provider = (b.acts_BD for b in tensor_batches(train_ND, args.batch, seed=args.seed))
     timing = timed(SAETrainer(cfg, sae, provider).fit)
@@ -219,8 +222,8 @@ WORLDS = {
 large, 3x the noise, as many planted directions as latents, a steeper Zipf law)."""
 
 TUNED = ("saelens", "saelens-mean", "saelens-batchtopk", "saelens-matryoshka", "fit-tuned")
-"""Rows trained once per learning rate of `--lrs`; the table shows the best (most directions
-matched, then the lowest held-out FVU) and names its rate."""
+"""Rows trained once per point of their grid (`grid`); the table shows the best (most
+directions matched, then the lowest held-out FVU) and names its settings."""
 
 
 def trainers(data, work: Path) -> dict[str, tuple[str, Callable[..., list[str]]]]:
@@ -263,8 +266,22 @@ def trainers(data, work: Path) -> dict[str, tuple[str, Callable[..., list[str]]]
     }
 
 
+def grid(args, run: str) -> list[tuple[str, dict[str, str]]]:
+    """A tuned row's settings to try: every `--lrs`, and for SAELens every `--peer-windows`
+    (its AuxK dead window in steps: vitscope's is a share of the run, so the peer's is swept)."""
+    windows = args.peer_windows.split(",") if run.startswith("saelens") else [""]
+    return [
+        (
+            f"lr {lr}" + (f", window {window}" if window else ""),
+            {"lr": lr, **({"dead_feature_window": window} if window else {})},
+        )
+        for lr in args.lrs.split(",")
+        for window in windows
+    ]
+
+
 def best(rows: list[tuple[str, list[str]]]) -> tuple[str, list[str]]:
-    """The learning rate whose row matched most planted directions (then lowest FVU)."""
+    """The setting whose row matched most planted directions (then lowest FVU)."""
     return max(rows, key=lambda row: (float(row[1][2].rstrip("%")), -float(row[1][4])))
 
 
@@ -290,10 +307,10 @@ def world_section(args, name: str, world_knobs: World, started: float) -> list[s
         for run in args.runs.split(","):
             label, train_row = table[run]
             if run in TUNED:
-                tried = [(lr, train_row(lr=lr)) for lr in args.lrs.split(",")]
-                tuning += [f"{label}, lr {lr} | " + " | ".join(row) for lr, row in tried]
-                lr, numbers = best(tried)
-                rows.append(f"{label}, best lr {lr} | " + " | ".join(numbers))
+                tried = [(setting, train_row(**point)) for setting, point in grid(args, run)]
+                tuning += [f"{label}, {setting} | " + " | ".join(row) for setting, row in tried]
+                setting, numbers = best(tried)
+                rows.append(f"{label}, best: {setting} | " + " | ".join(numbers))
             else:
                 rows.append(f"{label} | " + " | ".join(train_row()))
             print(rows[-1], file=sys.stderr)
@@ -317,7 +334,7 @@ def world_section(args, name: str, world_knobs: World, started: float) -> list[s
         "",
         *md_table(header, rows),
         "",
-        *(tuning and ["Every learning rate tried (the best of each is above):", ""]),
+        *(tuning and ["Every setting tried (the best of each is above):", ""]),
         *(tuning and [*md_table(header, tuning), ""]),
     ]
 
@@ -333,6 +350,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worlds", default="base", help=f"any of {','.join(WORLDS)}")
     parser.add_argument("--lrs", default="1e-3,2e-3,4e-3", help="the grid of the tuned rows")
+    parser.add_argument(
+        "--peer-windows", default="1000", help="SAELens' dead_feature_window grid (steps)"
+    )
     parser.add_argument("--runs", default="saelens-mean,fit", help=f"any of {','.join(RUNS)}")
     parser.add_argument(
         "--variant", type=variant, action="append", default=[], help="a fit row: KEY=VALUE,..."
@@ -344,7 +364,8 @@ def main() -> None:
     body = [
         f"SAEs: {args.latents:,} latents, k = {args.k}, batch {args.batch}, {args.tokens:,} "
         f"training tokens, {args.heldout:,} held out, torch threads {torch.get_num_threads()}; "
-        f"tuned rows: the best of lr {args.lrs}.",
+        f"tuned rows: the best of lr {args.lrs} (SAELens: and dead window "
+        f"{args.peer_windows} steps).",
         "",
     ]
     for name in args.worlds.split(","):

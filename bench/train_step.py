@@ -1,5 +1,5 @@
 """One SAE training step, sparse paths against a straightforward dense implementation and
-against one bfloat16 encoder product of the same shape.
+against one bfloat16 encoder product of the same shape, for each architecture.
 
 Why: issue 4 asks the sparse decoder and sparse encoder gradient to make a step at d=1024,
 65,536 latents, k=32, 4,096 tokens at least 5x faster than the dense computation on a CPU, with
@@ -7,7 +7,8 @@ the same gradients; issue 12 asks a GPU step within 3x of one bfloat16 product (
 with no slowdown over repeated steps (the first and last fifth of the steps are compared). Both
 paths are the same `TopKSAE` (`autoencode(x, dense=True)` is the plain PyTorch version: dense
 top-k scattered into a (B, F) matrix, dense decoder product, autograd); the sparse one runs with
-each selection precision.
+each selection precision. BatchTopK and Matryoshka (issue 23) take the sparse path, flat, with
+the selection TrainConfig's "auto" gives the device (bfloat16 on a GPU).
 
     .venv/bin/python bench/train_step.py                  # CPU, full configuration
     python bench/train_step.py --device cuda              # GPU
@@ -23,8 +24,7 @@ from pathlib import Path
 import torch
 from common import command_line, publish, timed
 
-from vitscope.saes.architectures import build_sae
-from vitscope.saes.architectures.topk import TopKOptions
+from vitscope.saes.architectures import ARCHITECTURES, build_sae
 from vitscope.saes.card import SAECard
 from vitscope.saes.kernels import SelectionPrecision
 from vitscope.saes.sae import SAE, losses
@@ -46,9 +46,14 @@ def make_step(sae: SAE, dense: bool, dead_F: torch.Tensor | None, k_aux: int):
     return step
 
 
-def topk_sae(args: argparse.Namespace, selection: SelectionPrecision = "float32") -> SAE:
-    """The benchmark's TopK SAE, seed 0."""
-    return build_sae(SAECard(args.d, args.latents, TopKOptions(k=args.k)), selection=selection)
+def bench_sae(
+    args: argparse.Namespace, architecture: str = "topk", selection: SelectionPrecision = "float32"
+) -> SAE:
+    """The benchmark's SAE of `architecture`, seed 0 (Matryoshka: prefixes 1/16 and 1/4)."""
+    widths = (args.latents // 16, args.latents // 4, args.latents)
+    prefixes = {"matryoshka_widths": widths} if architecture == "matryoshka" else {}
+    options = ARCHITECTURES[architecture].Options(k=args.k, **prefixes)
+    return build_sae(SAECard(args.d, args.latents, options), selection=selection)
 
 
 def time_steps(step, batches: list[torch.Tensor], repeats: int) -> list[float]:
@@ -68,7 +73,7 @@ def gradient_agreement(args: argparse.Namespace, x_BD: torch.Tensor, dead_F) -> 
     """Largest relative difference between the two paths' gradients, parameter by parameter."""
     grads = {}
     for dense in (True, False):
-        sae = topk_sae(args).to(x_BD.device)
+        sae = bench_sae(args).to(x_BD.device)
         out = sae.autoencode(x_BD, dead_F, args.k_aux, dense)
         losses(sae, out, x_BD)["loss"].backward()
         grads[dense] = {name: p.grad for name, p in sae.named_parameters()}
@@ -102,12 +107,20 @@ def main() -> None:
         dead_F = torch.rand(args.latents, generator=torch.Generator().manual_seed(1)) < args.dead
         dead_F = dead_F.to(device)
     error = gradient_agreement(args, batches[0], dead_F)
-    floor = topk_sae(args).w_enc.detach().to(device)
+    floor = bench_sae(args).w_enc.detach().to(device)
     timings = {"bfloat16 encoder product": product_seconds(batches[0], floor, args.repeats)}
-    paths = [("sparse, float32 selection", False, "float32"), ("dense", True, "float32")]
-    paths += [("sparse, bfloat16 selection", False, "bfloat16"), paths[0]]  # drift check
-    for name, dense, selection in paths:
-        sae = topk_sae(args, selection=selection)
+    auto = "bfloat16" if device.type == "cuda" else "float32"  # TrainConfig's selection "auto"
+    paths = [
+        ("sparse, float32 selection", False, "float32", "topk"),
+        ("dense", True, "float32", "topk"),
+    ]
+    paths += [("sparse, bfloat16 selection", False, "bfloat16", "topk")]
+    paths += [
+        (f"{name}, {auto} selection", False, auto, name) for name in ("batchtopk", "matryoshka")
+    ]
+    paths += [paths[0]]  # drift check
+    for name, dense, selection, architecture in paths:
+        sae = bench_sae(args, architecture, selection)
         step = make_step(sae.to(device), dense, dead_F, args.k_aux)
         times = time_steps(step, batches, args.repeats)
         timings.setdefault(name, []).extend(times)

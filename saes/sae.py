@@ -245,14 +245,16 @@ class SAE(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} has no SAELens layout")
 
     def _aux_recon(self, x_centered: Tensor, dead_F: Tensor, k_aux: int, dense: bool) -> Tensor:
-        """Reconstruct with the top k_aux dead latents only (their pre-activations are exact)."""
+        """Reconstruct with the top k_aux dead latents only, by their raw pre-activations: no
+        ReLU, so a latent whose pre-activations went negative everywhere (the usual way to die)
+        still gets a gradient that moves it back towards the data (as SAELens' AuxK)."""
         dead_idx = dead_F.nonzero().squeeze(1)
         k_aux = min(k_aux, len(dead_idx))
         if dense:
             preacts_BF = x_centered @ self.w_enc.T + self.b_enc
             masked = preacts_BF.masked_fill(~dead_F, float("-inf"))
             values, idx = masked.topk(k_aux, dim=1)
-            z_BF = torch.zeros_like(preacts_BF).scatter(1, idx, values.relu())
+            z_BF = torch.zeros_like(preacts_BF).scatter(1, idx, values)
             return z_BF @ self.w_dec
         with torch.no_grad():
             dead_preacts = torch.addmm(self.b_enc[dead_idx], x_centered, self.w_enc[dead_idx].T)
@@ -261,7 +263,7 @@ class SAE(nn.Module):
             values = values.gather(1, order).flatten()
         rows = Rows.uniform(idx)
         z_N = SparseEncode.apply(
-            x_centered, self.w_enc, self.b_enc, values, rows, True, self.kernels
+            x_centered, self.w_enc, self.b_enc, values, rows, False, self.kernels
         )
         return SparseDecode.apply(z_N, rows, self.w_dec, self.kernels)
 

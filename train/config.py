@@ -22,6 +22,9 @@ SWEEPABLE = ("architecture", "k", "n_latents", "k_aux", "lr", "seed")
 batch is shared: the data (cache, layer, token set, batch, order) and the schedule."""
 
 
+DEAD_TOKENS_AT_MOST = 10_000_000
+"""Gao et al.'s dead-latent window, the automatic one's ceiling."""
+
 LR_AT_16K_LATENTS = 1.5e-3
 """The automatic learning rate at 2^14 latents; measured on bench/planted.py."""
 
@@ -40,6 +43,7 @@ CLIP_SCOPE = {
     "activation": "none",
     "input_norm": "standardize",
     "unit_decoder": False,
+    "encoder_init_scale": 1.0,
 }
 """CLIP-Scope's training recipe as its code published it (Lewington-pitsos/sache,
 scripts/train_sae.py and sache/model.py): TopK without ReLU, inputs standardised per batch,
@@ -80,8 +84,9 @@ class TrainConfig:
     """Active latents per token (batchtopk, matryoshka: on average over a batch)."""
     n_latents: Annotated[int, AtLeast(1)] = 65536
     """Dictionary size (16 x 1024 for ViT-L/14)."""
-    k_aux: Annotated[int, AtLeast(1)] = 512
-    """Dead latents used by the AuxK loss (Gao et al.: a power of two near d_in / 2)."""
+    k_aux: Annotated[int, AtLeast(0)] = 0
+    """Dead latents used by the AuxK loss; 0 = automatic, Gao et al.'s power of two near d_in / 2
+    (512 for ViT-L/14's 1,024)."""
     aux_coefficient: Annotated[float, AtLeast(0)] = 1 / 32
     """Weight of the AuxK loss (Gao et al.: 1/32); 0 trains no dead latent."""
     activation: Activation = "relu"
@@ -90,6 +95,12 @@ class TrainConfig:
     """scale: one fixed factor, E|x|^2 = 1; standardize: each batch per feature (CLIP-Scope)."""
     unit_decoder: bool = True
     """Keep decoder rows at unit norm (Gao et al.); CLIP-Scope left them free."""
+    encoder_init_scale: Annotated[float, Above(0)] = 0.1
+    """Encoder rows start as the decoder rows times this. 0.1 (SAELens' decoder_init_norm, with
+    its encoder the decoder's transpose) against Gao et al.'s 1: Adam's steps, the same size
+    either way, then turn each encoder row ten times as far early on, and latents that would
+    never have fired find features (planted features: 39% of latents unused -> 4%, rarest
+    quarter recovered 57% -> 92%; BENCHMARKS.md, issue 23)."""
     batch_size: Annotated[int, AtLeast(1)] = 4096
     """Tokens per step."""
     lr: Annotated[float, AtLeast(0)] = 0.0
@@ -102,8 +113,10 @@ class TrainConfig:
     """Share of training with a linear learning-rate warm-up from 0."""
     decay_fraction: Annotated[float, AtLeast(0)] = 0.2
     """Share of training, at the end, with a linear decay of the learning rate to 0."""
-    dead_tokens: Annotated[int, AtLeast(1)] = 10_000_000
-    """A latent that has not fired for this many tokens is dead (and trained by AuxK)."""
+    dead_tokens: Annotated[int, AtLeast(0)] = 0
+    """A latent that has not fired for this many tokens is dead (and trained by AuxK); 0 =
+    automatic, a sixteenth of the run up to Gao et al.'s 10 M tokens (10 M for CLIP-Scope's
+    1.2 billion; their 10 M never engaged AuxK in a run of a few million, BENCHMARKS.md)."""
     buffer_tokens: Annotated[int, AtLeast(1)] = 2**19
     """Tokens shuffled together (a window of whole chunks); 2^19 mixes ~2,000 images."""
     readers: Annotated[int, AtLeast(1)] = 4
@@ -186,6 +199,15 @@ class TrainConfig:
         if self.selection != "auto":
             return self.selection
         return "bfloat16" if device.type == "cuda" else "float32"
+
+    @property
+    def dead_window(self) -> int:
+        """`dead_tokens`, or when 0 a sixteenth of the run, at most 10 M tokens."""
+        return self.dead_tokens or min(DEAD_TOKENS_AT_MOST, self.tokens // 16)
+
+    def k_aux_for(self, d_in: int) -> int:
+        """`k_aux`, or when 0 the power of two nearest d_in / 2."""
+        return self.k_aux or 2 ** max(0, round(math.log2(d_in / 2)))
 
     @property
     def matryoshka_widths(self) -> tuple[int, ...]:

@@ -91,6 +91,8 @@ def new_member(
         training=config_dict(cfg),
     )
     sae = build_sae(card, seed=cfg.seed, selection=cfg.selection_on(device))
+    with torch.no_grad():
+        sae.w_enc.mul_(cfg.encoder_init_scale)
     sae.initialise_from(sample_ND)
     sae.to(device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.peak_lr, eps=cfg.adam_eps)
@@ -103,8 +105,8 @@ def train_step(member: Member, x_BD: torch.Tensor, parallel: DataParallel | None
     process's share of the global batch when `parallel` spans several ranks."""
     cfg, sae, state = member.cfg, member.sae, member.state
     world = parallel.world if parallel else 1
-    dead_F = state.since_fired_F > cfg.dead_tokens
-    out = sae.autoencode(x_BD, dead_F if cfg.aux_coefficient else None, cfg.k_aux)
+    dead_F = state.since_fired_F > cfg.dead_window
+    out = sae.autoencode(x_BD, dead_F if cfg.aux_coefficient else None, cfg.k_aux_for(sae.d_in))
     terms = losses(sae, out, x_BD, cfg.aux_coefficient)
     member.optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
