@@ -192,7 +192,7 @@ def test_a_trained_sae_goes_through_every_consumer(
     assert card.get("matryoshka_widths") == (
         [4, 16, 64] if card["architecture"] == "matryoshka" else None
     )
-    assert card["threshold_rate"] == 0.05 and "activation" not in card
+    assert card["threshold_rate"] == 0.2 and "activation" not in card
     assert float(sae.get_buffer("threshold")) > 0
     acts = open_cache(reference_cache).read_rows(5, range(4))
     codes = sae.encode(acts)
