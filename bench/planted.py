@@ -304,7 +304,7 @@ def world_section(args, name: str, world_knobs: World, started: float) -> list[s
     rows, tuning = [], []
     try:
         table = trainers((args, world, train_ND, heldout_ND), work)
-        for run in args.runs.split(","):
+        for run in filter(None, args.runs.split(",")):
             label, train_row = table[run]
             if run in TUNED:
                 tried = [(setting, train_row(**point)) for setting, point in grid(args, run)]
