@@ -131,7 +131,7 @@ class BatchTopKSAE(SAE):
 
     @torch.no_grad()
     def _update_threshold(self, z_N: Tensor) -> None:
-        """θ's running mean of the smallest kept activation (no host sync: GPU steps stay async)."""
+        """θ's running mean of the smallest kept activation; a batch that keeps none leaves θ."""
         positive = torch.where(z_N > 0, z_N, float("inf"))
         none = positive.new_full((1,), float("inf"))  # a batch may keep nothing
         smallest = torch.cat((positive, none)).min().to(self.threshold.dtype)
