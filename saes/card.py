@@ -57,7 +57,8 @@ class SAECard:
     """The architecture and its options; in cfg.json `architecture` names it and the options'
     fields sit beside the others (SAE_FORMAT.md has a table per architecture)."""
     input_scale: float = 1.0
-    """Activations are multiplied by this before encoding (E‖x‖² = 1 on the training data)."""
+    """Activations are multiplied by this before encoding (E‖x − x̄‖² = 1 on the training data
+    since format 1.2's recipe, E‖x‖² = 1 before; either way a number the SAE stores)."""
     input_norm: InputNorm = "scale"
     """scale: x · input_scale; standardize: each batch to zero mean, unit variance (CLIP-Scope's
     training inputs), undone after decoding."""

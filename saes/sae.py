@@ -5,12 +5,13 @@ sparse autoencoders", 2024, for TopK):
     z = act(keep(W_enc · (x − b_pre) + b_enc))   (keep: the architecture's rule; act: relu or none)
     x̂ = W_decᵀ · z + b_pre,   â = x̂ / s
 
-`input_scale` s is fixed at initialisation so that E‖x‖² = 1 on the training data and stored with
-the SAE. Users call `encode(a)`, `decode(codes)` and `sae(a)`, all in the activations' own units;
-training calls `autoencode(x)` on scaled inputs. Shapes: B tokens, D = d_in, F = n_latents,
-K = k. W_enc and W_dec are both (F, D): row f of W_dec is latent f's direction (unit norm for
-SAEs trained here); W_enc starts as W_dec. The sparse path (saes/kernels.py) and the dense path
-compute the same function and the same gradients. Each architecture (saes/architectures/)
+`input_scale` s is fixed at initialisation so that E‖x − x̄‖² = 1 on the training data and
+stored with the SAE. Users call `encode(a)`, `decode(codes)` and `sae(a)`, all in the
+activations' own units; training calls `autoencode(x)` on scaled inputs. Shapes: B tokens,
+D = d_in, F = n_latents, K = k. W_enc and W_dec are both (F, D): row f of W_dec is latent f's
+direction (unit norm for SAEs trained here); W_enc starts as W_dec (the trainer then scales it,
+`encoder_init_scale`). The sparse path (saes/kernels.py) and the dense path compute the same
+function and the same gradients. Each architecture (saes/architectures/)
 subclasses `SAE` with its options, its keep rule and, where it has them, extra loss terms.
 """
 
@@ -270,10 +271,16 @@ class SAE(nn.Module):
     # ------------------------------------------------------------ the recipe's rules
     @torch.no_grad()
     def initialise_from(self, sample_ND: Tensor) -> None:
-        """Input scale to unit mean squared norm (1 when standardising); b_pre at the geometric
-        median of the sample's training inputs."""
+        """Input scale to unit mean squared distance from the sample's mean (1 when
+        standardising); b_pre at the geometric median of the sample's training inputs.
+
+        The distance, not the norm: b_pre removes the mean anyway, and scaling by the norm let a
+        large mean offset shrink the signal the SAE sees, and with it every activation, under
+        the same Adam steps (planted features with an offset 8x the signal: held-out FVU 0.66
+        against 0.16; BENCHMARKS.md, issue 23)."""
         if self.input_norm == "scale":
-            self.input_scale.fill_(float(sample_ND.pow(2).sum(dim=1).mean().rsqrt()))
+            centred_ND = sample_ND - sample_ND.mean(dim=0)
+            self.input_scale.fill_(float(centred_ND.pow(2).sum(dim=1).mean().rsqrt()))
         self.b_pre.copy_(geometric_median(self.training_inputs(sample_ND)))
 
     @torch.no_grad()

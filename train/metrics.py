@@ -1,6 +1,6 @@
 """What the log reports: training averages per window, and held-out reconstruction quality.
 
-Held-out numbers are in the SAE's scaled units (E‖x‖² = 1 on training data). FVU (fraction of
+Held-out numbers are in the SAE's scaled units (E‖x − x̄‖² = 1 on training data). FVU (fraction of
 variance unexplained) = Σ‖x̂ − x‖² / Σ‖x − mean(x)‖²; explained variance = 1 − FVU. The
 reconstruction MSE of every token position (CLS first) is reported too, since where an SAE fails
 inside the image is a finding of its own.
