@@ -1,7 +1,7 @@
 """The TopK SAE's sparse paths; each equals a dense computation (tests/test_kernels.py checks it).
 
-Shapes: B tokens, D width, F latents, K active latents per token, C candidates per token, N
-kept entries of a batch in all (B·K for TopK and for BatchTopK's batch rule).
+Shapes: B tokens, D width, F latents, K active latents per token, N kept entries of a batch in
+all (B·K for TopK and for BatchTopK's batch rule).
 
 A TopK SAE touches K of F latents per token, yet a dense implementation pays for all F three more
 times after the encoder: the decoder product, and the two gradient products behind it. Here only
@@ -67,9 +67,7 @@ class Rows:
     def from_flat(cls, flat_N: Tensor, n_tokens: int, n_latents: int) -> Rows:
         """Entries given by ascending positions in a row-major (B, F) matrix (CSR's order)."""
         tokens = flat_N // n_latents
-        crow = torch.zeros(n_tokens + 1, dtype=torch.long, device=flat_N.device)
-        torch.cumsum(torch.bincount(tokens, minlength=n_tokens), dim=0, out=crow[1:])
-        return cls(crow, flat_N - tokens * n_latents)
+        return cls(_row_pointers(tokens, n_tokens), flat_N - tokens * n_latents)
 
     @classmethod
     def cat(cls, parts: list[Rows]) -> Rows:
@@ -77,7 +75,7 @@ class Rows:
         ends = torch.stack([part.crow[-1] for part in parts]).cumsum(dim=0)
         crows = [
             parts[0].crow,
-            *(p.crow[1:] + end for p, end in zip(parts[1:], ends, strict=False)),
+            *(p.crow[1:] + end for p, end in zip(parts[1:], ends[:-1], strict=True)),
         ]
         return cls(torch.cat(crows), torch.cat([part.idx for part in parts]))
 
@@ -88,14 +86,19 @@ class Rows:
     def subset(self, chosen_N: Tensor) -> Rows:
         """The chosen entries (a boolean mask over N), still in CSR order."""
         tokens = self.token_of_entry()[chosen_N]
-        crow = torch.zeros_like(self.crow)
-        torch.cumsum(torch.bincount(tokens, minlength=self.n_tokens), dim=0, out=crow[1:])
-        return Rows(crow, self.idx[chosen_N])
+        return Rows(_row_pointers(tokens, self.n_tokens), self.idx[chosen_N])
 
     def token_of_entry(self) -> Tensor:
         """(N,) the token each entry belongs to."""
         tokens = torch.arange(self.n_tokens, device=self.crow.device)
         return tokens.repeat_interleave(self.crow.diff(), output_size=len(self.idx))
+
+
+def _row_pointers(tokens_N: Tensor, n_tokens: int) -> Tensor:
+    """CSR row pointers (B + 1,) of entries whose tokens ascend."""
+    crow = torch.zeros(n_tokens + 1, dtype=torch.long, device=tokens_N.device)
+    torch.cumsum(torch.bincount(tokens_N, minlength=n_tokens), dim=0, out=crow[1:])
+    return crow
 
 
 def selection_matrix(rows: Rows, values_N: Tensor, n_latents: int) -> Tensor:
