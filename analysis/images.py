@@ -18,9 +18,10 @@ from PIL import Image
 
 from vitscope.cache_spec.store import Cache
 from vitscope.pipeline.shards import IMAGE_EXTENSIONS, read_samples
+from vitscope.support.errors import MissingInput
 
 
-class ImageSourceError(Exception):
+class ImageSourceError(MissingInput):
     """A top image cannot be read back: its shard or key is not where the cache says."""
 
 

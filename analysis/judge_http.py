@@ -22,6 +22,8 @@ from typing import Literal
 
 from PIL import Image
 
+from vitscope.support.errors import Unreachable
+
 log = logging.getLogger(__name__)
 
 PROMPT = (
@@ -42,7 +44,7 @@ _LETTERS: dict[str, Literal["A", "B"]] = {"A": "A", "B": "B"}
 _STANDALONE = re.compile(r"(?<![A-Za-z0-9])[AB](?![A-Za-z0-9])")
 
 
-class JudgeError(RuntimeError):
+class JudgeError(Unreachable):
     """The endpoint could not be asked: a bad key or URL, or still failing after the retries."""
 
 

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vitscope.support.errors import BadSetting
+
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 
 
-class StorageRangeError(ValueError):
+class StorageRangeError(BadSetting):
     """Activations that the chosen storage cannot hold (non-finite, or beyond float16's range)."""
 
 

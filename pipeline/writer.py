@@ -19,9 +19,10 @@ import torch
 from vitscope.cache_spec.layout import ROWS_SCHEMA
 from vitscope.cache_spec.store import Cache, ShardCommit, utc_now, writer_id
 from vitscope.pipeline.shards import SampleRecord
+from vitscope.support.errors import UserError
 
 
-class CacheWriteError(Exception):
+class CacheWriteError(UserError):
     """Writing failed (a full disk, say): the shard in hand stays uncommitted, the rest is kept."""
 
 

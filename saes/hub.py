@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from vitscope.saes.folder import CARD_FILE, WEIGHTS_FILE, load_sae_folder
 from vitscope.saes.model_card import model_card, run_metrics
+from vitscope.support.errors import Unreachable
 from vitscope.support.extras import require
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ PUSHED_FILES = (CARD_FILE, WEIGHTS_FILE, "log.jsonl")
 """Besides these, every PNG at the top of the run folder is pushed (report.png, ...)."""
 
 
-class HubError(Exception):
+class HubError(Unreachable):
     """The hub could not be reached or refused a request: one line, never the token."""
 
 

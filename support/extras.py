@@ -8,8 +8,10 @@ import importlib
 import importlib.util
 from types import ModuleType
 
+from vitscope.support.errors import UserError
 
-class MissingExtraError(ImportError):
+
+class MissingExtraError(UserError, ImportError):
     """A command needs a package that only an extra installs."""
 
 

@@ -14,25 +14,14 @@ import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from vitscope.support.errors import BadSetting, UserError
 
-class FileFormatError(Exception):
+
+class FileFormatError(UserError):
     """A file does not match its format: says where, what was expected, what was found, the fix."""
 
     def __init__(self, path: Path | str, expected: str, found: str, fix: str = "") -> None:
-        self.path = Path(path)
-        message = f"{path}: expected {expected}, found {found}"
-        super().__init__(f"{message}; {fix}" if fix else message)
-
-    def __reduce__(self) -> tuple:
-        """Pickled as its message, so it comes back intact from a reader process."""
-        return (_rebuilt_error, (type(self), self.path, str(self)))
-
-
-def _rebuilt_error(cls: type[FileFormatError], path: Path, message: str) -> FileFormatError:
-    error = cls.__new__(cls)
-    Exception.__init__(error, message)
-    error.path = path
-    return error
+        super().__init__(f"expected {expected}, found {found}", path=path, fix=fix)
 
 
 def parse_record(
@@ -140,11 +129,11 @@ def check_output_path(path: Path | str, flag: str, folder: bool = True) -> None:
     if "://" in str(path):
         return
     if not folder and path.is_dir():
-        raise ValueError(f"{path}: expected a file to write, found a folder; choose another {flag}")
+        raise BadSetting(f"{path}: expected a file to write, found a folder; choose another {flag}")
     for above in (path, *path.parents) if folder else path.parents:
         if above.is_file():
             found = "a file" if above == path else f"a file at {above}"
-            raise ValueError(
+            raise BadSetting(
                 f"{path}: expected a folder to write into, found {found}; choose another {flag}"
             )
         if above.exists():

@@ -11,16 +11,13 @@ from typing import Annotated, Any, Literal, TypeVar
 import typer
 
 from vitscope.analysis.config import AnalyzeConfig, MonosemanticityConfig
-from vitscope.analysis.images import ImageSourceError
 from vitscope.analysis.sorteval_config import SortEvalConfig
-from vitscope.cache_spec.storage import StorageRangeError
 from vitscope.options import add_config_command
 from vitscope.pipeline.config import CacheConfig, DownloadConfig
-from vitscope.pipeline.writer import CacheWriteError
-from vitscope.saes.hub import HubError
-from vitscope.support.extras import MissingExtraError, require
+from vitscope.support.errors import UserError
+from vitscope.support.extras import require
 from vitscope.support.memory import return_large_buffers
-from vitscope.support.records import FileFormatError, check_output_path
+from vitscope.support.records import check_output_path
 from vitscope.train.config import TrainConfig
 
 app = typer.Typer(
@@ -39,16 +36,7 @@ def _every_command() -> None:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-USER_ERRORS = (
-    FileFormatError,
-    HubError,
-    MissingExtraError,
-    ImageSourceError,
-    CacheWriteError,
-    StorageRangeError,
-    FileNotFoundError,
-    ValueError,
-)
+USER_ERRORS = (UserError, ValueError, FileNotFoundError)
 """Errors caused by input or environment: printed as one line, exit status 1, no traceback."""
 
 
