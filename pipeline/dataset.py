@@ -7,6 +7,7 @@ process can commit a shard the moment its last rows are written.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,6 +25,7 @@ from vitscope.pipeline.shards import (
     read_samples,
     sample_record,
 )
+from vitscope.support.lifetime import die_with_parent
 
 
 @dataclass
@@ -137,4 +139,11 @@ def shard_loader(dataset: ShardImages, num_workers: int, pin_memory: bool) -> Da
         pin_memory=pin_memory,
         prefetch_factor=4 if num_workers else None,
         persistent_workers=False,
+        worker_init_fn=partial(_start_worker, os.getpid()),
     )
+
+
+def _start_worker(parent_pid: int, worker_id: int) -> None:
+    """A worker blocked reading a shard (a stalled mount, a pipe) misses torch's own check that
+    its parent lives, so it is killed with it."""
+    die_with_parent(parent_pid)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import multiprocessing
+import os
 from concurrent.futures import Future, ProcessPoolExecutor
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from vitscope.cache_spec.chunk_files import ChunkFile, read_chunk_file
+from vitscope.support.lifetime import die_with_parent
 
 TASKS_PER_READER = 2
 """Tasks a window's reads are split into, per reader: few, for little messaging; more than one,
@@ -57,7 +59,7 @@ class ChunkReaders:
             processes,
             mp_context=multiprocessing.get_context("fork"),
             initializer=_start_reader,
-            initargs=(self.buffer,),
+            initargs=(self.buffer, os.getpid()),
         )
 
     def submit(self, first_slot: int, files: list[ChunkFile]) -> list[Future[list[bool]]]:
@@ -86,8 +88,9 @@ _buffer: Tensor | None = None
 """In a reader process: the shared buffer it inherited."""
 
 
-def _start_reader(buffer: Tensor) -> None:
+def _start_reader(buffer: Tensor, parent_pid: int) -> None:
     global _buffer
+    die_with_parent(parent_pid)  # a reader outliving a killed trainer would wait for ever
     _buffer = buffer
     torch.set_num_threads(1)  # no OpenMP pool in a forked child; the readers are the parallelism
 
