@@ -23,7 +23,7 @@ SWEEP ?= sweep.toml
 NPROC ?=
 LAUNCH := $(if $(NPROC),.venv/bin/torchrun --standalone --nproc-per-node $(NPROC) -m vitscope,$(VITSCOPE))
 
-.PHONY: install download cache train sweep demo test bench lint
+.PHONY: install browser download cache train sweep demo test bench lint
 
 install: .venv/.installed
 
@@ -33,6 +33,14 @@ install: .venv/.installed
 	.venv/bin/pip install -q $(TORCH)
 	.venv/bin/pip install -q -e ".[dev]"
 	touch $@
+
+# The browser tests drive Debian's Chromium and its driver (tests/conftest.py: /usr/bin) through
+# Selenium: installed from apt when either is missing (as root, else through sudo), else nothing.
+browser:
+	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || { \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get install -y -qq chromium chromium-driver \
+		|| { $$sudo apt-get update -qq && $$sudo apt-get install -y -qq chromium chromium-driver; }; }
 
 download: install
 	$(VITSCOPE) download --url-list $(URLS) --out $(SHARDS) --url-col URL --caption-col TEXT
@@ -52,7 +60,7 @@ demo: install
 	$(VITSCOPE) demo
 
 # Two pytest-xdist workers, one torch thread each (tests/conftest.py): 0.62 of the serial time on 2 cores.
-test: install
+test: install browser
 	.venv/bin/pytest -q -n 2
 
 bench: install
