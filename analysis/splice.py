@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+from tqdm import tqdm
 
 from vitscope.analysis.images import read_images
 from vitscope.cache_spec.store import Cache, open_cache
@@ -137,14 +138,17 @@ def splice_eval(
         raise ValueError(f"the SAE's layer {card.layer} is not a block of {tower.model}")
     batches = _pixel_batches(images, tower, batch_size)
     tokens = token_slice(card.token_set, tower.n_tokens)  # type: ignore[arg-type]
-    status(f"splicing {sum(len(b) for b in batches)} images at layer {card.layer}")
+    n_images = sum(len(b) for b in batches)
+    status(f"splicing {n_images} images at layer {card.layer}: clean, {', '.join(EDITS)}")
 
     sums_TD: list[Tensor] = []
 
     def keep_sum(acts_BTD: Tensor) -> None:
         sums_TD.append(acts_BTD.float().sum(dim=0))
 
-    clean_NE = _embed(tower, batches, card.layer, keep_sum)
+    passes = (1 + len(EDITS)) * n_images
+    progress = tqdm(total=passes, unit="img", desc="splice passes", dynamic_ncols=True)
+    clean_NE = _embed(tower, batches, card.layer, keep_sum, progress)
     mean_TD = torch.stack(sums_TD).sum(dim=0) / len(clean_NE)
     replacements: dict[str, Callable[[Tensor], Tensor]] = {
         "sae": sae,
@@ -152,9 +156,10 @@ def splice_eval(
         "zero_ablation": torch.zeros_like,
     }
     embeddings = {
-        edit: _embed(tower, batches, card.layer, _on_tokens(tokens, replace))
+        edit: _embed(tower, batches, card.layer, _on_tokens(tokens, replace), progress)
         for edit, replace in replacements.items()
     }
+    progress.close()
     texts_LE = None
     if isinstance(model, ClipModel):
         names = import_open_clip().IMAGENET_CLASSNAMES if labels is None else labels
@@ -233,9 +238,15 @@ def _on_tokens(tokens: slice, replace: Callable[[Tensor], Tensor]) -> BlockHook:
     return hook
 
 
-def _embed(tower: VisionTower, batches: list[Tensor], layer: int, hook: BlockHook) -> Tensor:
-    """(N, E) float32 image embeddings with `hook` on block `layer`."""
-    return torch.cat([spliced_forward(tower, b, layer, hook).float() for b in batches])
+def _embed(
+    tower: VisionTower, batches: list[Tensor], layer: int, hook: BlockHook, progress: tqdm
+) -> Tensor:
+    """(N, E) float32 image embeddings with `hook` on block `layer`, counted on `progress`."""
+    embeddings = []
+    for batch in batches:
+        embeddings.append(spliced_forward(tower, batch, layer, hook).float())
+        progress.update(len(batch))
+    return torch.cat(embeddings)
 
 
 @torch.inference_mode()
@@ -244,7 +255,11 @@ def _text_embeddings(clip: ClipModel, labels: list[str], batch_size: int) -> Ten
     if not labels:
         raise ValueError("zero-shot agreement needs at least one label")
     ids = clip.tokenizer([TEMPLATE.format(label) for label in labels])
-    parts = [clip.encode_text(i.to(clip.tower.device)).float() for i in ids.split(batch_size)]
+    parts = []
+    with tqdm(total=len(labels), unit="label", desc="label texts", dynamic_ncols=True) as progress:
+        for batch in ids.split(batch_size):
+            parts.append(clip.encode_text(batch.to(clip.tower.device)).float())
+            progress.update(len(batch))
     return F.normalize(torch.cat(parts), dim=-1)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,6 +103,15 @@ def test_the_photo_sae_lands_between_the_ablations_and_clean(clip: ClipModel, ph
         assert math.isfinite(score.cosine) and -1 <= score.cosine <= 1
         assert 0 <= score.agreement <= 1
     assert result.zero_ablation.cosine < result.sae.cosine < 1
+
+
+def test_the_slow_passes_show_their_progress(clip: ClipModel, photos, card: SAECard, capsys):
+    """Four passes of the images and one of the labels' texts, each a bar with its rate and ETA
+    (ImageNet's 1000 labels on a CPU took minutes without a word)."""
+    splice_eval(StandIn(card, lambda acts: acts), photos, clip, LABELS, batch_size=3)
+    bars = capsys.readouterr().err
+    assert re.search(r"splice passes: 100%.* 32/32 \[[0-9:]+<[0-9:]+, +[0-9.]+img/s\]", bars)
+    assert re.search(r"label texts: 100%.* 6/6 \[[0-9:]+<[0-9:]+, +[0-9.]+label/s\]", bars)
 
 
 def test_the_command_writes_splice_json(photo_sae: Path, shards: Path, tmp_path: Path):
