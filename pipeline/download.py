@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from vitscope.pipeline.config import DownloadConfig
@@ -14,6 +17,43 @@ from vitscope.support.records import check_output_path
 INPUT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".txt": "txt"}
 CLUSTER_EXTRAS = {"pyspark": "spark", "ray": "ray"}
 """The package each cluster distributor needs, and the extra that brings it."""
+
+
+@dataclass(frozen=True)
+class DownloadStats:
+    """A shard folder's totals, from the `NNNNN_stats.json` img2dataset writes for each shard."""
+
+    shards: int
+    count: int
+    """URLs tried."""
+    successes: int
+    reasons: dict[str, int]
+    """Why the others failed (img2dataset's status, e.g. 'HTTP Error 404: File not found') and
+    how many each."""
+
+    @property
+    def failed(self) -> int:
+        return self.count - self.successes
+
+    def line(self, out: Path | str) -> str:
+        """One summary line: what img2dataset's per-worker fractions leave to arithmetic."""
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(self.reasons.items()))
+        return (
+            f"shards in {out}: {self.shards}; {self.successes} of {self.count} images downloaded, "
+            f"{self.failed} failed" + (f" ({why})" if why else "")
+        )
+
+
+def download_stats(out: Path) -> DownloadStats:
+    """Sum the stats of every shard in `out` (earlier runs' included: re-runs skip their shards)."""
+    count, successes, reasons = 0, 0, Counter[str]()
+    shard_stats = sorted(out.glob("*_stats.json"))
+    for path in shard_stats:
+        stats = json.loads(path.read_text())
+        count += stats["count"]
+        successes += stats["successes"]
+        reasons.update({k: v for k, v in stats.get("status_dict", {}).items() if k != "success"})
+    return DownloadStats(len(shard_stats), count, successes, dict(reasons))
 
 
 def input_format(url_list: Path) -> str:

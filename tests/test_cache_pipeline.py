@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TEST_LAYERS, TEST_MODEL, cache_config
+from conftest import PHOTOS, TEST_LAYERS, TEST_MODEL, cache_config, run_vitscope
 from vitscope.cache_spec import open_cache
+from vitscope.demo import write_url_list
 from vitscope.pipeline.model import import_open_clip, load_vision_tower, residual_stream
 from vitscope.pipeline.run import cache
 
@@ -44,6 +45,18 @@ def hooked_forward(images: torch.Tensor, layers: tuple[int, ...]) -> dict[int, t
     for handle in handles:
         handle.remove()
     return outputs
+
+
+def test_download_sums_up_what_failed(photo_url: str, tmp_path: Path):
+    """img2dataset prints per-worker fractions ('failed to download: 0.250'); the command ends
+    with the counts, and why the failures failed."""
+    urls = write_url_list(tmp_path / "urls.csv", photo_url, PHOTOS[:3], {"gone.png": "not served"})
+    args = ["download", "--url-list", str(urls), "--out", str(tmp_path / "shards")]
+    done = run_vitscope(*args, "--threads", "2")
+    assert done.returncode == 0, done.stderr
+    summary = done.stdout.strip().splitlines()[-1]
+    expected = f"shards in {tmp_path / 'shards'}: 1; 3 of 4 images downloaded, 1 failed (1 HTTP"
+    assert summary.startswith(expected) and "404" in summary
 
 
 def test_cached_activations_equal_a_direct_forward_pass(reference_cache: Path, shards: Path, tower):

@@ -54,10 +54,10 @@ def one_line_errors(fn: F) -> F:
 
 @one_line_errors
 def run_download(config: DownloadConfig) -> None:
-    from vitscope.pipeline.download import download
+    from vitscope.pipeline.download import download, download_stats
 
     out = download(config)
-    print(f"shards in {out}: {len(list(out.glob('*.tar')))}")
+    print(download_stats(out).line(out))
 
 
 @one_line_errors

@@ -96,6 +96,10 @@ def demo_weights(model: str, tag: str) -> str:
     return "none"
 
 
+DELIBERATE_MISS = "missing.png"
+"""A URL the demo's server does not have, so its download step shows a failure counted and
+skipped."""
+
 DEMO_SAE_LAYERS = (5, 8)
 """The demo trains one SAE on each of these cached layers, then compares them."""
 
@@ -123,7 +127,7 @@ def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
     from vitscope.cache_spec.info import summary_lines
     from vitscope.cache_spec.store import open_cache
     from vitscope.pipeline.config import CacheConfig, DownloadConfig
-    from vitscope.pipeline.download import download
+    from vitscope.pipeline.download import download, download_stats
     from vitscope.pipeline.run import cache
     from vitscope.train.config import TrainConfig
     from vitscope.train.run import train
@@ -137,13 +141,19 @@ def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
             workdir / "urls.csv",
             base_url,
             sorted(PHOTO_CAPTIONS),
-            extra={"missing.png": "a photo the server does not have"},
+            extra={DELIBERATE_MISS: "a photo the server does not have"},
         )
         shards = download(
             DownloadConfig(
                 url_list=str(urls), out=str(workdir / "shards"), samples_per_shard=16, threads=8
             )
         )
+    stats = download_stats(shards)
+    print(stats.line(shards))
+    print(
+        f"demo: {stats.failed} of {stats.count} images failed to download; {DELIBERATE_MISS} "
+        "failed on purpose (the server does not have it), to show a failure counted and skipped"
+    )
     summary = cache(
         CacheConfig(
             shards=str(shards),
