@@ -7,6 +7,7 @@ their task queue, a cache's DataLoader worker opening a shard that is a named pi
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cache_config, cli_args
+from vitscope.support.lifetime import die_with_parent
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 
@@ -89,3 +91,17 @@ def test_cache_workers_die_with_a_killed_cache_run(shards_copy: Path, tmp_path: 
     os.mkfifo(first)  # never written: the worker reading it waits in open() for ever
     config = cache_config(shards_copy, tmp_path / "cache", num_workers=2)
     assert kill_and_find_survivors(cli_args(config), workers=2) == []
+
+
+def test_a_worker_whose_parent_died_before_it_asked_exits():
+    """The race: the parent killed between the fork and the request to die with it, so the
+    worker already has another parent and would never be signalled."""
+    fork = multiprocessing.get_context("fork")
+    worker = fork.Process(target=die_with_parent, args=(os.getpid() + 1,))
+    worker.start()
+    worker.join(timeout=30)
+    assert worker.exitcode == 1
+    alone = fork.Process(target=die_with_parent, args=(os.getpid(),))
+    alone.start()
+    alone.join(timeout=30)
+    assert alone.exitcode == 0
