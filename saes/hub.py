@@ -158,7 +158,7 @@ def _one_line_errors(what: str, endpoint: str, token: str | None) -> Iterator[No
         )
     except Exception as err:
         reason = f"{type(err).__name__} from {endpoint}: {_first_line(err)}"
-        if any(cls.__name__ == "TransportError" for cls in type(err).__mro__):  # httpx's
+        if type(err).__name__ in ("ConnectError", "ConnectTimeout"):  # httpx's: nothing answered
             reason = f"cannot reach the hub at {endpoint} ({_first_line(err)}); connect to it"
         if isinstance(err.__cause__, HfHubHTTPError):  # "Error while uploading 'x'" says no more
             reason += f" ({_first_line(err.__cause__)})"
