@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save
 
 from vitscope.analysis.config import AnalyzeConfig, MonosemanticityConfig
 from vitscope.analysis.files import (
+    ANALYSIS_FOLDER,
     STATE_FILE,
     AnalysisError,
     AnalysisMeta,
@@ -31,15 +32,16 @@ from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.saes.load import load_sae
 from vitscope.saes.sae import SAE
 from vitscope.support.devices import resolve_device
+from vitscope.support.outputs import check_output_path
 from vitscope.support.progress import status
-from vitscope.support.records import check_output_path, write_atomically
+from vitscope.support.records import write_atomically
 from vitscope.train.loader import read_chunks, token_slice
 
 
 def analyze(config: AnalyzeConfig) -> Path:
     """Run (or resume) the pass; returns the analysis folder."""
     out = config.out_dir
-    check_output_path(out, "--out")
+    check_output_path(out, "--out", overwrite=config.overwrite, own=ANALYSIS_FOLDER)
     sae = load_sae(config.run, device=resolve_device(config.device))
     layer = layer_of(config, sae)
     cache = open_cache(sae.card.cache_or(config.cache, config.run), layer=layer)

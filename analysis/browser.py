@@ -34,6 +34,7 @@ from PIL import Image, ImageOps
 from vitscope.analysis.files import HEATMAPS_ARRAY, Analysis
 from vitscope.analysis.images import iter_images
 from vitscope.cache_spec.store import Cache, open_cache
+from vitscope.support.outputs import check_output_path, holding
 
 ASSETS = Path(__file__).parent / "browser_assets"
 SITE_ASSETS = ("index.html", "feature.html", "app.js", "style.css")
@@ -52,17 +53,22 @@ GAME_PAGES = "*/game/sortgame.html"
 """Sort-eval game pages inside a run (RUN/sorteval-human-TOKEN/game/ by default)."""
 
 
+BROWSER_SITE = holding("a feature browser", INDEX_FILE)
+"""What `vitscope browse` replaces without --overwrite: a site it wrote."""
+
+
 def write_browser(
     analysis: Analysis,
     out: Path,
     shards: Path | None = None,
     thumb_px: int = 112,
     run: Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the site into `out` (built beside it, then swapped in); returns its index.html. The
-    index links the sort-eval games inside `run` (default: the folder holding the analysis)."""
-    if out.exists() and not (out / INDEX_FILE).is_file():
-        raise ValueError(f"{out}: exists and is not a feature browser; choose another --out")
+    """Write the site into `out` (built beside it, then swapped in: what `out` held is gone);
+    returns its index.html. The index links the sort-eval games inside `run` (default: the
+    folder holding the analysis)."""
+    check_output_path(out, "--out", overwrite=overwrite, own=BROWSER_SITE)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)

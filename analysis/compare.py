@@ -25,7 +25,7 @@ from vitscope.analysis.browser import LAYERS_FILE, RUN_SITE
 from vitscope.analysis.files import META_FILE, MS_COLUMN, load_analysis, read_meta
 from vitscope.analysis.sorteval_config import SortEvalConfig
 from vitscope.saes.folder import load_sae_folder
-from vitscope.support.records import check_output_path
+from vitscope.support.outputs import check_output_path, holding
 from vitscope.train.report import read_log
 
 if TYPE_CHECKING:
@@ -114,12 +114,17 @@ def check_one_cache(runs: list[Path]) -> None:
             )
 
 
-def compare(runs: list[Path], out: Path, judge: str = "clip", token: str = "all") -> list[Path]:
+COMPARISON = holding("a layer comparison", "compare.md")
+
+
+def compare(
+    runs: list[Path], out: Path, judge: str = "clip", token: str = "all", overwrite: bool = False
+) -> list[Path]:
     """The table (markdown, CSV), the figure, and layer links in every run's browser; the
     sort-eval columns are those of `judge` over `token`."""
     from vitscope.analysis.plots import save_figure
 
-    check_output_path(out, "--out")
+    check_output_path(out, "--out", overwrite=overwrite, own=COMPARISON)
     check_one_cache(runs)
     rows = sorted(
         (layer_row(run, judge, token) for run in runs), key=lambda r: (r.layer is None, r.layer)

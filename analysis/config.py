@@ -1,16 +1,18 @@
-"""Settings of `vitscope analyze` and `vitscope monosemanticity`: one frozen dataclass per job."""
+"""Settings of the analysis commands (analyze, monosemanticity, compare, grid, browse, splice): one
+frozen dataclass per command."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from vitscope.support.configs import AtLeast, check_bounds
+from vitscope.support.shared_options import Device, Overwrite, Resume, Shards
 
 
 @dataclass(frozen=True)
-class AnalyzeConfig:
+class AnalyzeConfig(Shards, Device, Resume, Overwrite):
     """One streaming pass of an SAE over its cache: statistics and top images per feature."""
 
     run: str
@@ -19,8 +21,6 @@ class AnalyzeConfig:
     """The cache to encode; empty = the cache the SAE was trained on (its cfg.json says)."""
     out: str = ""
     """Analysis folder; empty = RUN/analysis (or ./analysis for a non-folder SAE)."""
-    shards: str = ""
-    """Folder of the cache's shards, if they moved since caching; empty = where the cache says."""
     grids: Annotated[int, AtLeast(0)] = 4
     """Features whose top-image grid is drawn at the end (those firing on the most images)."""
     layer: Annotated[int, AtLeast(-1)] = -1
@@ -33,10 +33,6 @@ class AnalyzeConfig:
     """Threads reading and decompressing chunks ahead of the encoder."""
     checkpoint_every: Annotated[int, AtLeast(1)] = 256
     """Chunks between saved states that --resume continues from."""
-    device: str = "auto"
-    """Torch device for the encoder: auto = cuda when present, else cpu."""
-    resume: bool = False
-    """Continue an interrupted pass from its last saved state."""
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -50,7 +46,7 @@ class AnalyzeConfig:
 
 
 @dataclass(frozen=True)
-class MonosemanticityConfig:
+class MonosemanticityConfig(Shards, Device, Overwrite):
     """The MonoSemanticity Score of every feature of an SAE over the images of a cache."""
 
     run: str
@@ -59,8 +55,6 @@ class MonosemanticityConfig:
     """The evaluation images' cache; empty = the cache the SAE was trained on."""
     out: str = ""
     """Analysis folder to write into; empty = RUN/analysis (or ./analysis for a non-folder SAE)."""
-    shards: str = ""
-    """Folder of the cache's shards, if they moved since caching; empty = where the cache says."""
     encoder: str = ""
     """open_clip model whose image embeddings give the similarities; empty = the cache's model."""
     encoder_weights: str = ""
@@ -76,8 +70,6 @@ class MonosemanticityConfig:
     """DataLoader workers decoding and preprocessing images (one shard each at a time)."""
     read_threads: Annotated[int, AtLeast(1)] = 4
     """Threads reading and decompressing chunks ahead of the SAE's encoder."""
-    device: str = "auto"
-    """Torch device for the SAE and the encoder: auto = cuda when present, else cpu."""
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -90,3 +82,80 @@ class MonosemanticityConfig:
     @property
     def out_dir(self) -> Path:
         return AnalyzeConfig(run=self.run, out=self.out).out_dir
+
+
+@dataclass(frozen=True)
+class CompareConfig(Overwrite):
+    """SAEs on different layers of one cache, side by side."""
+
+    runs: tuple[str, ...]
+    """Run folders, one per layer of one cache."""
+    out: str = "runs/compare"
+    """Folder for compare.md, .csv and .png."""
+    judge: Literal["clip", "http", "human"] = "clip"
+    """Whose sort-eval score the table shows (RUN/sorteval-JUDGE-TOKEN)."""
+    token: Literal["all", "cls"] = "all"
+    """The token set of that sort-eval score."""
+
+
+@dataclass(frozen=True)
+class GridConfig(Shards, Overwrite):
+    """One feature's top images with their patch activations overlaid."""
+
+    analysis: str
+    """An analysis folder (RUN/analysis)."""
+    feature: Annotated[int, AtLeast(0)]
+    """The feature (latent index)."""
+    out: str = ""
+    """PNG to write; empty = ANALYSIS/grids/feature_NNNNN.png."""
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out or Path(self.analysis) / "grids" / f"feature_{self.feature:05d}.png")
+
+
+@dataclass(frozen=True)
+class BrowseConfig(Shards, Overwrite):
+    """The static feature browser of an analysis."""
+
+    run: str
+    """The run folder that was analysed."""
+    analysis: str = ""
+    """Analysis folder; empty = RUN/analysis."""
+    out: str = ""
+    """Site folder; empty = RUN/browser. A browser written before is replaced."""
+    serve: bool = False
+    """Then serve the site on 127.0.0.1."""
+    port: Annotated[int, AtLeast(0)] = 0
+    """Port for --serve; 0 = a free one."""
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
+@dataclass(frozen=True)
+class SpliceConfig(Shards, Device, Overwrite):
+    """The SAE's reconstruction spliced into its layer, scored against clean and ablated runs."""
+
+    run: str
+    """The SAE: run folder, CLIP-Scope .pt or hub id."""
+    cache: str = ""
+    """Cache whose images to use; empty = the SAE's training cache."""
+    images: Annotated[int, AtLeast(1)] = 256
+    """The first N committed rows' images."""
+    labels: str = ""
+    """Zero-shot labels, one a line; empty = ImageNet's."""
+    out: str = ""
+    """JSON to write; empty = RUN/splice.json (./splice.json for a non-folder SAE)."""
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+    @property
+    def out_path(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        return Path(self.run) / "splice.json" if Path(self.run).is_dir() else Path("splice.json")

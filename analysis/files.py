@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 
+from vitscope.support.outputs import holding
 from vitscope.support.records import FileFormatError, parse_record, read_json, write_atomically
 
 ANALYSIS_VERSION = "1.1"
@@ -34,6 +35,8 @@ MS_FILE = "monosemanticity.parquet"
 MS_META_FILE = "monosemanticity.json"
 MS_COLUMN = "ms"
 """The column `load_analysis` adds to `features` when the folder holds an MS result."""
+ANALYSIS_FOLDER = holding("an analysis folder", META_FILE, MS_META_FILE)
+"""What analyze and monosemanticity write into again: their own folder (of one or both)."""
 
 
 class AnalysisError(FileFormatError):

@@ -42,6 +42,7 @@ from torch import Tensor
 from vitscope.analysis.analyze import first_images, layer_of
 from vitscope.analysis.config import MonosemanticityConfig
 from vitscope.analysis.files import (
+    ANALYSIS_FOLDER,
     META_FILE,
     AnalysisError,
     MonosemanticityMeta,
@@ -55,8 +56,8 @@ from vitscope.pipeline.model import ImageEncoder, load_image_encoder
 from vitscope.saes.load import load_sae
 from vitscope.saes.sae import SAE
 from vitscope.support.devices import resolve_device
+from vitscope.support.outputs import check_output_path
 from vitscope.support.progress import status
-from vitscope.support.records import check_output_path
 from vitscope.train.loader import read_chunks, token_slice
 
 FEATURE_BLOCK = 4096
@@ -157,7 +158,7 @@ def monosemanticity(
     """Score every feature over the evaluation images; write monosemanticity.parquet and .json
     into the analysis folder; returns the folder, the meta and MS per feature (NaN: none)."""
     out = config.out_dir
-    check_output_path(out, "--out")
+    check_output_path(out, "--out", overwrite=config.overwrite, own=ANALYSIS_FOLDER)
     device = resolve_device(config.device)
     sae = load_sae(config.run, device=device)
     layer = layer_of(config, sae)

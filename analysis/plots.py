@@ -20,6 +20,7 @@ from vitscope.analysis.files import (
 from vitscope.analysis.images import read_images
 from vitscope.cache_spec.store import open_cache
 from vitscope.support.extras import require
+from vitscope.support.outputs import png_by, png_metadata
 from vitscope.support.progress import status
 from vitscope.train.report import read_log
 
@@ -157,11 +158,14 @@ def plot_monosemanticity(folder: Path) -> Path:
     return save_figure(fig, folder / "monosemanticity.png")
 
 
+FEATURE_GRID = png_by("a feature grid")
+
+
 def plot_feature_grid(
     analysis: Analysis, feature: int, out: Path, shards: Path | None = None
 ) -> Path:
     """grids/feature_NNNNN.png (see feature_grid_figure)."""
-    return save_figure(feature_grid_figure(analysis, feature, shards), out)
+    return save_figure(feature_grid_figure(analysis, feature, shards), out, FEATURE_GRID.what)
 
 
 def feature_grid_figure(analysis: Analysis, feature: int, shards: Path | None = None) -> plt.Figure:
@@ -210,8 +214,11 @@ def feature_grid_figure(analysis: Analysis, feature: int, shards: Path | None = 
     return fig
 
 
-def save_figure(fig: plt.Figure, out: Path) -> Path:
+def save_figure(fig: plt.Figure, out: Path, made_as: str = "") -> Path:
+    """Save as PNG; `made_as` marks it (png_by) so the command that draws it may redraw it."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90, bbox_inches="tight")
+    fig.savefig(
+        out, dpi=90, bbox_inches="tight", metadata=png_metadata(made_as) if made_as else None
+    )
     plt.close(fig)
     return out

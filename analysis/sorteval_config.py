@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from vitscope.support.configs import Above, AtLeast, check_bounds
+from vitscope.support.shared_options import Device, Overwrite, Shards
 
 
 @dataclass(frozen=True)
-class SortEvalConfig:
+class SortEvalConfig(Shards, Device, Overwrite):
     """A sort eval of one analysed SAE: pairs of features, a query image each, one judge."""
 
     run: str
@@ -32,8 +33,6 @@ class SortEvalConfig:
     """Analysis folder; empty = RUN/analysis."""
     cache: str = ""
     """Cache; empty = the one the analysis read."""
-    shards: str = ""
-    """Folder of the cache's shards, if they moved since caching."""
     out: str = ""
     """Folder for answers.jsonl and score.json; empty = RUN/sorteval-JUDGE-TOKEN."""
     judge_url: str = ""
@@ -51,8 +50,6 @@ class SortEvalConfig:
     with exponential backoff (or the server's Retry-After)."""
     answers: str = ""
     """human judge: the answers.jsonl the game page saved, to score."""
-    device: str = "auto"
-    """Torch device: auto = cuda when present, else cpu."""
 
     def __post_init__(self) -> None:
         check_bounds(self)

@@ -37,12 +37,14 @@ from vitscope.analysis.sorteval_config import SortEvalConfig
 from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.saes.load import load_sae
 from vitscope.support.devices import resolve_device
+from vitscope.support.outputs import check_output_path, holding
 from vitscope.support.progress import status
-from vitscope.support.records import check_output_path, write_json_atomically
+from vitscope.support.records import write_json_atomically
 
 IMAGE_BATCH = 32
 """Trials whose images are read from the shards together."""
 ANSWERS_FILE = "answers.jsonl"
+SORT_EVAL_FOLDER = holding("a sort eval's folder", ANSWERS_FILE, "score.json", "game")
 GAME_THUMB_PX = 224
 
 
@@ -60,7 +62,7 @@ class Prepared:
 
 def prepare(config: SortEvalConfig) -> Prepared:
     """The trials (a pure function of the settings) and the answers already on file for them."""
-    check_output_path(config.out_dir, "--out")
+    check_output_path(config.out_dir, "--out", overwrite=config.overwrite, own=SORT_EVAL_FOLDER)
     device = resolve_device(config.device)
     folder = Path(config.analysis) if config.analysis else Path(config.run) / "analysis"
     analysis = load_analysis(folder)

@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from vitscope.analysis.config import SpliceConfig
 from vitscope.analysis.images import read_images
 from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.pipeline.model import (
@@ -46,8 +47,9 @@ from vitscope.pipeline.shards import model_input
 from vitscope.saes.card import SAECard
 from vitscope.saes.load import load_sae
 from vitscope.support.devices import resolve_device
+from vitscope.support.outputs import check_output_path, json_with
 from vitscope.support.progress import status
-from vitscope.support.records import check_output_path, write_json_atomically
+from vitscope.support.records import write_json_atomically
 from vitscope.train.loader import token_slice
 
 TEMPLATE = "a photo of a {}."
@@ -185,23 +187,20 @@ def cache_images(cache: Cache, n_images: int, shards: Path | None = None) -> lis
     return [images[row] for row in rows]
 
 
-def splice_run(
-    run: str,
-    cache: str = "",
-    shards: Path | None = None,
-    n_images: int = 256,
-    labels: Path | None = None,
-    out: Path | None = None,
-    device: str = "auto",
-) -> tuple[SpliceResult, Path]:
+SPLICE_RESULT = json_with("a splice result", "cosine_recovered")
+
+
+def splice_run(config: SpliceConfig) -> tuple[SpliceResult, Path]:
     """`vitscope splice`: evaluate an SAE on images of a cache (by default the one it was trained
     on), write the result as JSON (default RUN/splice.json) and return it with the path."""
-    path = out or (Path(run) / "splice.json" if Path(run).is_dir() else Path("splice.json"))
-    check_output_path(path, "--out", folder=False)
-    sae = load_sae(run, device=resolve_device(device))
-    images = cache_images(open_cache(sae.card.cache_or(cache, run)), n_images, shards)
+    path = config.out_path
+    check_output_path(path, "--out", folder=False, overwrite=config.overwrite, own=SPLICE_RESULT)
+    run, labels, shards = config.run, config.labels, config.shards
+    sae = load_sae(run, device=resolve_device(config.device))
+    cache = open_cache(sae.card.cache_or(config.cache, run))
+    images = cache_images(cache, config.images, Path(shards) if shards else None)
     result = splice_eval(
-        sae, images, labels=_read_labels(labels) if labels else None, device=device
+        sae, images, labels=_read_labels(Path(labels)) if labels else None, device=config.device
     )
     write_json_atomically(path, result.to_json())
     return result, path

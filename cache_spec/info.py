@@ -1,13 +1,16 @@
-"""`vitscope cache-info`: what a cache holds, how complete it is, and what it costs on disk."""
+"""`vitscope cache-info`: what a cache holds, how complete it is, and what it costs on disk; its
+settings."""
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import pyarrow.compute as pc
 
 from vitscope.cache_spec.layout import layer_array_name
 from vitscope.cache_spec.store import Cache
+from vitscope.support.shared_options import Overwrite
 
 
 def summary_lines(cache: Cache) -> list[str]:
@@ -51,3 +54,13 @@ def summary_lines(cache: Cache) -> list[str]:
             f"compression {ratio:.2f}x"
         )
     return lines
+
+
+@dataclass(frozen=True)
+class CacheInfoConfig(Overwrite):
+    """What `vitscope cache-info` reports on."""
+
+    path: str
+    """The cache folder, or its URL (s3://...)."""
+    plot: str = ""
+    """Also draw activation norms by token position into this PNG; empty = no picture."""

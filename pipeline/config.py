@@ -9,12 +9,13 @@ from vitscope.cache_spec.codecs import CODECS, DEFAULT_CODEC
 from vitscope.cache_spec.layout import CLIP_SCOPE_LAYERS, Storage
 from vitscope.pipeline.model import ModelDtype
 from vitscope.support.configs import AtLeast, check_bounds
+from vitscope.support.shared_options import Device, Overwrite
 
 Decode = Literal["pil", "device"]
 
 
 @dataclass(frozen=True)
-class DownloadConfig:
+class DownloadConfig(Overwrite):
     """img2dataset settings that suit CLIP: 224 px center crops as jpg, captions and json kept."""
 
     url_list: str
@@ -46,7 +47,7 @@ class DownloadConfig:
 
 
 @dataclass(frozen=True)
-class CacheConfig:
+class CacheConfig(Device):
     """One pass of a vision tower over shards, writing the residual stream of several layers."""
 
     shards: str = "data/shards"
@@ -61,8 +62,6 @@ class CacheConfig:
     """open_clip pretrained tag, a local weights file, or 'none' for seeded random weights."""
     seed: Annotated[int, AtLeast(0)] = 0
     """Seed of the random weights when pretrained is 'none'."""
-    device: str = "auto"
-    """Torch device: 'auto' picks cuda when present, else cpu."""
     model_dtype: ModelDtype = "auto"
     """Dtype of the forward pass; auto = bfloat16 on GPU, float32 on CPU."""
     batch_size: Annotated[int, AtLeast(1)] = 64

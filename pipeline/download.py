@@ -11,11 +11,13 @@ from pathlib import Path
 
 from vitscope.pipeline.config import DownloadConfig
 from vitscope.support.extras import require
+from vitscope.support.outputs import check_output_path, holding
 from vitscope.support.progress import status
-from vitscope.support.records import check_output_path
 
 INPUT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".txt": "txt"}
 CLUSTER_EXTRAS = {"pyspark": "spark", "ray": "ray"}
+SHARDS = holding("a folder of shards", "*.tar", "*_stats.json")
+"""The download's own output, which a re-run completes (img2dataset skips finished shards)."""
 """The package each cluster distributor needs, and the extra that brings it."""
 
 
@@ -85,7 +87,7 @@ def download(config: DownloadConfig) -> Path:
     url_list = Path(config.url_list)
     if not url_list.exists():
         raise FileNotFoundError(f"{url_list}: no such URL list")
-    check_output_path(config.out, "--out")
+    check_output_path(config.out, "--out", overwrite=config.overwrite, own=SHARDS)
     # albumentations, imported by img2dataset, phones home for updates unless told not to.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     img2dataset_download = require("img2dataset", "cache", "vitscope download").download

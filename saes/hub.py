@@ -19,9 +19,14 @@ from vitscope.saes.folder import CARD_FILE, WEIGHTS_FILE, load_sae_folder
 from vitscope.saes.model_card import model_card, run_metrics
 from vitscope.support.errors import Unreachable
 from vitscope.support.extras import require
+from vitscope.support.outputs import holding
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
+
+PULLED_FOLDER = holding("a folder pulled into before", ".cache/huggingface")
+"""huggingface_hub's metadata in a `local_dir` it downloaded into: `vitscope pull --out` may
+update such a folder."""
 
 PUSHED_FILES = (CARD_FILE, WEIGHTS_FILE, "log.jsonl")
 """Besides these, every PNG at the top of the run folder is pushed (report.png, ...)."""
@@ -102,14 +107,17 @@ def fetch(
 ) -> Path:
     """The local path of `owner/name[/path]`: a snapshot of the repo (or of one subfolder), or
     one file when the path names a file such as CLIP-Scope's `22_resid/1200013184.pt`. Files go
-    to huggingface_hub's cache, or to `local_dir`."""
+    to huggingface_hub's cache, or to `local_dir` (only from a hub it reaches: huggingface_hub
+    would otherwise return whatever the folder already holds)."""
     require("huggingface_hub", "hub", f"fetching {ref} from the hub")
-    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
     from huggingface_hub.constants import ENDPOINT
 
     owner, name, *inside = ref.split("/")
     repo_id, path = f"{owner}/{name}", "/".join(inside)
     with _one_line_errors(f"hub id {ref}", endpoint or ENDPOINT, None):
+        if local_dir is not None:
+            HfApi(endpoint=endpoint).repo_info(repo_id, revision=revision)
         if path.endswith(".pt"):
             return Path(
                 hf_hub_download(
@@ -150,6 +158,8 @@ def _one_line_errors(what: str, endpoint: str, token: str | None) -> Iterator[No
         )
     except Exception as err:
         reason = f"{type(err).__name__} from {endpoint}: {_first_line(err)}"
+        if type(err).__name__ in ("ConnectError", "ConnectTimeout"):  # httpx's: nothing answered
+            reason = f"cannot reach the hub at {endpoint} ({_first_line(err)}); connect to it"
         if isinstance(err.__cause__, HfHubHTTPError):  # "Error while uploading 'x'" says no more
             reason += f" ({_first_line(err.__cause__)})"
     else:

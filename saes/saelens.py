@@ -23,9 +23,16 @@ import torch
 from safetensors.torch import save_file
 
 from vitscope.saes.sae import SAE
+from vitscope.support.outputs import json_with
 
 SAELENS_FORMAT_VERSION = "6.54.12"
 """The SAELens release whose layout this writes (the test loads the export with it)."""
+
+
+SAELENS_EXPORT = json_with(
+    "a SAELens export by vitscope", "metadata", "exported_by", value="vitscope", inside="cfg.json"
+)
+"""What `vitscope to-saelens` writes into again without --overwrite."""
 
 
 def export_saelens(sae: SAE, out: Path) -> Path:

@@ -14,7 +14,7 @@ import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from vitscope.support.errors import BadSetting, UserError
+from vitscope.support.errors import UserError
 
 
 class FileFormatError(UserError):
@@ -119,22 +119,3 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 def write_json_atomically(path: Path, data: Any) -> None:
     write_atomically(path, json.dumps(data, indent=2).encode())
-
-
-def check_output_path(path: Path | str, flag: str, folder: bool = True) -> None:
-    """Refuse, before any work, an output that cannot be written: a file where a folder must be
-    (the path itself for a folder output, or any folder above it), or a folder where a file
-    must be. URLs (object storage) are checked where they are opened."""
-    path = Path(path)
-    if "://" in str(path):
-        return
-    if not folder and path.is_dir():
-        raise BadSetting(f"{path}: expected a file to write, found a folder; choose another {flag}")
-    for above in (path, *path.parents) if folder else path.parents:
-        if above.is_file():
-            found = "a file" if above == path else f"a file at {above}"
-            raise BadSetting(
-                f"{path}: expected a folder to write into, found {found}; choose another {flag}"
-            )
-        if above.exists():
-            return

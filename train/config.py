@@ -15,6 +15,7 @@ from vitscope.saes.architectures import ARCHITECTURES, Architecture
 from vitscope.saes.card import Activation, InputNorm, Options
 from vitscope.saes.kernels import SelectionPrecision
 from vitscope.support.configs import Above, AtLeast, check_bounds, load_config, parse_field
+from vitscope.support.shared_options import Device, Overwrite, Resume
 from vitscope.train.loader import TokenChoice
 
 SWEEPABLE = ("architecture", "k", "n_latents", "k_aux", "lr", "seed")
@@ -51,8 +52,17 @@ constant Adam lr 3e-4 (default eps), free decoder norms, no AuxK (latents unseen
 are only counted dead). Not reproduced: its latents have no encoder bias (ours starts at 0)."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class RunOptions(Resume, Overwrite):
+    """How `vitscope train` and `vitscope sweep` treat their run folders and GPUs."""
+
+    distribute_saes: bool = False
+    """A sweep's SAEs on the node's GPUs in turn (SAE i on GPU i mod N), one read of the data
+    for all of them: each batch is copied once to each GPU."""
+
+
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(RunOptions, Device):
     """One TopK SAE on one layer of a cache: CLIP-Scope's sizes (k, width, tokens) trained by
     vitscope's recipe, measured against SAELens in bench/planted.py; `preset = "clip-scope"`
     (`--preset clip-scope`) trains CLIP-Scope's own recipe instead."""
@@ -135,11 +145,6 @@ class TrainConfig:
     """Seed of the SAE's initial weights."""
     data_seed: Annotated[int, AtLeast(0)] = 0
     """Seed of the held-out split and the token order."""
-    device: str = "auto"
-    """Torch device: auto = cuda when present, else cpu."""
-    distribute_saes: bool = False
-    """A sweep's SAEs on the node's GPUs in turn (SAE i on GPU i mod N), one read of the data
-    for all of them: each batch is copied once to each GPU."""
     selection: Literal["auto", "float32", "bfloat16"] = "auto"
     """The product that picks each token's top k (kept values are float32 either way): auto =
     bfloat16 on a GPU, where the planted-feature FVU did not move (BENCHMARKS.md), else float32."""
@@ -149,8 +154,6 @@ class TrainConfig:
     """Train on the committed rows of a cache that is still being written."""
     tensorboard: bool = False
     """Also write TensorBoard event files to RUN/tensorboard (needs the tensorboard extra)."""
-    resume: bool = False
-    """Continue from the run folder's newest checkpoint."""
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -220,6 +223,15 @@ class TrainConfig:
     def peak_lr(self) -> float:
         """`lr`, or when 0 the learning rate scaled with the width (see `lr`)."""
         return self.lr or LR_AT_16K_LATENTS / math.sqrt(self.n_latents / 2**14)
+
+
+@dataclass(frozen=True)
+class SweepConfig(RunOptions):
+    """Several SAEs trained on one pass over a cache: a sweep file and how to run it."""
+
+    path: str
+    """Sweep TOML: `vitscope train`'s shared settings at the top, one [[sae]] table per SAE
+    (setting only architecture, k, n_latents, k_aux, lr or seed); the flags override the file."""
 
 
 def sweep_configs(path: str | Path, **overrides: Any) -> list[TrainConfig]:

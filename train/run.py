@@ -17,13 +17,18 @@ from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.support.devices import resolve_device
 from vitscope.support.extras import has_module
 from vitscope.support.launch import Launch, launch_from_environment
+from vitscope.support.outputs import check_output_path, holding
 from vitscope.support.progress import status
-from vitscope.support.records import check_output_path
-from vitscope.train.checkpoint import checkpoint_dirs, load_checkpoint
+from vitscope.train.checkpoint import CHECKPOINTS, checkpoint_dirs, load_checkpoint
 from vitscope.train.config import TrainConfig
 from vitscope.train.data_parallel import DataParallel
 from vitscope.train.loader import ActivationStream, Batch, token_slice
 from vitscope.train.trainer import Member, fit, new_member
+
+RUN_FOLDER = holding(
+    "a run with checkpoints (continue it with --resume)", f"{CHECKPOINTS}/tokens_*"
+)
+"""The only existing run folder training may write into: one it saved checkpoints in."""
 
 INIT_SAMPLE_TOKENS = 65536
 """Tokens used to set the input scale and b_pre (geometric median) of a new SAE."""
@@ -35,7 +40,7 @@ def train(configs: list[TrainConfig]) -> list[Path]:
     part of the cache, `batch_size` is the global batch, and rank 0 logs and saves."""
     base = configs[0]
     for cfg in configs:
-        check_output_path(cfg.run_dir, "--out")
+        check_output_path(cfg.run_dir, "--out", overwrite=cfg.overwrite, own=RUN_FOLDER)
     cache = open_cache(base.cache, layer=base.layer)
     _check_ready(cache, base)
     launch = launch_from_environment()

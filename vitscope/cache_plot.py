@@ -15,6 +15,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from vitscope.cache_spec.store import Cache
+from vitscope.support.outputs import png_by, png_metadata
+
+CACHE_PLOT = png_by("a cache-info plot")
 
 
 def token_norms(cache: Cache, layer: int, max_chunks: int) -> list[float]:
@@ -45,6 +48,6 @@ def plot_cache(cache: Cache, out: Path, max_chunks: int = 4) -> Path:
         ax.set_title(f"layer {layer}: CLS {norms[0]:.3g}")
     fig.suptitle(f"{cache.path}: mean |x| by patch position ({cache.attrs.model})")
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
+    fig.savefig(out, dpi=90, metadata=png_metadata(CACHE_PLOT.what))
     plt.close(fig)
     return out

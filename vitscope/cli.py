@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import typer
 
-from vitscope.analysis.config import AnalyzeConfig, MonosemanticityConfig
+from vitscope.analysis.config import (
+    AnalyzeConfig,
+    BrowseConfig,
+    CompareConfig,
+    GridConfig,
+    MonosemanticityConfig,
+    SpliceConfig,
+)
 from vitscope.analysis.sorteval_config import SortEvalConfig
+from vitscope.cache_spec.info import CacheInfoConfig
+from vitscope.demo import DemoConfig
 from vitscope.options import add_config_command
 from vitscope.pipeline.config import CacheConfig, DownloadConfig
+from vitscope.saes.config import ExportConfig, PullConfig, PushConfig
 from vitscope.support.errors import UserError
 from vitscope.support.extras import require
 from vitscope.support.memory import return_large_buffers
-from vitscope.support.records import check_output_path
-from vitscope.train.config import TrainConfig
+from vitscope.support.outputs import check_output_path
+from vitscope.train.config import SweepConfig, TrainConfig
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -181,201 +192,220 @@ add_config_command(
 )
 
 
-@app.command("compare")
 @one_line_errors
-def compare_layers(
-    runs: Annotated[list[Path], typer.Argument(help="Run folders, one per layer of one cache.")],
-    out: Annotated[Path, typer.Option(help="Folder for compare.md, .csv and .png.")] = Path(
-        "runs/compare"
-    ),
-    judge: Annotated[
-        Literal["clip", "http", "human"],
-        typer.Option(help="Whose sort-eval score the table shows (RUN/sorteval-JUDGE-TOKEN)."),
-    ] = "clip",
-    token: Annotated[
-        Literal["all", "cls"], typer.Option(help="The token set of that sort-eval score.")
-    ] = "all",
-) -> None:
-    """SAEs on different layers side by side: explained variance, dead fraction, median feature
-    frequency, splice cosine, sort-eval accuracy; links the layers' browsers."""
+def run_compare(config: CompareConfig) -> None:
     from vitscope.analysis.compare import compare
 
-    written = compare(runs, out, judge, token)
+    runs = [Path(run) for run in config.runs]
+    written = compare(runs, Path(config.out), config.judge, config.token, config.overwrite)
     print(written[0].read_text(), end="")
     print("\n".join(f"written: {path}" for path in written))
 
 
-@app.command("grid")
+add_config_command(
+    app,
+    "compare",
+    CompareConfig,
+    run_compare,
+    help="SAEs on different layers side by side: explained variance, dead fraction, median "
+    "feature frequency, splice cosine, sort-eval accuracy; links the layers' browsers.",
+    arguments=("runs",),
+)
+
+
 @one_line_errors
-def grid(
-    analysis: Annotated[Path, typer.Argument(help="An analysis folder (RUN/analysis).")],
-    feature: Annotated[int, typer.Option(min=0, help="The feature (latent index).")],
-    out: Annotated[Path | None, typer.Option(help="PNG to write; default grids/ inside.")] = None,
-    shards: Annotated[
-        Path | None, typer.Option(help="Folder of the cache's shards, if they moved.")
-    ] = None,
-) -> None:
-    """Draw one feature's top images with its patch activations overlaid, captions under them."""
+def run_grid(config: GridConfig) -> None:
     from vitscope.analysis.files import load_analysis
-    from vitscope.analysis.plots import plot_feature_grid
+    from vitscope.analysis.plots import FEATURE_GRID, plot_feature_grid
 
-    path = out or analysis / "grids" / f"feature_{feature:05d}.png"
-    check_output_path(path, "--out", folder=False)
-    loaded = load_analysis(analysis)
-    if feature >= loaded.meta.n_features:
-        raise ValueError(f"feature must be below {loaded.meta.n_features}, not {feature}")
-    print(f"picture: {plot_feature_grid(loaded, feature, path, shards)}")
+    path = config.out_path
+    check_output_path(path, "--out", folder=False, overwrite=config.overwrite, own=FEATURE_GRID)
+    loaded = load_analysis(Path(config.analysis))
+    if config.feature >= loaded.meta.n_features:
+        raise ValueError(f"feature must be below {loaded.meta.n_features}, not {config.feature}")
+    shards = Path(config.shards) if config.shards else None
+    print(f"picture: {plot_feature_grid(loaded, config.feature, path, shards)}")
 
 
-@app.command("sweep")
+add_config_command(
+    app,
+    "grid",
+    GridConfig,
+    run_grid,
+    help="Draw one feature's top images with its patch activations overlaid, captions under them.",
+    arguments=("analysis",),
+)
+
+
 @one_line_errors
-def sweep(
-    path: Annotated[Path, typer.Argument(help="Sweep TOML: shared settings, one [[sae]] each.")],
-    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoints.")] = False,
-    distribute_saes: Annotated[
-        bool, typer.Option(help="Place the SAEs on the node's GPUs in turn (one read of the data).")
-    ] = False,
-) -> None:
-    """Train several SAEs (k, width, lr, seed) on one pass over the cache, sharing every batch."""
-    from vitscope.train.config import sweep_configs
+def run_sweep(config: SweepConfig) -> None:
+    from vitscope.train.config import RunOptions, sweep_configs
     from vitscope.train.run import train
 
-    overrides = {"resume": resume or None, "distribute_saes": distribute_saes or None}
-    for run_dir in train(sweep_configs(path, **overrides)):
+    overrides = {f.name: getattr(config, f.name) or None for f in dataclasses.fields(RunOptions)}
+    for run_dir in train(sweep_configs(config.path, **overrides)):
         print(f"SAE in {run_dir}")
 
 
-@app.command("cache-info")
+add_config_command(
+    app,
+    "sweep",
+    SweepConfig,
+    run_sweep,
+    help="Train several SAEs (k, width, lr, seed) on one pass over the cache, sharing every batch.",
+    arguments=("path",),
+)
+
+
 @one_line_errors
-def cache_info(
-    path: Annotated[str, typer.Argument(help="The cache folder, or its URL (s3://...).")],
-    plot: Annotated[
-        Path | None, typer.Option(help="Also draw activation norms by token position (PNG).")
-    ] = None,
-) -> None:
-    """Print what a cache holds, how complete it is and its size on disk."""
+def run_cache_info(config: CacheInfoConfig) -> None:
     from vitscope.cache_spec.info import summary_lines
     from vitscope.cache_spec.store import open_cache
 
-    cache = open_cache(path)
-    print("\n".join(summary_lines(cache)))
-    if plot is not None:
+    if config.plot:
         require("matplotlib", "plots", "cache-info --plot")
+        from vitscope.cache_plot import CACHE_PLOT
+
+        check_output_path(
+            config.plot, "--plot", folder=False, overwrite=config.overwrite, own=CACHE_PLOT
+        )
+    cache = open_cache(config.path)
+    print("\n".join(summary_lines(cache)))
+    if config.plot:
         from vitscope.cache_plot import plot_cache
 
-        print(f"picture: {plot_cache(cache, plot)}")
+        print(f"picture: {plot_cache(cache, Path(config.plot))}")
 
 
-@app.command("demo")
+add_config_command(
+    app,
+    "cache-info",
+    CacheInfoConfig,
+    run_cache_info,
+    help="Print what a cache holds, how complete it is and its size on disk.",
+    arguments=("path",),
+)
+
+
 @one_line_errors
-def demo(
-    workdir: Annotated[Path, typer.Option(help="Folder for the demo's shards and cache.")] = Path(
-        "data/demo"
-    ),
-    model: Annotated[str, typer.Option(help="open_clip model for the demo.")] = "ViT-B-32",
-) -> None:
-    """Offline end to end: photos on 127.0.0.1 -> img2dataset -> cache -> SAE and its report."""
+def run_demo_command(config: DemoConfig) -> None:
     from vitscope.demo import run_demo
 
-    run_demo(workdir, model)
+    run_demo(config)
 
 
-@app.command("push")
+add_config_command(
+    app,
+    "demo",
+    DemoConfig,
+    run_demo_command,
+    help="Offline end to end: photos on 127.0.0.1 -> img2dataset -> cache -> SAE and its report.",
+)
+
+
 @one_line_errors
-def push(
-    run: Annotated[Path, typer.Argument(help="A run or SAE folder (cfg.json + sae.safetensors).")],
-    repo: Annotated[str, typer.Option(help="Hub repo to create or update, owner/name.")],
-    private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
-) -> None:
-    """Publish an SAE to the Hugging Face hub: weights, card, log, plots, model card; one commit.
+def run_push(config: PushConfig) -> None:
+    from vitscope.saes.hub import push
 
-    The token comes from HF_TOKEN or `hf auth login`, never from a flag.
-    """
-    from vitscope.saes.hub import push as push_run
-
-    print(f"pushed {run} to {repo}: {push_run(run, repo, private=private)}")
+    url = push(Path(config.run), config.repo, private=config.private)
+    print(f"pushed {config.run} to {config.repo}: {url}")
 
 
-@app.command("pull")
+add_config_command(
+    app,
+    "push",
+    PushConfig,
+    run_push,
+    help="Publish an SAE to the Hugging Face hub: weights, card, log, plots, model card; one "
+    "commit. The token comes from HF_TOKEN or `hf auth login`, never from a flag.",
+    arguments=("run",),
+)
+
+
 @one_line_errors
-def pull(
-    ref: Annotated[str, typer.Argument(help="owner/name, or owner/name/path for one SAE in it.")],
-    out: Annotated[
-        Path | None, typer.Option(help="Copy the SAE folder here (default: the hub cache).")
-    ] = None,
-    revision: Annotated[str | None, typer.Option(help="Branch, tag or commit.")] = None,
-) -> None:
-    """Fetch an SAE from the Hugging Face hub and check that it loads."""
-    from vitscope.saes.hub import fetch
+def run_pull(config: PullConfig) -> None:
+    from vitscope.saes.hub import PULLED_FOLDER, fetch
     from vitscope.saes.load import load_sae
 
+    out = Path(config.out) if config.out else None
     if out is not None:
-        check_output_path(out, "--out")
-    folder = fetch(ref, revision, local_dir=out)
+        check_output_path(out, "--out", overwrite=config.overwrite, own=PULLED_FOLDER)
+    folder = fetch(config.ref, config.revision or None, local_dir=out)
     sae = load_sae(folder)
-    print(f"{ref} -> {folder}: {sae.describe()}")
+    print(f"{config.ref} -> {folder}: {sae.describe()}")
 
 
-@app.command("to-saelens")
+add_config_command(
+    app,
+    "pull",
+    PullConfig,
+    run_pull,
+    help="Fetch an SAE from the Hugging Face hub and check that it loads.",
+    arguments=("ref",),
+)
+
+
 @one_line_errors
-def to_saelens(
-    run: Annotated[Path, typer.Argument(help="An SAE: run folder, CLIP-Scope .pt or hub id.")],
-    out: Annotated[Path, typer.Argument(help="Folder to write SAELens' cfg.json + weights into.")],
-) -> None:
-    """Export an SAE in SAELens' layout (load it with sae_lens.SAE.load_from_disk)."""
+def run_to_saelens(config: ExportConfig) -> None:
     from vitscope.saes.load import load_sae
-    from vitscope.saes.saelens import export_saelens
+    from vitscope.saes.saelens import SAELENS_EXPORT, export_saelens
 
-    check_output_path(out, "OUT")
-    print(f"SAELens folder: {export_saelens(load_sae(str(run)), out)}")
+    out = Path(config.out)
+    check_output_path(out, "OUT", overwrite=config.overwrite, own=SAELENS_EXPORT)
+    print(f"SAELens folder: {export_saelens(load_sae(config.run), out)}")
 
 
-@app.command("browse")
+add_config_command(
+    app,
+    "to-saelens",
+    ExportConfig,
+    run_to_saelens,
+    help="Export an SAE in SAELens' layout (load it with sae_lens.SAE.load_from_disk).",
+    arguments=("run", "out"),
+)
+
+
 @one_line_errors
-def browse(
-    run: Annotated[Path, typer.Argument(help="The run folder that was analysed.")],
-    analysis: Annotated[
-        Path | None, typer.Option(help="Analysis folder (default RUN/analysis).")
-    ] = None,
-    out: Annotated[Path | None, typer.Option(help="Site folder (default RUN/browser).")] = None,
-    shards: Annotated[
-        Path | None, typer.Option(help="Folder of the cache's shards, if they moved.")
-    ] = None,
-    serve: Annotated[bool, typer.Option(help="Then serve the site on 127.0.0.1.")] = False,
-    port: Annotated[int, typer.Option(min=0, help="Port for --serve; 0 = a free one.")] = 0,
-) -> None:
-    """Write the static feature browser of an analysis (opens from file://, no server needed)."""
-    from vitscope.analysis.browser import RUN_SITE, size_per_feature, write_browser
+def run_browse(config: BrowseConfig) -> None:
+    from vitscope.analysis.browser import BROWSER_SITE, RUN_SITE, size_per_feature, write_browser
     from vitscope.analysis.browser import serve as serve_site
     from vitscope.analysis.files import load_analysis
 
-    loaded = load_analysis(analysis or run / "analysis")
-    index = write_browser(loaded, out or run / RUN_SITE, shards, run=run)
+    run = Path(config.run)
+    site = Path(config.out) if config.out else run / RUN_SITE
+    check_output_path(site, "--out", overwrite=config.overwrite, own=BROWSER_SITE)
+    loaded = load_analysis(Path(config.analysis) if config.analysis else run / "analysis")
+    shards = Path(config.shards) if config.shards else None
+    index = write_browser(loaded, site, shards, run=run, overwrite=config.overwrite)
     per_feature = size_per_feature(index.parent, loaded.meta.n_features)
     print(f"feature browser: {index} ({per_feature:,.0f} bytes per feature)")
-    if serve:
-        serve_site(index.parent, port)
+    if config.serve:
+        serve_site(index.parent, config.port)
 
 
-@app.command("splice")
+add_config_command(
+    app,
+    "browse",
+    BrowseConfig,
+    run_browse,
+    help="Write the static feature browser of an analysis (opens from file://, no server needed).",
+    arguments=("run",),
+)
+
+
 @one_line_errors
-def splice(
-    run: Annotated[str, typer.Argument(help="The SAE: run folder, CLIP-Scope .pt or hub id.")],
-    cache: Annotated[
-        str, typer.Option(help="Cache whose images to use (default: the SAE's training cache).")
-    ] = "",
-    shards: Annotated[
-        Path | None, typer.Option(help="Folder of the cache's shards, if they moved.")
-    ] = None,
-    images: Annotated[int, typer.Option(min=1, help="The first N committed rows' images.")] = 256,
-    labels: Annotated[
-        Path | None, typer.Option(help="Zero-shot labels, one a line (default: ImageNet's).")
-    ] = None,
-    out: Annotated[Path | None, typer.Option(help="JSON to write (RUN/splice.json).")] = None,
-    device: Annotated[str, typer.Option(help="Torch device: auto = cuda when present.")] = "auto",
-) -> None:
-    """Splice the SAE's reconstruction into its layer; score it against clean and ablated runs."""
+def run_splice(config: SpliceConfig) -> None:
     from vitscope.analysis.splice import splice_run
 
-    result, path = splice_run(run, cache, shards, images, labels, out, device)
+    result, path = splice_run(config)
     print("\n".join([*result.lines(), f"result: {path}"]))
+
+
+add_config_command(
+    app,
+    "splice",
+    SpliceConfig,
+    run_splice,
+    help="Splice the SAE's reconstruction into its layer; score it against clean and ablated runs.",
+    arguments=("run",),
+)

@@ -12,11 +12,14 @@ import functools
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from importlib.resources import files
 from pathlib import Path
 
 from vitscope.support.extras import require
+from vitscope.support.outputs import check_output_path, holding
+from vitscope.support.shared_options import Overwrite
 
 PHOTO_CAPTIONS = {
     "astronaut.png": "an astronaut in a spacesuit holding a helmet",
@@ -106,17 +109,37 @@ DEMO_SAE_LAYERS = (5, 8)
 DEMO_PRETRAINED = {"ViT-B-32": "laion2b_s34b_b79k", "ViT-L-14": "laion2b_s32b_b82k"}
 
 
-def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
+DEMO_MARKER = ".vitscope-demo"
+"""The file that marks a folder as the demo's workdir, which a re-run empties and refills."""
+
+DEMO_FOLDER = holding("the demo's folder", DEMO_MARKER, "sae-layer08/sae.safetensors")
+"""The demo's workdir: marked, or (written before the marker) holding its layer-8 SAE."""
+
+
+@dataclass(frozen=True)
+class DemoConfig(Overwrite):
+    """The offline end-to-end demo."""
+
+    workdir: str = "data/demo"
+    """Folder for the demo's shards, cache and runs; a re-run empties the demo's own folder
+    first (--overwrite: any folder)."""
+    model: str = "ViT-B-32"
+    """open_clip model for the demo."""
+
+
+def run_demo(config: DemoConfig) -> None:
     """Photos -> 127.0.0.1 -> img2dataset shards -> a cache of 4 layers -> SAEs on layers 5 and 8
     -> their analyses, MS, pictures, splice and sort evals, browsers, and a layer comparison."""
     import shutil
 
+    workdir, model = Path(config.workdir), config.model
+    check_output_path(workdir, "--workdir", overwrite=config.overwrite, own=DEMO_FOLDER)
     for module, extra in (("skimage", "demo"), ("img2dataset", "cache"), ("matplotlib", "plots")):
         require(module, extra, "vitscope demo")
     from vitscope.analysis.analyze import analyze
     from vitscope.analysis.browser import RUN_SITE, write_browser
     from vitscope.analysis.compare import compare
-    from vitscope.analysis.config import AnalyzeConfig, MonosemanticityConfig
+    from vitscope.analysis.config import AnalyzeConfig, MonosemanticityConfig, SpliceConfig
     from vitscope.analysis.files import load_analysis
     from vitscope.analysis.monosemanticity import monosemanticity
     from vitscope.analysis.plots import plot_analysis
@@ -134,6 +157,7 @@ def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
 
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
+    (workdir / DEMO_MARKER).write_text("written by `vitscope demo`, which empties this folder\n")
     weights = demo_weights(model, DEMO_PRETRAINED.get(model, ""))
     print(f"demo: {len(PHOTO_CAPTIONS)} photos from scikit-image, {model} with weights '{weights}'")
     with serve_folder(photo_dir()) as base_url:
@@ -205,7 +229,7 @@ def run_demo(workdir: Path, model: str = "ViT-B-32") -> None:
         print(f"MonoSemanticity Score of {len(defined)} features: mean {defined.mean():.3f}")
         for picture in plot_analysis(analysis):
             print(f"picture: {picture}")
-        spliced, _ = splice_run(str(run), labels=labels)
+        spliced, _ = splice_run(SpliceConfig(run=str(run), labels=str(labels)))
         print("\n".join(spliced.lines()))
         scored = sort_eval(SortEvalConfig(run=str(run), pairs=100))
         print(f"sort eval (clip judge): {scored.summary()}")

@@ -25,9 +25,18 @@ from vitscope.support.configs import load_config
 C = TypeVar("C")
 
 
-@cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of a dataclass, by field name."""
+    """The docstring written under each field of a dataclass, by field name, its own fields' and
+    those it inherits (shared settings, support/shared_options.py)."""
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(base):
+            docs.update(_own_field_docs(base))
+    return docs
+
+
+@cache
+def _own_field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
@@ -65,7 +74,10 @@ def add_config_command(
             ],
         )
     ]
-    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+    own = vars(cls).get("__annotations__", {})
+    # The command's own settings first, then the shared ones it inherits (shards, device, ...).
+    fields = sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)  # type: ignore[arg-type]
+    for field in fields:
         hint = hints[field.name]
         shown = "" if field.default is dataclasses.MISSING else f" [default: {field.default!r}]"
         kind = typer.Argument if field.name in arguments else typer.Option
@@ -75,7 +87,7 @@ def add_config_command(
                 field.name,
                 inspect.Parameter.KEYWORD_ONLY,
                 default=None,
-                annotation=Annotated[_cli_type(hint) | None, option],
+                annotation=Annotated[_cli_type(hint, kind is typer.Argument) | None, option],
             )
         )
 
@@ -92,8 +104,11 @@ def add_config_command(
     app.command(name, help=help)(command)
 
 
-def _cli_type(hint: Any) -> Any:
-    """Flags carry ints, floats, bools and Literal choices as such; tuples as 'a,b,c' strings."""
+def _cli_type(hint: Any, argument: bool) -> Any:
+    """Flags carry ints, floats, bools and Literal choices as such, tuples as 'a,b,c' strings; a
+    tuple argument takes the rest of the command line (`vitscope compare RUN RUN ...`)."""
     if hint in (int, float, bool) or get_origin(hint) is Literal:
         return hint
+    if argument and get_origin(hint) is tuple:
+        return list[str]
     return str
