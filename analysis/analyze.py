@@ -31,6 +31,7 @@ from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.saes.load import load_sae
 from vitscope.saes.sae import SAE
 from vitscope.support.devices import resolve_device
+from vitscope.support.errors import BadSetting
 from vitscope.support.progress import status
 from vitscope.support.records import check_output_path, write_atomically
 from vitscope.train.loader import read_chunks, token_slice
@@ -85,7 +86,7 @@ def layer_of(config: AnalyzeConfig | MonosemanticityConfig, sae: SAE) -> int:
     if config.layer >= 0:
         return config.layer
     if sae.card.layer is None:
-        raise ValueError(f"{config.run}: the SAE does not record its layer; pass --layer L")
+        raise BadSetting(f"{config.run}: the SAE does not record its layer; pass --layer L")
     return sae.card.layer
 
 

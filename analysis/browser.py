@@ -34,6 +34,7 @@ from PIL import Image, ImageOps
 from vitscope.analysis.files import HEATMAPS_ARRAY, Analysis
 from vitscope.analysis.images import iter_images
 from vitscope.cache_spec.store import Cache, open_cache
+from vitscope.support.errors import OutputExists
 
 ASSETS = Path(__file__).parent / "browser_assets"
 SITE_ASSETS = ("index.html", "feature.html", "app.js", "style.css")
@@ -62,7 +63,7 @@ def write_browser(
     """Write the site into `out` (built beside it, then swapped in); returns its index.html. The
     index links the sort-eval games inside `run` (default: the folder holding the analysis)."""
     if out.exists() and not (out / INDEX_FILE).is_file():
-        raise ValueError(f"{out}: exists and is not a feature browser; choose another --out")
+        raise OutputExists(f"{out}: exists and is not a feature browser; choose another --out")
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)

@@ -25,6 +25,7 @@ from vitscope.analysis.browser import LAYERS_FILE, RUN_SITE
 from vitscope.analysis.files import META_FILE, MS_COLUMN, load_analysis, read_meta
 from vitscope.analysis.sorteval_config import SortEvalConfig
 from vitscope.saes.folder import load_sae_folder
+from vitscope.support.errors import BadSetting
 from vitscope.support.records import check_output_path
 from vitscope.train.report import read_log
 
@@ -107,7 +108,7 @@ def check_one_cache(runs: list[Path]) -> None:
     caches = {run: read_meta(run / "analysis").cache for run in analysed}
     for run in analysed[1:]:
         if caches[run] != caches[analysed[0]]:
-            raise ValueError(
+            raise BadSetting(
                 f"{analysed[0]} was analysed over {caches[analysed[0]]} but {run} over "
                 f"{caches[run]}; compare runs of one cache (or re-run `vitscope analyze RUN "
                 "--cache CACHE` over the same one)"

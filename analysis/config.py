@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 from vitscope.support.configs import AtLeast, check_bounds
+from vitscope.support.errors import BadSetting
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class MonosemanticityConfig:
     def __post_init__(self) -> None:
         check_bounds(self)
         if self.encoder and not self.encoder_weights:
-            raise ValueError(
+            raise BadSetting(
                 f"--encoder {self.encoder} needs --encoder-weights: a pretrained tag, a weights "
                 "file or 'none' for random weights"
             )

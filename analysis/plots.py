@@ -19,6 +19,7 @@ from vitscope.analysis.files import (
 )
 from vitscope.analysis.images import read_images
 from vitscope.cache_spec.store import open_cache
+from vitscope.support.errors import BadSetting, MissingInput
 from vitscope.support.extras import require
 from vitscope.support.progress import status
 from vitscope.train.report import read_log
@@ -82,7 +83,7 @@ def mse_by_token_figure(run_dir: Path) -> plt.Figure:
     values = np.array([w["heldout"]["mse_by_token"] for w in windows])
     side = math.isqrt(values.shape[1] - 1)
     if side * side != values.shape[1] - 1:
-        raise ValueError(
+        raise BadSetting(
             f"{run_dir / 'log.jsonl'}: {values.shape[1]} token positions are not CLS and a square "
             "patch grid (did the SAE train on --token-set patches?); see report.png instead"
         )
@@ -137,7 +138,7 @@ def plot_monosemanticity(folder: Path) -> Path:
     """Histogram of the features' MS (monosemanticity.png beside monosemanticity.parquet)."""
     found = read_monosemanticity(folder)
     if found is None:
-        raise FileNotFoundError(f"{folder / MS_FILE}: none; run `vitscope monosemanticity` first")
+        raise MissingInput(f"{folder / MS_FILE}: none; run `vitscope monosemanticity` first")
     meta, table = found
     ms = table[MS_COLUMN].to_numpy(zero_copy_only=False).astype(np.float64)
     defined = ms[~np.isnan(ms)]
@@ -169,7 +170,7 @@ def feature_grid_figure(analysis: Analysis, feature: int, shards: Path | None = 
     its caption under it."""
     top = analysis.top_of(feature)
     if not top:
-        raise ValueError(
+        raise BadSetting(
             f"feature {feature} never fired on the {analysis.meta.images_seen:,} analysed images; "
             "pick one with fire_images > 0 (features.parquet)"
         )

@@ -37,6 +37,7 @@ from vitscope.analysis.sorteval_config import SortEvalConfig
 from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.saes.load import load_sae
 from vitscope.support.devices import resolve_device
+from vitscope.support.errors import BadSetting
 from vitscope.support.progress import status
 from vitscope.support.records import check_output_path, write_json_atomically
 
@@ -88,7 +89,7 @@ def sort_eval(config: SortEvalConfig) -> SortScore:
     todo = [t for t in job.trials if t.pair not in job.done]
     if config.judge == "human":
         if not config.answers:
-            raise ValueError("--judge human scores the file the game saved: pass --answers FILE")
+            raise BadSetting("--judge human scores the file the game saved: pass --answers FILE")
         answers = _saved_answers(Path(config.answers), job.trials)
         record_answers(
             job.out / ANSWERS_FILE,
@@ -190,7 +191,7 @@ def make_judge(config: SortEvalConfig, model: str | None, pretrained: str | None
     from vitscope.pipeline.model import load_vision_tower
 
     if model is None or pretrained is None:
-        raise ValueError(
+        raise BadSetting(
             f"{config.run}: the SAE does not record its model; the clip judge needs it"
         )
     return ClipJudge(load_vision_tower(model, pretrained, device))
@@ -206,7 +207,7 @@ def http_judge(config: SortEvalConfig):
     if config.judge_key_env:
         key = os.environ.get(config.judge_key_env)
         if not key:
-            raise ValueError(
+            raise BadSetting(
                 f"--judge-key-env {config.judge_key_env}: that environment variable is not set; "
                 "export the API key in it"
             )

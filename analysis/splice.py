@@ -45,6 +45,7 @@ from vitscope.pipeline.shards import model_input
 from vitscope.saes.card import SAECard
 from vitscope.saes.load import load_sae
 from vitscope.support.devices import resolve_device
+from vitscope.support.errors import BadSetting
 from vitscope.support.progress import status
 from vitscope.support.records import check_output_path, write_json_atomically
 from vitscope.train.loader import token_slice
@@ -134,7 +135,7 @@ def splice_eval(
         model = _card_clip(card, device)
     tower = model.tower if isinstance(model, ClipModel) else model
     if card.layer is None or not 0 <= card.layer < tower.n_blocks:
-        raise ValueError(f"the SAE's layer {card.layer} is not a block of {tower.model}")
+        raise BadSetting(f"the SAE's layer {card.layer} is not a block of {tower.model}")
     batches = _pixel_batches(images, tower, batch_size)
     tokens = token_slice(card.token_set, tower.n_tokens)  # type: ignore[arg-type]
     status(f"splicing {sum(len(b) for b in batches)} images at layer {card.layer}")
@@ -204,7 +205,7 @@ def splice_run(
 
 def _card_clip(card: SAECard, device: str) -> ClipModel:
     if card.model is None or card.pretrained is None:
-        raise ValueError("the SAE's card does not name its model and weights; pass model=")
+        raise BadSetting("the SAE's card does not name its model and weights; pass model=")
     status(f"loading {card.model} ({card.pretrained}) with its text tower")
     return load_clip(card.model, card.pretrained, resolve_device(device))
 
@@ -213,7 +214,7 @@ def _pixel_batches(
     images: Sequence[Image.Image] | Tensor, tower: VisionTower, batch_size: int
 ) -> list[Tensor]:
     if len(images) == 0:
-        raise ValueError("the splice eval needs at least one image")
+        raise BadSetting("the splice eval needs at least one image")
     if isinstance(images, Tensor):
         return list(images.split(batch_size))
     return [
@@ -242,7 +243,7 @@ def _embed(tower: VisionTower, batches: list[Tensor], layer: int, hook: BlockHoo
 def _text_embeddings(clip: ClipModel, labels: list[str], batch_size: int) -> Tensor:
     """(L, E) unit-norm float32 embeddings of the template filled with each label."""
     if not labels:
-        raise ValueError("zero-shot agreement needs at least one label")
+        raise BadSetting("zero-shot agreement needs at least one label")
     ids = clip.tokenizer([TEMPLATE.format(label) for label in labels])
     parts = [clip.encode_text(i.to(clip.tower.device)).float() for i in ids.split(batch_size)]
     return F.normalize(torch.cat(parts), dim=-1)

@@ -15,6 +15,7 @@ import torch
 from vitscope.cache_spec.layout import CacheAttrs
 from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.support.devices import resolve_device
+from vitscope.support.errors import BadSetting, MissingInput, OutputExists
 from vitscope.support.extras import has_module
 from vitscope.support.launch import Launch, launch_from_environment
 from vitscope.support.progress import status
@@ -52,14 +53,14 @@ def train(configs: list[TrainConfig]) -> list[Path]:
             ]
             positions = {m.state.tokens for m in members}
             if len(positions) > 1:
-                raise ValueError(
+                raise BadSetting(
                     f"the sweep's newest checkpoints are at different tokens: {positions}"
                 )
             batches = stream.batches(positions.pop() // launch.world)
         else:
             for cfg in configs:
                 if checkpoint_dirs(cfg.run_dir):
-                    raise ValueError(
+                    raise OutputExists(
                         f"{cfg.run_dir} already has checkpoints; pass --resume to continue it, "
                         "or choose a new --out"
                     )
@@ -101,7 +102,7 @@ def member_devices(
     if not cfg.distribute_saes or device.type != "cuda" or gpus < 2:
         return [device] * n_members
     if launch_from_environment().distributed:
-        raise ValueError(
+        raise BadSetting(
             "--distribute-saes places a sweep's SAEs on one node's GPUs from one process; "
             "run it without torchrun (or train each SAE data-parallel without the flag)"
         )
@@ -114,7 +115,7 @@ def training_stream(
     """This process's stream of training batches: under torchrun, its rank's part of the
     cache in batches of batch_size / world tokens."""
     if cfg.batch_size % launch.world:
-        raise ValueError(
+        raise BadSetting(
             f"batch_size {cfg.batch_size} must be a multiple of the {launch.world} ranks: it is "
             "the global batch, split evenly between them"
         )
@@ -152,10 +153,10 @@ def resume_member(
     d_in = cache.d_model
     found = checkpoint_dirs(cfg.run_dir)
     if not found:
-        raise ValueError(f"{cfg.run_dir}: no checkpoint to resume from; start without --resume")
+        raise MissingInput(f"{cfg.run_dir}: no checkpoint to resume from; start without --resume")
     saved = json.loads((found[-1] / "cfg.json").read_text())
     if saved["d_in"] != d_in:
-        raise ValueError(
+        raise BadSetting(
             f"{found[-1]}: the SAE has d_in {saved['d_in']} but the cache's layer has {d_in}; "
             "resume it on the cache it was trained on"
         )
@@ -179,13 +180,13 @@ def _drop_log_after(run_dir: Path, tokens: int) -> None:
 def _check_ready(cache: Cache, cfg: TrainConfig) -> None:
     missing = cache.uncommitted_shards()
     if missing and not cfg.allow_partial:
-        raise ValueError(
+        raise BadSetting(
             f"{cache.path}: {len(missing)} of {len(cache.attrs.shards)} shards are not committed "
             "(still being written, or failed: see `vitscope cache-info`); wait for `vitscope "
             "cache` to finish, or pass --allow-partial to train on the committed rows"
         )
     if cfg.d_in and cfg.d_in != cache.attrs.d_model:
-        raise ValueError(
+        raise BadSetting(
             f"{cache.path}: layer {cfg.layer} has d_model {cache.attrs.d_model}, but the config "
             f"says d_in = {cfg.d_in}; fix d_in or pick the cache it was meant for"
         )

@@ -14,7 +14,7 @@ from vitscope.analysis.config import AnalyzeConfig, MonosemanticityConfig
 from vitscope.analysis.sorteval_config import SortEvalConfig
 from vitscope.options import add_config_command
 from vitscope.pipeline.config import CacheConfig, DownloadConfig
-from vitscope.support.errors import UserError
+from vitscope.support.errors import BadSetting, UserError
 from vitscope.support.extras import require
 from vitscope.support.memory import return_large_buffers
 from vitscope.support.records import check_output_path
@@ -36,7 +36,7 @@ def _every_command() -> None:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-USER_ERRORS = (UserError, ValueError, FileNotFoundError)
+USER_ERRORS = UserError
 """Errors caused by input or environment: printed as one line, exit status 1, no traceback."""
 
 
@@ -223,7 +223,7 @@ def grid(
     check_output_path(path, "--out", folder=False)
     loaded = load_analysis(analysis)
     if feature >= loaded.meta.n_features:
-        raise ValueError(f"feature must be below {loaded.meta.n_features}, not {feature}")
+        raise BadSetting(f"feature must be below {loaded.meta.n_features}, not {feature}")
     print(f"picture: {plot_feature_grid(loaded, feature, path, shards)}")
 
 
