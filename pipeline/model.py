@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from vitscope.support.errors import BadSetting
+from vitscope.support.errors import BadSetting, Unreachable
 
 ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -177,9 +177,18 @@ def _create_clip(model: str, pretrained: str, seed: int) -> tuple[nn.Module, nn.
             )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        clip, _, preprocess = open_clip.create_model_and_transforms(
-            model, pretrained=None if random_weights else pretrained
-        )
+        try:
+            clip, _, preprocess = open_clip.create_model_and_transforms(
+                model, pretrained=None if random_weights else pretrained
+            )
+        except RuntimeError as err:  # open_clip wraps every download failure in one
+            if "Failed to download" not in str(err):
+                raise
+            raise Unreachable(
+                f"{model} ({pretrained}): expected its weights in the local cache or from the "
+                "hub, found neither (offline?); run once online so open_clip caches them, or "
+                "pass a weights file instead of the tag"
+            ) from None
     return clip, preprocess, f"none:seed={seed}" if random_weights else pretrained
 
 
