@@ -80,7 +80,7 @@ def sort_eval(config: SortEvalConfig) -> SortScore:
     build_judge = judge_for(config)  # bad judge settings are refused before any work
     job = prepare(config)
     todo = [t for t in job.trials if t.pair not in job.done]
-    judge = build_judge(config, job)
+    judge = build_judge(job)
     status(f"{len(todo)} of {len(job.trials)} pairs to judge with the {judge.name} judge")
     record_answers(job.out / ANSWERS_FILE, job.trials, judge.answers(todo))
     result = score(list(answered(job.out / ANSWERS_FILE).values()))

@@ -19,11 +19,12 @@ from vitscope.saes.folder import CARD_FILE, WEIGHTS_FILE, load_sae_folder
 from vitscope.saes.model_card import model_card, run_metrics
 from vitscope.support.errors import Unreachable
 from vitscope.support.extras import require
+from vitscope.support.run_log import LOG_FILE
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-PUSHED_FILES = (CARD_FILE, WEIGHTS_FILE, "log.jsonl")
+PUSHED_FILES = (CARD_FILE, WEIGHTS_FILE, LOG_FILE)
 """Besides these, every PNG at the top of the run folder is pushed (report.png, ...)."""
 
 

@@ -20,6 +20,7 @@ from vitscope.support.extras import has_module
 from vitscope.support.launch import Launch, launch_from_environment
 from vitscope.support.progress import status
 from vitscope.support.records import check_output_path
+from vitscope.support.run_log import drop_records_after
 from vitscope.train.checkpoint import checkpoint_dirs, load_checkpoint
 from vitscope.train.config import TrainConfig
 from vitscope.train.data_parallel import DataParallel
@@ -163,18 +164,8 @@ def resume_member(
     member = new_member(cfg, d_in, torch.zeros(1, d_in), device, cache)
     member.state = load_checkpoint(found[-1], member.sae, member.optimizer, device)
     if launch is None or launch.is_main:
-        _drop_log_after(cfg.run_dir, member.state.tokens)
+        drop_records_after(cfg.run_dir, member.state.tokens)
     return member
-
-
-def _drop_log_after(run_dir: Path, tokens: int) -> None:
-    """Log lines written after the checkpoint (by the run that was killed) will be written anew."""
-    log = run_dir / "log.jsonl"
-    if log.exists():
-        kept = [
-            line for line in log.read_text().splitlines() if json.loads(line)["tokens"] <= tokens
-        ]
-        log.write_text("".join(line + "\n" for line in kept))
 
 
 def _check_ready(cache: Cache, cfg: TrainConfig) -> None:
