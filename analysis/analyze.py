@@ -32,6 +32,7 @@ from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.saes.load import load_sae
 from vitscope.saes.sae import SAE
 from vitscope.support.devices import resolve_device
+from vitscope.support.errors import BadSetting
 from vitscope.support.outputs import check_output_path
 from vitscope.support.progress import status
 from vitscope.support.records import write_atomically
@@ -87,7 +88,7 @@ def layer_of(config: AnalyzeConfig | MonosemanticityConfig, sae: SAE) -> int:
     if config.layer >= 0:
         return config.layer
     if sae.card.layer is None:
-        raise ValueError(f"{config.run}: the SAE does not record its layer; pass --layer L")
+        raise BadSetting(f"{config.run}: the SAE does not record its layer; pass --layer L")
     return sae.card.layer
 
 

@@ -34,6 +34,7 @@ from PIL import Image, ImageOps
 from vitscope.analysis.files import HEATMAPS_ARRAY, Analysis
 from vitscope.analysis.images import iter_images
 from vitscope.cache_spec.store import Cache, open_cache
+from vitscope.support.errors import BadSetting
 from vitscope.support.outputs import check_output_path, holding
 
 ASSETS = Path(__file__).parent / "browser_assets"
@@ -116,7 +117,14 @@ def size_per_feature(site: Path, n_features: int) -> float:
 def serve(out: Path, port: int = 0) -> None:
     """Serve the site on 127.0.0.1 (port 0 = a free one) until interrupted."""
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(out))
-    with http.server.ThreadingHTTPServer(("127.0.0.1", port), handler) as server:
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError as err:
+        raise BadSetting(
+            f"--port {port}: expected a free port on 127.0.0.1, found it taken ({err.strerror}); "
+            "pass another --port, or --port 0 for any free one"
+        ) from None
+    with server:
         url = f"http://127.0.0.1:{server.server_address[1]}/index.html"
         print(f"serving the feature browser at {url} (Ctrl-C stops)", flush=True)
         with contextlib.suppress(KeyboardInterrupt):

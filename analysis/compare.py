@@ -25,8 +25,9 @@ from vitscope.analysis.browser import LAYERS_FILE, RUN_SITE
 from vitscope.analysis.files import META_FILE, MS_COLUMN, load_analysis, read_meta
 from vitscope.analysis.sorteval_config import SortEvalConfig
 from vitscope.saes.folder import load_sae_folder
+from vitscope.support.errors import BadSetting
 from vitscope.support.outputs import check_output_path, holding
-from vitscope.train.report import read_log
+from vitscope.support.run_log import read_log
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -55,7 +56,7 @@ class LayerRow:
 def layer_row(run: Path, judge: str = "clip", token: str = "all") -> LayerRow:
     """What one run folder has measured about itself; the sort eval of `judge` over `token`."""
     card = load_sae_folder(run).card
-    last = read_log(run)[-1] if (run / "log.jsonl").is_file() else {}
+    log = read_log(run)
     median = mean_ms = ms_encoder = None
     if (run / "analysis" / "meta.json").is_file():
         analysis = load_analysis(run / "analysis")
@@ -74,8 +75,8 @@ def layer_row(run: Path, judge: str = "clip", token: str = "all") -> LayerRow:
     return LayerRow(
         run=str(run),
         layer=card.layer,
-        explained_variance=last.get("heldout", {}).get("explained_variance"),
-        dead_fraction=last.get("dead_fraction"),
+        explained_variance=log[-1].heldout.explained_variance if log else None,
+        dead_fraction=log[-1].dead_fraction if log else None,
         median_frequency=median,
         splice_cosine=splice.get("sae", {}).get("cosine"),
         sort_eval=sort_label(judge, token),
@@ -107,7 +108,7 @@ def check_one_cache(runs: list[Path]) -> None:
     caches = {run: read_meta(run / "analysis").cache for run in analysed}
     for run in analysed[1:]:
         if caches[run] != caches[analysed[0]]:
-            raise ValueError(
+            raise BadSetting(
                 f"{analysed[0]} was analysed over {caches[analysed[0]]} but {run} over "
                 f"{caches[run]}; compare runs of one cache (or re-run `vitscope analyze RUN "
                 "--cache CACHE` over the same one)"

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from vitscope.support.configs import AtLeast, check_bounds
+from vitscope.support.errors import BadSetting
 from vitscope.support.shared_options import Device, Overwrite, Resume, Shards
 
 
@@ -74,7 +75,7 @@ class MonosemanticityConfig(Shards, Device, Overwrite):
     def __post_init__(self) -> None:
         check_bounds(self)
         if self.encoder and not self.encoder_weights:
-            raise ValueError(
+            raise BadSetting(
                 f"--encoder {self.encoder} needs --encoder-weights: a pretrained tag, a weights "
                 "file or 'none' for random weights"
             )

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from vitscope.analysis.sorteval import Answer
 from vitscope.pipeline.model import VisionTower
 from vitscope.pipeline.shards import model_input
 
@@ -41,7 +42,7 @@ class ClipJudge:
 
     def answer(
         self, grid_a: Sequence[Image.Image], grid_b: Sequence[Image.Image], query: Image.Image
-    ) -> str:
+    ) -> Answer:
         """A or B: the grid whose mean cosine similarity to the query is higher."""
         embedded = self.embed([*grid_a, *grid_b, query])
         a, b, q = embedded[: len(grid_a)], embedded[len(grid_a) : -1], embedded[-1]

@@ -15,6 +15,7 @@ import re
 import string
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from email.utils import parsedate_to_datetime
 from http.client import HTTPException
@@ -22,7 +23,8 @@ from typing import Literal
 
 from PIL import Image
 
-from vitscope.support.errors import Unreachable
+from vitscope.analysis.sorteval_config import SortEvalConfig
+from vitscope.support.errors import BadSetting, Unreachable
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +34,11 @@ PROMPT = (
     "Image 3 is the query. Which feature does the query belong to? "
     "Answer with exactly one letter, A or B."
 )
+URL_VAR, MODEL_VAR = "VITSCOPE_JUDGE_URL", "VITSCOPE_JUDGE_MODEL"
 KEY_VARS = ("VITSCOPE_JUDGE_API_KEY", "OPENAI_API_KEY")
 DEFAULT_URL = "https://api.openai.com/v1"
 DEFAULT_MODEL = "gpt-4o-mini"
+KEY_SOURCES = f"the variable --judge-key-env names, else ${KEY_VARS[0]} or ${KEY_VARS[1]}"
 MAX_TOKENS = 16  # room for "A" or a short sentence, not an essay
 MAX_REPLY = 200  # characters: longer replies are reasoning, not an answer, and count as unusable
 MAX_WAIT = 60.0  # seconds: the cap on one backoff or Retry-After sleep
@@ -80,10 +84,28 @@ def retry_after(value: str | None) -> float | None:
 
 def _hint(status: int) -> str:
     if status in (401, 403):
-        return f"check the API key (api_key= or {' / '.join(KEY_VARS)})"
+        return f"check the API key in {KEY_SOURCES}"
     if status == 404:
-        return "check base_url (it usually ends in /v1) and the model name"
+        return "check --judge-url (it usually ends in /v1) and --judge-model"
     return "check the model name and that it accepts images"
+
+
+def checked_url(url: str) -> str:
+    """The judge URL if it is http(s) with a host and no user:key@ part (a key there would be
+    printed with every message that names the endpoint); else one line without the userinfo."""
+    parts = urllib.parse.urlsplit(url)
+    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    if "@" in parts.netloc:
+        raise BadSetting(
+            f"--judge-url {shown}: expected a URL without a user:key@ part, found one; drop it "
+            f"and export the key in {KEY_SOURCES}"
+        )
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadSetting(
+            f"--judge-url {shown}: expected an http:// or https:// URL with a host (an "
+            "OpenAI-compatible endpoint, e.g. https://api.openai.com/v1); fix the URL"
+        )
+    return url
 
 
 class HttpJudge:
@@ -99,21 +121,37 @@ class HttpJudge:
         self,
         base_url: str,
         model: str,
-        api_key: str | None = None,
+        api_key: str,
         timeout: float = 60.0,
         retries: int = 5,
         backoff: float = 1.0,
     ) -> None:
-        key = api_key or next(filter(None, map(os.environ.get, KEY_VARS)), None)
-        if not key:
-            raise ValueError(
-                f"HttpJudge needs an API key: pass api_key= or set {KEY_VARS[0]} (or {KEY_VARS[1]})"
+        if not api_key:
+            raise BadSetting(
+                f"the http judge: expected an API key, found none; export it in {KEY_SOURCES}"
             )
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.url = checked_url(base_url).rstrip("/") + "/chat/completions"
         self.model, self.timeout, self.backoff = model, timeout, backoff
         self.retries = max(0, retries)
-        self._key = key
+        self._key = api_key
         self.requests = self.retried = self.unusable = 0
+
+    @classmethod
+    def from_config(cls, config: SortEvalConfig) -> HttpJudge:
+        """Every setting of the http judge, from one place: a flag, else its environment
+        variable, else the default (the key only ever from the environment, never a flag)."""
+        url = config.judge_url or os.environ.get(URL_VAR) or DEFAULT_URL
+        model = config.judge_model or os.environ.get(MODEL_VAR) or DEFAULT_MODEL
+        if config.judge_key_env:
+            key = os.environ.get(config.judge_key_env)
+            if not key:
+                raise BadSetting(
+                    f"--judge-key-env {config.judge_key_env}: that environment variable is not "
+                    "set; export the API key in it"
+                )
+        else:
+            key = next(filter(None, map(os.environ.get, KEY_VARS)), "")
+        return cls(url, model, key, timeout=config.judge_timeout, retries=config.judge_retries)
 
     def __repr__(self) -> str:
         return f"HttpJudge(url={self.url!r}, model={self.model!r})"

@@ -56,6 +56,7 @@ from vitscope.pipeline.model import ImageEncoder, load_image_encoder
 from vitscope.saes.load import load_sae
 from vitscope.saes.sae import SAE
 from vitscope.support.devices import resolve_device
+from vitscope.support.errors import BadSetting, MissingInput
 from vitscope.support.outputs import check_output_path
 from vitscope.support.progress import status
 from vitscope.train.loader import read_chunks, token_slice
@@ -168,7 +169,7 @@ def monosemanticity(
     if config.max_images:
         chunks = first_images(chunks, config.max_images)
     if not chunks:
-        raise ValueError(f"{cache.path}: no committed rows to score the features on")
+        raise MissingInput(f"{cache.path}: no committed rows to score the features on")
     encoder = _encoder(config, cache, device)
     acc = MSAccumulator.empty(sae.n_latents, encoder.embed_dim, device)
     _accumulate(acc, config, cache, layer, sae, encoder, chunks)
@@ -211,7 +212,7 @@ def _encoder(config: MonosemanticityConfig, cache: Cache, device: str) -> ImageE
     except ValueError as err:
         if config.encoder:
             raise
-        raise ValueError(
+        raise BadSetting(
             f"the MS encoder defaults to the cache's model, but {err}; pass --encoder MODEL "
             "--encoder-weights TAG"
         ) from None

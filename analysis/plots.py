@@ -19,10 +19,11 @@ from vitscope.analysis.files import (
 )
 from vitscope.analysis.images import read_images
 from vitscope.cache_spec.store import open_cache
+from vitscope.support.errors import BadSetting, MissingInput
 from vitscope.support.extras import require
 from vitscope.support.outputs import png_by, png_metadata
 from vitscope.support.progress import status
-from vitscope.train.report import read_log
+from vitscope.support.run_log import LOG_FILE, LogRecord, read_log
 
 require("matplotlib", "plots", "the analysis pictures")
 import matplotlib  # noqa: E402
@@ -40,7 +41,7 @@ def plot_analysis(folder: Path, shards: Path | None = None, grids: int = 4) -> l
     status(f"drawing the pictures of {folder}")
     pictures = [plot_frequencies(analysis, folder / "frequencies.png")]
     run = Path(analysis.meta.sae)
-    if (run / "log.jsonl").is_file():
+    if (run / LOG_FILE).is_file():
         pictures.append(plot_mse_by_token(run, folder / "mse_by_token.png"))
     if analysis.monosemanticity is not None:
         pictures.append(plot_monosemanticity(folder))
@@ -58,15 +59,15 @@ def plot_mse_by_token(run_dir: Path, out: Path) -> Path:
     return save_figure(mse_by_token_figure(run_dir), out)
 
 
-def panel_windows(log: list[dict], checkpoint_every: int | None) -> list[dict]:
+def panel_windows(log: list[LogRecord], checkpoint_every: int | None) -> list[LogRecord]:
     """The logged windows the MSE figure draws: all of them when they fit in MAX_PANELS, else
     the checkpoints' windows and the last (a long run logs hundreds); evenly thinned to fit."""
     windows = log
     if checkpoint_every and len(log) > MAX_PANELS:
         at_checkpoints = [
             w
-            for before, w in zip([{"tokens": 0}, *log], log, strict=False)
-            if w["tokens"] // checkpoint_every > before["tokens"] // checkpoint_every
+            for before, w in zip([0, *(r.tokens for r in log)], log, strict=False)
+            if w.tokens // checkpoint_every > before // checkpoint_every
         ]
         if at_checkpoints:
             windows = at_checkpoints + [log[-1]] * (at_checkpoints[-1] is not log[-1])
@@ -80,11 +81,11 @@ def mse_by_token_figure(run_dir: Path) -> plt.Figure:
     heatmap with CLS beside it, one colour scale for all panels."""
     training = json.loads((run_dir / "cfg.json").read_text()).get("training", {})
     windows = panel_windows(read_log(run_dir), training.get("checkpoint_every"))
-    values = np.array([w["heldout"]["mse_by_token"] for w in windows])
+    values = np.array([w.heldout.mse_by_token for w in windows])
     side = math.isqrt(values.shape[1] - 1)
     if side * side != values.shape[1] - 1:
-        raise ValueError(
-            f"{run_dir / 'log.jsonl'}: {values.shape[1]} token positions are not CLS and a square "
+        raise BadSetting(
+            f"{run_dir / LOG_FILE}: {values.shape[1]} token positions are not CLS and a square "
             "patch grid (did the SAE train on --token-set patches?); see report.png instead"
         )
     norm = matplotlib.colors.Normalize(vmin=float(values.min()), vmax=float(values.max()))
@@ -101,7 +102,7 @@ def mse_by_token_figure(run_dir: Path) -> plt.Figure:
         for a in (ax, cls):
             a.set_xticks([])
             a.set_yticks([])
-        ax.set_title(f"{window['tokens']:,} tokens", fontsize=9)
+        ax.set_title(f"{window.tokens:,} tokens", fontsize=9)
     fig.colorbar(image, ax=axes.ravel().tolist(), label="held-out MSE (scaled units)", shrink=0.8)
     fig.suptitle(f"{run_dir}: reconstruction MSE by token position ({side}x{side} patches)")
     return fig
@@ -138,7 +139,7 @@ def plot_monosemanticity(folder: Path) -> Path:
     """Histogram of the features' MS (monosemanticity.png beside monosemanticity.parquet)."""
     found = read_monosemanticity(folder)
     if found is None:
-        raise FileNotFoundError(f"{folder / MS_FILE}: none; run `vitscope monosemanticity` first")
+        raise MissingInput(f"{folder / MS_FILE}: none; run `vitscope monosemanticity` first")
     meta, table = found
     ms = table[MS_COLUMN].to_numpy(zero_copy_only=False).astype(np.float64)
     defined = ms[~np.isnan(ms)]
@@ -173,7 +174,7 @@ def feature_grid_figure(analysis: Analysis, feature: int, shards: Path | None = 
     its caption under it."""
     top = analysis.top_of(feature)
     if not top:
-        raise ValueError(
+        raise BadSetting(
             f"feature {feature} never fired on the {analysis.meta.images_seen:,} analysed images; "
             "pick one with fire_images > 0 (features.parquet)"
         )

@@ -27,6 +27,7 @@ import torch
 
 from vitscope.cache_spec.store import Cache
 from vitscope.saes.sae import SAE
+from vitscope.support.errors import BadSetting
 from vitscope.support.progress import status
 from vitscope.train.loader import read_chunks
 
@@ -87,7 +88,7 @@ def sample_trials(
     top = np.argsort(-peaks_NS, axis=0, kind="stable")[:GRID]  # (GRID, S) image indices
     usable = np.flatnonzero(fires.sum(axis=0) > GRID)
     if len(usable) < 2:
-        raise ValueError(
+        raise BadSetting(
             f"only {len(usable)} feature(s) fire on more than {GRID} images; the sort eval needs "
             "two; analyse more images or train longer"
         )
@@ -120,7 +121,7 @@ def sample_trials(
             "only and is in neither top set; raise --max-images or --candidates"
         )
         if not trials:
-            raise ValueError(shortfall)
+            raise BadSetting(shortfall)
         status(f"warning: {shortfall}; scoring the {len(trials)}")
     return trials
 

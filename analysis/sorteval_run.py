@@ -8,25 +8,20 @@ refused. Images are read back from the shards a batch of trials at a time.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from vitscope.analysis.files import AnalysisError, load_analysis
-from vitscope.analysis.images import read_images, row_sources
+from vitscope.analysis.judges import judge_for
 from vitscope.analysis.sorteval import (
     GRID,
-    Answer,
     SortScore,
     SortTrial,
     answered,
-    compose_grid,
     feature_peaks,
     record_answers,
     sample_trials,
@@ -41,8 +36,6 @@ from vitscope.support.outputs import check_output_path, holding
 from vitscope.support.progress import status
 from vitscope.support.records import write_json_atomically
 
-IMAGE_BATCH = 32
-"""Trials whose images are read from the shards together."""
 ANSWERS_FILE = "answers.jsonl"
 SORT_EVAL_FOLDER = holding("a sort eval's folder", ANSWERS_FILE, "score.json", "game")
 GAME_THUMB_PX = 224
@@ -86,29 +79,18 @@ def prepare(config: SortEvalConfig) -> Prepared:
 def sort_eval(config: SortEvalConfig) -> SortScore:
     """Judge the pairs not yet answered (or, for a human, take the game's saved answers), append
     them to answers.jsonl, and score every answer on file into score.json."""
+    build_judge = judge_for(config)  # bad judge settings are refused before any work
     job = prepare(config)
     todo = [t for t in job.trials if t.pair not in job.done]
-    if config.judge == "human":
-        if not config.answers:
-            raise ValueError("--judge human scores the file the game saved: pass --answers FILE")
-        answers = _saved_answers(Path(config.answers), job.trials)
-        record_answers(
-            job.out / ANSWERS_FILE,
-            job.trials,
-            ((t.pair, answers[t.pair]) for t in todo if t.pair in answers),
-        )
-        judge_name = "human"
-    else:
-        judge = make_judge(config, *job.model, resolve_device(config.device))
-        judge_name = judge.name
-        status(f"{len(todo)} of {len(job.trials)} pairs to judge with the {judge.name} judge")
-        record_answers(job.out / ANSWERS_FILE, job.trials, _ask(judge, todo, job.cache, job.shards))
+    judge = build_judge(job)
+    status(f"{len(todo)} of {len(job.trials)} pairs to judge with the {judge.name} judge")
+    record_answers(job.out / ANSWERS_FILE, job.trials, judge.answers(todo))
     result = score(list(answered(job.out / ANSWERS_FILE).values()))
     write_json_atomically(
         job.out / "score.json",
         {
             **asdict(result),
-            "judge": judge_name,
+            "judge": judge.name,
             "token": config.token,
             "seed": config.seed,
             "unusable": result.trials - result.usable,
@@ -147,98 +129,6 @@ def scoring_command(config: SortEvalConfig) -> str:
     ]
     run = shlex.quote(config.run)
     return " ".join(["vitscope sorteval", run, "--judge human", *flags, "--answers answers.jsonl"])
-
-
-def _saved_answers(path: Path, trials: list[SortTrial]) -> dict[int, Answer]:
-    """{pair: A or B} from the game's file; a line that is not one, or answers another eval's
-    trials (its id differs), is a one-line error."""
-    valid, expected_id = {t.pair for t in trials}, trial_set_id(trials)
-    answers: dict[int, Answer] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            trial_set, pair, letter = record["trials"], int(record["pair"]), record["answer"]
-        except (ValueError, KeyError, TypeError):
-            raise AnalysisError(
-                path,
-                'lines {"trials": ID, "pair": N, "answer": "A" or "B"}',
-                f"line {number}: {line[:60]!r}",
-                "save the answers from the game page",
-            ) from None
-        if trial_set != expected_id:
-            raise AnalysisError(
-                path,
-                f"answers to trial set {expected_id}",
-                f"line {number} answers trial set {trial_set!r}",
-                "score it with the command the game page shows (same seed, pairs and settings)",
-            )
-        if pair not in valid or letter not in ("A", "B"):
-            raise AnalysisError(
-                path,
-                f"pairs 0..{len(trials) - 1} answered A or B",
-                f"line {number}: {line[:60]!r}",
-                "save the answers of this eval's game",
-            )
-        answers[pair] = letter
-    return answers
-
-
-def make_judge(config: SortEvalConfig, model: str | None, pretrained: str | None, device: str):
-    if config.judge == "http":
-        return GridPictures(http_judge(config))
-    from vitscope.analysis.judge_clip import ClipJudge
-    from vitscope.pipeline.model import load_vision_tower
-
-    if model is None or pretrained is None:
-        raise ValueError(
-            f"{config.run}: the SAE does not record its model; the clip judge needs it"
-        )
-    return ClipJudge(load_vision_tower(model, pretrained, device))
-
-
-def http_judge(config: SortEvalConfig):
-    """The HTTP judge from flags, else the environment, else OpenAI's endpoint."""
-    from vitscope.analysis.judge_http import DEFAULT_MODEL, DEFAULT_URL, HttpJudge
-
-    url = config.judge_url or os.environ.get("VITSCOPE_JUDGE_URL") or DEFAULT_URL
-    model = config.judge_model or os.environ.get("VITSCOPE_JUDGE_MODEL") or DEFAULT_MODEL
-    key = None
-    if config.judge_key_env:
-        key = os.environ.get(config.judge_key_env)
-        if not key:
-            raise ValueError(
-                f"--judge-key-env {config.judge_key_env}: that environment variable is not set; "
-                "export the API key in it"
-            )
-    return HttpJudge(url, model, key, timeout=config.judge_timeout, retries=config.judge_retries)
-
-
-class GridPictures:
-    """For judges that see one picture per grid: composes the 3x3 grids first."""
-
-    def __init__(self, judge) -> None:
-        self.judge, self.name = judge, judge.name
-
-    def answer(self, grid_a: list, grid_b: list, query) -> Answer | None:
-        return self.judge.answer(compose_grid(grid_a), compose_grid(grid_b), query)
-
-
-def _ask(
-    judge, trials: list[SortTrial], cache, shards: Path | None
-) -> Iterator[tuple[int, Answer | None]]:
-    sources = row_sources(cache, {r for t in trials for r in (*t.rows_a, *t.rows_b, t.query)})
-    with tqdm(total=len(trials), unit="pair", desc=f"sorteval ({judge.name})") as progress:
-        for start in range(0, len(trials), IMAGE_BATCH):
-            batch = trials[start : start + IMAGE_BATCH]
-            needed = {r for t in batch for r in (*t.rows_a, *t.rows_b, t.query)}
-            images = read_images(cache, needed, shards, sources)
-            for trial in batch:
-                grid_a = [images[r] for r in trial.rows_a]
-                grid_b = [images[r] for r in trial.rows_b]
-                yield trial.pair, judge.answer(grid_a, grid_b, images[trial.query])
-                progress.update(1)
 
 
 def _check_answers(path: Path, trials: list[SortTrial]) -> dict[int, dict]:

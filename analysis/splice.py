@@ -47,6 +47,7 @@ from vitscope.pipeline.shards import model_input
 from vitscope.saes.card import SAECard
 from vitscope.saes.load import load_sae
 from vitscope.support.devices import resolve_device
+from vitscope.support.errors import BadSetting
 from vitscope.support.outputs import check_output_path, json_with
 from vitscope.support.progress import status
 from vitscope.support.records import write_json_atomically
@@ -137,7 +138,7 @@ def splice_eval(
         model = _card_clip(card, device)
     tower = model.tower if isinstance(model, ClipModel) else model
     if card.layer is None or not 0 <= card.layer < tower.n_blocks:
-        raise ValueError(f"the SAE's layer {card.layer} is not a block of {tower.model}")
+        raise BadSetting(f"the SAE's layer {card.layer} is not a block of {tower.model}")
     batches = _pixel_batches(images, tower, batch_size)
     tokens = token_slice(card.token_set, tower.n_tokens)  # type: ignore[arg-type]
     n_images = sum(len(b) for b in batches)
@@ -208,7 +209,7 @@ def splice_run(config: SpliceConfig) -> tuple[SpliceResult, Path]:
 
 def _card_clip(card: SAECard, device: str) -> ClipModel:
     if card.model is None or card.pretrained is None:
-        raise ValueError("the SAE's card does not name its model and weights; pass model=")
+        raise BadSetting("the SAE's card does not name its model and weights; pass model=")
     status(f"loading {card.model} ({card.pretrained}) with its text tower")
     return load_clip(card.model, card.pretrained, resolve_device(device))
 
@@ -217,7 +218,7 @@ def _pixel_batches(
     images: Sequence[Image.Image] | Tensor, tower: VisionTower, batch_size: int
 ) -> list[Tensor]:
     if len(images) == 0:
-        raise ValueError("the splice eval needs at least one image")
+        raise BadSetting("the splice eval needs at least one image")
     if isinstance(images, Tensor):
         return list(images.split(batch_size))
     return [
@@ -252,7 +253,7 @@ def _embed(
 def _text_embeddings(clip: ClipModel, labels: list[str], batch_size: int) -> Tensor:
     """(L, E) unit-norm float32 embeddings of the template filled with each label."""
     if not labels:
-        raise ValueError("zero-shot agreement needs at least one label")
+        raise BadSetting("zero-shot agreement needs at least one label")
     ids = clip.tokenizer([TEMPLATE.format(label) for label in labels])
     parts = []
     with tqdm(total=len(labels), unit="label", desc="label texts", dynamic_ncols=True) as progress:

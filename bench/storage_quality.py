@@ -80,7 +80,7 @@ def storage_rows(workdir: Path, args: argparse.Namespace) -> list[str]:
         own = open_cache(workdir / storage, layer=args.layer)
         own_heldout, _ = ActivationStream(own, args.layer, heldout_fraction=0.1).heldout_images(64)
         error = float((own_heldout - heldout).norm() / heldout.norm())
-        fvu = heldout_metrics(sae, heldout, slice(None), 1024)["fvu"]
+        fvu = heldout_metrics(sae, heldout, slice(None), 1024).fvu
         rows.append(f"{storage} | {own.encoding.bytes_per_value} | {error:.2e} | {fvu:.4f}")
     return rows
 

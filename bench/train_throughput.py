@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shutil
 import tempfile
 from functools import partial
@@ -31,6 +30,7 @@ from common import (
 
 from vitscope.cache_spec import open_cache
 from vitscope.cache_spec.layout import layer_array_name
+from vitscope.support.run_log import read_log
 from vitscope.train.config import TrainConfig
 from vitscope.train.loader import ActivationStream, tensor_batches
 from vitscope.train.trainer import fit, new_member
@@ -44,8 +44,8 @@ def train_run(cfg: TrainConfig, batches, sample, heldout, device) -> Timing:
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
     member, source = new_member(cfg, 1024, sample, device), batches()
     timing = timed(lambda: fit([member], source, heldout, slice(0, 257)), device)
-    last = (cfg.run_dir / "log.jsonl").read_text().splitlines()[-1]
-    return dataclasses.replace(timing, result=json.loads(last)["loader_wait_fraction"])
+    last = read_log(cfg.run_dir)[-1]
+    return dataclasses.replace(timing, result=last.loader_wait_fraction)
 
 
 def main() -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from zarr.abc.codec import BytesBytesCodec
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from vitscope.support.errors import BadSetting
+
 CODECS: dict[str, tuple[BytesBytesCodec, ...]] = {
     "none": (),
     "zstd-1": (ZstdCodec(level=1),),
@@ -26,5 +28,5 @@ DEFAULT_CODEC = "zstd-1"
 def compressors(name: str) -> tuple[BytesBytesCodec, ...]:
     """The zarr compressors of a preset; a one-line error lists the presets if the name is wrong."""
     if name not in CODECS:
-        raise ValueError(f"unknown codec {name!r}; choose one of {', '.join(CODECS)}")
+        raise BadSetting(f"unknown codec {name!r}; choose one of {', '.join(CODECS)}")
     return CODECS[name]

@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args
 import pyarrow as pa
 
 from vitscope.cache_spec.errors import CacheSpecError
+from vitscope.support.errors import BadSetting
 from vitscope.support.records import parse_record
 
 SPEC_VERSION = "1.3"
@@ -109,15 +110,15 @@ class CacheAttrs:
 
     def __post_init__(self) -> None:
         if self.storage not in STORAGES:
-            raise ValueError(f"storage must be one of {STORAGES}, not {self.storage!r}")
+            raise BadSetting(f"storage must be one of {STORAGES}, not {self.storage!r}")
         if self.rows_per_shard % self.chunk_images:
-            raise ValueError(
+            raise BadSetting(
                 f"rows_per_shard ({self.rows_per_shard}) must be a multiple of "
                 f"chunk_images ({self.chunk_images})"
             )
         bad = [layer for layer in self.layers if not 0 <= layer < self.n_blocks]
         if bad:
-            raise ValueError(
+            raise BadSetting(
                 f"layer(s) {bad} beyond the model: {self.model} has blocks 0..{self.n_blocks - 1}"
             )
 

@@ -49,6 +49,7 @@ from vitscope.cache_spec.location import (
     read_json,
 )
 from vitscope.cache_spec.storage import ENCODINGS, Encoding
+from vitscope.support.errors import BadSetting
 
 COMPATIBLE_FIELDS = tuple(
     f.name
@@ -118,7 +119,7 @@ class Cache:
             permutation = np.random.default_rng(seed).permutation(len(refs))
             refs = [refs[i] for i in permutation]
         elif order != "sequential":
-            raise ValueError(f"order must be 'sequential' or 'random', not {order!r}")
+            raise BadSetting(f"order must be 'sequential' or 'random', not {order!r}")
         return refs
 
     def read_chunk(

@@ -13,6 +13,7 @@ from PIL import Image
 from vitscope.pipeline.model import ModelDtype, load_vision_tower, residual_stream
 from vitscope.pipeline.shards import model_input
 from vitscope.support.devices import resolve_device
+from vitscope.support.errors import BadSetting
 
 
 class ViTActivations:
@@ -36,7 +37,7 @@ class ViTActivations:
         self.layers = sorted(set(layers))
         bad = [layer for layer in self.layers if not 0 <= layer < self.tower.n_blocks]
         if bad or not self.layers:
-            raise ValueError(
+            raise BadSetting(
                 f"layers must lie in 0..{self.tower.n_blocks - 1} ({model} has "
                 f"{self.tower.n_blocks} blocks), not {list(layers)}"
             )

@@ -9,6 +9,7 @@ from vitscope.cache_spec.codecs import CODECS, DEFAULT_CODEC
 from vitscope.cache_spec.layout import CLIP_SCOPE_LAYERS, Storage
 from vitscope.pipeline.model import ModelDtype
 from vitscope.support.configs import AtLeast, check_bounds
+from vitscope.support.errors import BadSetting
 from vitscope.support.shared_options import Device, Overwrite
 
 Decode = Literal["pil", "device"]
@@ -90,10 +91,10 @@ class CacheConfig(Device):
     def __post_init__(self) -> None:
         check_bounds(self)
         if self.codec not in CODECS:
-            raise ValueError(f"codec must be one of {', '.join(CODECS)}, not {self.codec!r}")
+            raise BadSetting(f"codec must be one of {', '.join(CODECS)}, not {self.codec!r}")
         if not 0 <= self.part < self.parts:
-            raise ValueError(f"part must be in 0..{self.parts - 1}, not {self.part}")
+            raise BadSetting(f"part must be in 0..{self.parts - 1}, not {self.part}")
         if not self.layers:
-            raise ValueError("layers must name at least one layer")
+            raise BadSetting("layers must name at least one layer")
         if min(self.layers) < 0:
-            raise ValueError(f"layers must be at least 0, not {min(self.layers)}")
+            raise BadSetting(f"layers must be at least 0, not {min(self.layers)}")

@@ -25,6 +25,7 @@ from torch import Tensor
 from vitscope.pipeline.dataset import ShardBatch
 from vitscope.pipeline.model import VisionTower, import_open_clip
 from vitscope.pipeline.shards import SampleRecord, decode_with_pil
+from vitscope.support.errors import BadSetting
 
 OPEN_CLIP_STEPS = ("Resize", "CenterCrop", "MaybeConvertMode", "MaybeToTensor", "Normalize")
 """open_clip's inference transform, step by step: the one shape rebuilt here as tensor code."""
@@ -44,7 +45,7 @@ class DeviceDecoder:
         steps = list(tower.preprocess.transforms)
         names = tuple(type(step).__name__ for step in steps)
         if names != OPEN_CLIP_STEPS:
-            raise ValueError(
+            raise BadSetting(
                 f"--decode device rebuilds open_clip's {' | '.join(OPEN_CLIP_STEPS)} on tensors; "
                 f"{tower.model}'s transform is {' | '.join(names)}: use --decode pil"
             )

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vitscope.pipeline.config import DownloadConfig
+from vitscope.support.errors import BadSetting, MissingInput
 from vitscope.support.extras import require
 from vitscope.support.outputs import check_output_path, holding
 from vitscope.support.progress import status
@@ -64,7 +65,7 @@ def input_format(url_list: Path) -> str:
     for file in files:
         if file.suffix in INPUT_FORMATS:
             return INPUT_FORMATS[file.suffix]
-    raise ValueError(f"{url_list}: no URL list with a known extension ({', '.join(INPUT_FORMATS)})")
+    raise BadSetting(f"{url_list}: no URL list with a known extension ({', '.join(INPUT_FORMATS)})")
 
 
 def join_cluster(distributor: str) -> None:
@@ -86,7 +87,7 @@ def download(config: DownloadConfig) -> Path:
     """Fetch every URL into shards of `samples_per_shard`; re-running skips finished shards."""
     url_list = Path(config.url_list)
     if not url_list.exists():
-        raise FileNotFoundError(f"{url_list}: no such URL list")
+        raise MissingInput(f"{url_list}: no such URL list")
     check_output_path(config.out, "--out", overwrite=config.overwrite, own=SHARDS)
     # albumentations, imported by img2dataset, phones home for updates unless told not to.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

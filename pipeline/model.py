@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from vitscope.support.errors import BadSetting, Unreachable
+
 ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -164,20 +166,29 @@ def _create_clip(model: str, pretrained: str, seed: int) -> tuple[nn.Module, nn.
         pretrained, seed = "none", int(pretrained.removeprefix("none:seed="))
     open_clip = import_open_clip()
     if model not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {model!r}; see open_clip.list_models()")
+        raise BadSetting(f"unknown open_clip model {model!r}; see open_clip.list_models()")
     random_weights = pretrained == "none"
     if not random_weights and not os.path.exists(pretrained):
         tags = open_clip.list_pretrained_tags_by_model(model)
         if pretrained not in tags:
-            raise ValueError(
+            raise BadSetting(
                 f"{pretrained!r} is neither a weights file nor a pretrained tag of {model} "
                 f"({', '.join(tags) or 'none'}); pass 'none' for random weights"
             )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        clip, _, preprocess = open_clip.create_model_and_transforms(
-            model, pretrained=None if random_weights else pretrained
-        )
+        try:
+            clip, _, preprocess = open_clip.create_model_and_transforms(
+                model, pretrained=None if random_weights else pretrained
+            )
+        except RuntimeError as err:  # open_clip wraps every download failure in one
+            if "Failed to download" not in str(err):
+                raise
+            raise Unreachable(
+                f"{model} ({pretrained}): expected its weights in the local cache or from the "
+                "hub, found neither (offline?); run once online so open_clip caches them, or "
+                "pass a weights file instead of the tag"
+            ) from None
     return clip, preprocess, f"none:seed={seed}" if random_weights else pretrained
 
 
@@ -190,7 +201,7 @@ def _vision_tower(
     dtype: ModelDtype,
 ) -> VisionTower:
     if not hasattr(visual, "transformer") or not hasattr(visual.transformer, "resblocks"):
-        raise ValueError(f"{model}'s vision tower has no transformer.resblocks: not a ViT")
+        raise BadSetting(f"{model}'s vision tower has no transformer.resblocks: not a ViT")
     torch_device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     visual = visual.to(device=torch_device, dtype=torch_dtype).eval().requires_grad_(False)
@@ -233,7 +244,7 @@ def _block_hooks(tower: VisionTower, hooks: dict[int, BlockHook]) -> Iterator[No
             if replaced is None:
                 return None
             if replaced.shape != acts_BTD.shape:
-                raise ValueError(
+                raise BadSetting(
                     f"a replacement for block {layer}'s output must have its shape "
                     f"{tuple(acts_BTD.shape)}, not {tuple(replaced.shape)}"
                 )

@@ -29,6 +29,7 @@ from vitscope.pipeline.model import VisionTower, load_vision_tower, residual_str
 from vitscope.pipeline.shards import expected_images, list_shards
 from vitscope.pipeline.writer import CommitQueue, ShardTooLargeError, ShardWriter, WriteQueue
 from vitscope.support.devices import resolve_device
+from vitscope.support.errors import BadSetting
 from vitscope.support.launch import launch_from_environment
 from vitscope.support.progress import status
 
@@ -120,7 +121,7 @@ def part_from_launch(config: CacheConfig) -> CacheConfig:
     if not launch.distributed:
         return config
     if config.parts != 1:
-        raise ValueError(
+        raise BadSetting(
             f"--parts {config.parts} under torchrun ({launch.world} ranks): torchrun's ranks are "
             "the parts; drop --part/--parts, or run without torchrun"
         )

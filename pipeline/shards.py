@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from vitscope.support.errors import MissingInput
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -37,10 +39,10 @@ class SampleRecord:
 def list_shards(shards_dir: Path) -> list[Path]:
     """The .tar shards of a folder, by name; a one-line error if there are none."""
     if not shards_dir.is_dir():
-        raise FileNotFoundError(f"{shards_dir}: no such folder of shards; run `vitscope download`")
+        raise MissingInput(f"{shards_dir}: no such folder of shards; run `vitscope download`")
     found = sorted(shards_dir.glob("*.tar"))
     if not found:
-        raise FileNotFoundError(f"{shards_dir}: no .tar shards in it; run `vitscope download`")
+        raise MissingInput(f"{shards_dir}: no .tar shards in it; run `vitscope download`")
     return found
 
 

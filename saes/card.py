@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 from vitscope.support.configs import AtLeast, check_bounds
+from vitscope.support.errors import BadSetting
 from vitscope.support.records import FileFormatError
 
 SAE_FORMAT = "vitscope-sae"
@@ -100,10 +101,10 @@ class SAECard:
         return {**shape, "architecture": self.architecture, **options, **data}
 
     def cache_or(self, given: str, who: str) -> str:
-        """`given` if set, else the cache the SAE was trained on; ValueError naming `who`."""
+        """`given` if set, else the cache the SAE was trained on; BadSetting naming `who`."""
         cache = given or (self.training or {}).get("cache")
         if not cache:
-            raise ValueError(
+            raise BadSetting(
                 f"{who}: the SAE does not name the cache it was trained on; pass --cache CACHE"
             )
         return cache

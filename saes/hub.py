@@ -20,6 +20,7 @@ from vitscope.saes.model_card import model_card, run_metrics
 from vitscope.support.errors import Unreachable
 from vitscope.support.extras import require
 from vitscope.support.outputs import holding
+from vitscope.support.run_log import LOG_FILE
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -28,7 +29,7 @@ PULLED_FOLDER = holding("a folder pulled into before", ".cache/huggingface")
 """huggingface_hub's metadata in a `local_dir` it downloaded into: `vitscope pull --out` may
 update such a folder."""
 
-PUSHED_FILES = (CARD_FILE, WEIGHTS_FILE, "log.jsonl")
+PUSHED_FILES = (CARD_FILE, WEIGHTS_FILE, LOG_FILE)
 """Besides these, every PNG at the top of the run folder is pushed (report.png, ...)."""
 
 

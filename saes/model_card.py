@@ -3,28 +3,25 @@ from the run's own log), and how to load it."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from vitscope.saes.card import SAECard
+from vitscope.support.run_log import read_log
 
 
 def run_metrics(run_dir: Path) -> dict[str, Any]:
     """The last log line's held-out numbers, or {} for an SAE folder without a training log."""
-    log = run_dir / "log.jsonl"
-    if not log.is_file():
+    log = read_log(run_dir)
+    if not log:
         return {}
-    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    if not lines:
-        return {}
-    last = lines[-1]
+    last = log[-1]
     return {
-        "explained_variance": last["heldout"]["explained_variance"],
-        "fvu": last["heldout"]["fvu"],
-        "l0": last["heldout"]["l0"],
-        "dead_fraction": last["dead_fraction"],
-        "tokens": last["tokens"],
+        "explained_variance": last.heldout.explained_variance,
+        "fvu": last.heldout.fvu,
+        "l0": last.heldout.l0,
+        "dead_fraction": last.dead_fraction,
+        "tokens": last.tokens,
     }
 
 

@@ -33,6 +33,7 @@ from vitscope.saes.kernels import (
     SparseEncode,
     padded,
 )
+from vitscope.support.errors import BadSetting
 
 STANDARDIZE_EPS = 1e-6
 """CLIP-Scope's epsilon in (x − mean) / (std + eps)."""
@@ -187,7 +188,7 @@ class SAE(nn.Module):
     def _as_rows(self, acts: Tensor) -> Tensor:
         """(N, D) inputs in the SAE's dtype and device; a wrong width is a one-line error."""
         if acts.shape[-1:] != (self.d_in,):
-            raise ValueError(
+            raise BadSetting(
                 f"expected activations of shape (..., {self.d_in}) for {self.describe()}, "
                 f"got {tuple(acts.shape)}; pass the residual stream the SAE was trained on"
             )
@@ -299,7 +300,7 @@ def standardize(x_BD: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """CLIP-Scope's training inputs: each feature to zero mean and unit (unbiased) standard
     deviation over the batch's vectors, (x − mean) / (std + 1e-6)."""
     if len(x_BD) < 2:
-        raise ValueError(
+        raise BadSetting(
             "input_norm 'standardize' needs a batch of at least 2 vectors (it standardises each "
             "feature over the batch); pass more tokens, or load with input_norm='scale'"
         )

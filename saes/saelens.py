@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from vitscope.saes.sae import SAE
+from vitscope.support.errors import BadSetting
 from vitscope.support.outputs import json_with
 
 SAELENS_FORMAT_VERSION = "6.54.12"
@@ -40,7 +41,7 @@ def export_saelens(sae: SAE, out: Path) -> Path:
     layout; returns the folder."""
     card = sae.card
     if sae.activation != "relu" or card.input_norm != "scale":
-        raise ValueError(
+        raise BadSetting(
             f"{sae.describe()} keeps raw top-k values or standardises its inputs; SAELens' TopK "
             "SAE applies ReLU to raw inputs, so an export would not compute the same function"
         )

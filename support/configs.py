@@ -14,6 +14,8 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import tomllib
 
+from vitscope.support.errors import BadSetting
+
 C = TypeVar("C")
 
 
@@ -58,29 +60,29 @@ def field_bounds(cls: type) -> dict[str, Bound]:
 
 
 def check_bounds(config: Any) -> None:
-    """ValueError naming the first field whose value is below its declared bound."""
+    """BadSetting naming the first field whose value is below its declared bound."""
     for name, bound in field_bounds(type(config)).items():
         value = getattr(config, name)
         if not bound.admits(value):
-            raise ValueError(f"{name} must be {bound}, not {value!r}")
+            raise BadSetting(f"{name} must be {bound}, not {value!r}")
 
 
 def parse_field(hint: Any, raw: Any, name: str) -> Any:
-    """Turn a TOML or command-line value into the field's type; ValueError names the field."""
+    """Turn a TOML or command-line value into the field's type; BadSetting names the field."""
     origin = get_origin(hint)
     if origin is tuple:
         items = raw.split(",") if isinstance(raw, str) else list(raw)
         return tuple(parse_field(get_args(hint)[0], item, name) for item in items if item != "")
     if origin is Literal:
         if raw not in get_args(hint):
-            raise ValueError(f"{name} must be one of {get_args(hint)}, not {raw!r}")
+            raise BadSetting(f"{name} must be one of {get_args(hint)}, not {raw!r}")
         return raw
     if hint is bool and isinstance(raw, str):
         return raw.lower() in ("1", "true", "yes")
     try:
         return hint(raw)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {hint.__name__}, not {raw!r}") from None
+        raise BadSetting(f"{name} must be {hint.__name__}, not {raw!r}") from None
 
 
 def load_config(cls: type[C], toml_path: str | Path | None = None, **overrides: Any) -> C:
@@ -93,7 +95,7 @@ def load_config(cls: type[C], toml_path: str | Path | None = None, **overrides: 
             values.update(tomllib.load(f))
         unknown = sorted(set(values) - set(hints))
         if unknown:
-            raise ValueError(
+            raise BadSetting(
                 f"{toml_path}: unknown setting(s) {', '.join(unknown)}; "
                 f"known: {', '.join(f.name for f in dataclasses.fields(cls))}"  # type: ignore[arg-type]
             )
@@ -111,7 +113,7 @@ def load_config(cls: type[C], toml_path: str | Path | None = None, **overrides: 
     ]
     if missing:
         flags = ", ".join("--" + m.replace("_", "-") for m in missing)
-        raise ValueError(f"missing {flags} (or set it in --config)")
+        raise BadSetting(f"missing {flags} (or set it in --config)")
     return cls(**parsed)
 
 

@@ -30,7 +30,7 @@ from vitscope.analysis.stats import FeatureAccumulator
 from vitscope.cache_spec import open_cache
 from vitscope.pipeline.run import cache
 from vitscope.pipeline.shards import list_shards
-from vitscope.train.report import read_log
+from vitscope.support.run_log import read_log
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +144,10 @@ def test_pictures_show_what_they_should(photo_analysis: Path, photo_sae: Path):
 
 
 def test_checkpoints_choose_the_mse_panels():
-    log = [{"tokens": t} for t in range(100, 2100, 100)]  # 20 windows, one per 100 tokens
-    assert [w["tokens"] for w in panel_windows(log, 500)] == [500, 1000, 1500, 2000]
-    assert [w["tokens"] for w in panel_windows(log, 800)] == [800, 1600, 2000]
+    template = read_log(Path(__file__).parent / "data" / "run-v0")[0]
+    log = [dataclasses.replace(template, tokens=t) for t in range(100, 2100, 100)]  # 20 windows
+    assert [w.tokens for w in panel_windows(log, 500)] == [500, 1000, 1500, 2000]
+    assert [w.tokens for w in panel_windows(log, 800)] == [800, 1600, 2000]
     thinned = panel_windows(log, 10**9)  # no checkpoint: every window, thinned evenly
     assert len(thinned) == 16 and thinned[0] is log[0] and thinned[-1] is log[-1]
     assert panel_windows(log[:16], 500) == log[:16]  # all windows while they fit

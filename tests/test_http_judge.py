@@ -14,7 +14,7 @@ from PIL import Image
 from vitscope.analysis import judge_http
 from vitscope.analysis.judge_http import PROMPT, HttpJudge, JudgeError, parse_letter
 from vitscope.analysis.sorteval_config import SortEvalConfig
-from vitscope.analysis.sorteval_run import http_judge
+from vitscope.support.errors import BadSetting
 
 KEY = "sk-test-secret-key-0123456789"
 RED, BLUE = (220, 30, 30), (30, 30, 220)
@@ -173,11 +173,14 @@ def test_the_key_never_reaches_logs_output_or_errors(
 def test_the_key_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, server: OpenAIServer):
     monkeypatch.delenv("VITSCOPE_JUDGE_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with pytest.raises(ValueError, match=r"VITSCOPE_JUDGE_API_KEY.*OPENAI_API_KEY"):
-        HttpJudge(server.url, "m")
+    config = SortEvalConfig(run="r", judge="http", judge_url=server.url, judge_model="m")
+    with pytest.raises(
+        BadSetting, match=r"--judge-key-env.*VITSCOPE_JUDGE_API_KEY.*OPENAI_API_KEY"
+    ):
+        HttpJudge.from_config(config)
     monkeypatch.setenv("OPENAI_API_KEY", "other")
     monkeypatch.setenv("VITSCOPE_JUDGE_API_KEY", KEY)
-    assert ask(HttpJudge(server.url, "m")) == "A"
+    assert ask(HttpJudge.from_config(config)) == "A"
 
 
 def test_the_backoff_doubles_up_to_its_cap_and_a_retry_after_wins(
@@ -201,12 +204,15 @@ def test_the_sort_eval_takes_url_model_and_key_variable_from_flags_or_the_enviro
     monkeypatch.setenv("VITSCOPE_JUDGE_MODEL", "model-from-env")
     monkeypatch.setenv("MY_JUDGE_KEY", KEY)
     config = SortEvalConfig(run="r", judge="http", judge_key_env="MY_JUDGE_KEY", judge_retries=0)
-    j = http_judge(config)
+    j = HttpJudge.from_config(config)
     assert ask(j) == "A" and server.requests[-1]["model"] == "model-from-env"
     assert (j.retries, j.timeout) == (0, 60.0)
     flagged = dataclasses.replace(config, judge_model="model-from-flag", judge_timeout=2.5)
-    assert ask(http_judge(flagged)) == "A" and server.requests[-1]["model"] == "model-from-flag"
-    assert http_judge(flagged).timeout == 2.5
+    assert (
+        ask(HttpJudge.from_config(flagged)) == "A"
+        and server.requests[-1]["model"] == "model-from-flag"
+    )
+    assert HttpJudge.from_config(flagged).timeout == 2.5
     monkeypatch.delenv("MY_JUDGE_KEY")
     with pytest.raises(ValueError, match=r"^--judge-key-env MY_JUDGE_KEY: that environment"):
-        http_judge(config)
+        HttpJudge.from_config(config)

@@ -12,6 +12,7 @@ import zarr
 
 from conftest import synthetic_cache
 from vitscope.cache_spec import open_cache
+from vitscope.cache_spec.errors import CacheSpecError
 from vitscope.cache_spec.storage import ENCODINGS
 from vitscope.train.loader import ActivationStream, distinct_images
 from vitscope.train.readers import all_finite
@@ -108,7 +109,7 @@ def test_nan_activations_stop_training_with_the_rows_named(tmp_path: Path, codec
     path = synthetic_cache(tmp_path / "cache", n_images=8, codec=codec)
     zarr.open_array(path / "layer_03", mode="r+")[5, 2, 3] = float("nan")
     stream = ActivationStream(open_cache(path), 3, batch_size=8, heldout_fraction=0.0)
-    with pytest.raises(ValueError, match=r"layer 3, rows 4..7 hold NaN or inf activations"):
+    with pytest.raises(CacheSpecError, match=r"layer 3, rows 4..7, found NaN or inf"):
         for _ in stream.batches(0):
             pass
 

@@ -14,8 +14,8 @@ from tensorboard.backend.event_processing import event_accumulator
 from conftest import small_config
 from vitscope.support import extras
 from vitscope.support.extras import MissingExtraError
+from vitscope.support.run_log import read_log
 from vitscope.train.config import TrainConfig
-from vitscope.train.report import read_log
 from vitscope.train.run import train
 from vitscope.train.tensorboard import SCALARS
 
@@ -32,25 +32,19 @@ def read_events(run_dir: Path) -> event_accumulator.EventAccumulator:
     return events.Reload()
 
 
-def logged(record: dict, keys: tuple[str, ...]) -> float:
-    for key in keys:
-        record = record[key]
-    return record
-
-
 def test_every_curve_is_the_log(small_cache: Path, tmp_path: Path):
     (run_dir,) = train([config(small_cache, tmp_path / "run")])
     log = read_log(run_dir)
     events = read_events(run_dir)
     assert sorted(events.Tags()["scalars"]) == sorted(SCALARS)
-    for tag, keys in SCALARS.items():
+    for tag, value_of in SCALARS.items():
         points = events.Scalars(tag)
-        assert [p.step for p in points] == [r["tokens"] for r in log], tag
-        expected = [logged(r, keys) for r in log]
+        assert [p.step for p in points] == [r.tokens for r in log], tag
+        expected = [value_of(r) for r in log]
         assert [p.value for p in points] == pytest.approx(expected, rel=1e-6, abs=1e-9), tag
     spread = events.Histograms("heldout/mse_by_token")
-    assert [h.step for h in spread] == [r["tokens"] for r in log]
-    assert spread[-1].histogram_value.num == len(log[-1]["heldout"]["mse_by_token"])
+    assert [h.step for h in spread] == [r.tokens for r in log]
+    assert spread[-1].histogram_value.num == len(log[-1].heldout.mse_by_token)
 
 
 def test_a_resumed_run_shows_each_step_once_with_the_new_values(small_cache: Path, tmp_path: Path):
@@ -60,8 +54,8 @@ def test_a_resumed_run_shows_each_step_once_with_the_new_values(small_cache: Pat
     log = read_log(cfg.run_dir)
     assert len(list((cfg.run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
     points = read_events(cfg.run_dir).Scalars("speed/tokens_per_s")
-    assert [p.step for p in points] == [r["tokens"] for r in log]
-    assert [p.value for p in points] == pytest.approx([r["tokens_per_s"] for r in log], rel=1e-6)
+    assert [p.step for p in points] == [r.tokens for r in log]
+    assert [p.value for p in points] == pytest.approx([r.tokens_per_s for r in log], rel=1e-6)
 
 
 def test_off_by_default_writes_no_event_files(small_cache: Path, tmp_path: Path):

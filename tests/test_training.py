@@ -17,9 +17,9 @@ import torch
 from conftest import run_vitscope, small_config, synthetic_cache
 from vitscope import load_sae
 from vitscope.support.configs import load_config
+from vitscope.support.run_log import LogRecord, read_log
 from vitscope.train.config import TrainConfig, sweep_configs
 from vitscope.train.loader import tensor_batches
-from vitscope.train.report import read_log
 from vitscope.train.run import train
 from vitscope.train.synthetic import Recovery, planted_tokens, planted_world, recovery
 from vitscope.train.trainer import fit, new_member
@@ -68,14 +68,13 @@ def planted_run(tmp_path: Path, **settings: object) -> tuple[Recovery, float]:
     )
     member = new_member(cfg, 64, x[:65536], torch.device("cpu"))
     fit([member], tensor_batches(x, 1024), heldout.view(64, 64, 64), slice(0, 64))
-    return recovery(PLANTED, member.sae.w_dec), read_log(cfg.run_dir)[-1]["heldout"]["fvu"]
+    return recovery(PLANTED, member.sae.w_dec), read_log(cfg.run_dir)[-1].heldout.fvu
 
 
-def comparable(record: dict) -> list[float]:
+def comparable(record: LogRecord) -> list[float]:
     """The numbers of a log line that must not depend on timing."""
     keys = ("tokens", "step", "lr", "mse", "aux_loss", "l0", "dead_fraction")
-    heldout = record["heldout"]
-    return [record[k] for k in keys] + [heldout["fvu"], *heldout["mse_by_token"]]
+    return [getattr(record, k) for k in keys] + [record.heldout.fvu, *record.heldout.mse_by_token]
 
 
 def cli_flags(cfg: TrainConfig) -> list[str]:
@@ -107,12 +106,12 @@ def test_killed_training_resumes_with_the_same_losses(small_cache: Path, tmp_pat
     proc.wait(timeout=30)
     assert second_checkpoint.exists() and not (killed.run_dir / "sae.safetensors").exists()
     log_before = read_log(killed.run_dir)
-    assert log_before[-1]["tokens"] < uninterrupted.tokens
+    assert log_before[-1].tokens < uninterrupted.tokens
 
     train([dataclasses.replace(killed, resume=True)])
     train([uninterrupted])
     resumed, whole = read_log(killed.run_dir), read_log(uninterrupted.run_dir)
-    assert [r["tokens"] for r in resumed] == [r["tokens"] for r in whole]
+    assert [r.tokens for r in resumed] == [r.tokens for r in whole]
     for got, expected in zip(resumed, whole, strict=True):
         torch.testing.assert_close(comparable(got), comparable(expected), rtol=1e-4, atol=1e-6)
     final = {}
@@ -138,7 +137,7 @@ def test_sweep_shares_batches_without_changing_any_sae(small_cache: Path, tmp_pa
     together, solo = read_log(members[1].run_dir), read_log(alone.run_dir)
     for got, expected in zip(together, solo, strict=True):
         torch.testing.assert_close(comparable(got), comparable(expected), rtol=1e-4, atol=1e-6)
-    assert read_log(members[0].run_dir)[-1]["l0"] <= 4
+    assert read_log(members[0].run_dir)[-1].l0 <= 4
 
 
 def test_clip_scope_preset_trains_its_recipe_under_explicit_flags(small_cache: Path, tmp_path):

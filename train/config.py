@@ -15,6 +15,7 @@ from vitscope.saes.architectures import ARCHITECTURES, Architecture
 from vitscope.saes.card import Activation, InputNorm, Options
 from vitscope.saes.kernels import SelectionPrecision
 from vitscope.support.configs import Above, AtLeast, check_bounds, load_config, parse_field
+from vitscope.support.errors import BadSetting
 from vitscope.support.shared_options import Device, Overwrite, Resume
 from vitscope.train.loader import TokenChoice
 
@@ -159,19 +160,19 @@ class TrainConfig(RunOptions, Device):
         check_bounds(self)
         options = self.sae_options()  # an unknown architecture is refused, naming the known ones
         if not 0 < self.k <= self.n_latents:
-            raise ValueError(f"k must be in 1..n_latents, not {self.k}")
+            raise BadSetting(f"k must be in 1..n_latents, not {self.k}")
         if self.tokens < self.batch_size:
-            raise ValueError(f"tokens ({self.tokens}) must be at least batch_size")
+            raise BadSetting(f"tokens ({self.tokens}) must be at least batch_size")
         if not 0 <= self.warmup_fraction + self.decay_fraction <= 1:
-            raise ValueError("warmup_fraction + decay_fraction must be within 0..1")
+            raise BadSetting("warmup_fraction + decay_fraction must be within 0..1")
         if self.activation != "relu" and not hasattr(options, "activation"):
-            raise ValueError(
+            raise BadSetting(
                 f"architecture {self.architecture} keeps positive values only; pass "
                 "--activation relu (the clip-scope preset sets none)"
             )
         widths = (0, *self.matryoshka_widths[:-1], self.n_latents)
         if self.architecture == "matryoshka" and not all(map(int.__lt__, widths, widths[1:])):
-            raise ValueError(
+            raise BadSetting(
                 f"matryoshka_prefixes must ascend within 0..1 and give distinct prefixes of the "
                 f"{self.n_latents} latents, not {list(self.matryoshka_prefixes)}"
             )
@@ -243,18 +244,18 @@ def sweep_configs(path: str | Path, **overrides: Any) -> list[TrainConfig]:
         data = tomllib.load(f)
     members = data.pop("sae", None)
     if not members:
-        raise ValueError(f"{path}: no [[sae]] tables; add one per SAE to train")
+        raise BadSetting(f"{path}: no [[sae]] tables; add one per SAE to train")
     for member in members:
         unknown = sorted(set(member) - set(SWEEPABLE))
         if unknown:
-            raise ValueError(
+            raise BadSetting(
                 f"{path}: [[sae]] may only set {', '.join(SWEEPABLE)}, not {', '.join(unknown)}"
                 " (all SAEs of a sweep share every batch)"
             )
     base = load_config(TrainConfig, None, **{**data, **overrides})
     names = [member_name(member) or f"sae{i}" for i, member in enumerate(members)]
     if len(set(names)) != len(names):
-        raise ValueError(f"{path}: two [[sae]] tables are identical")
+        raise BadSetting(f"{path}: two [[sae]] tables are identical")
     hints = get_type_hints(TrainConfig)
     return [
         dataclasses.replace(

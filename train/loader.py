@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vitscope.cache_spec.errors import CacheSpecError
 from vitscope.cache_spec.store import Cache, ChunkRef
+from vitscope.support.errors import BadSetting, MissingInput
 from vitscope.train.readers import ChunkReaders, all_finite
 
 TokenChoice = Literal["all", "cls", "patches"]
@@ -127,7 +129,7 @@ class ActivationStream:
         """This stream's chunks: with `parts` streams (data-parallel ranks), every part-th one,
         so the parts are disjoint and together hold every training chunk."""
         if parts > 1 and len(train_chunks) < parts:
-            raise ValueError(
+            raise BadSetting(
                 f"{cache.path}: {len(train_chunks)} training chunks cannot be shared by {parts} "
                 "ranks; use fewer ranks or a larger cache"
             )
@@ -137,7 +139,7 @@ class ActivationStream:
         self.chunks_per_window = max(1, -(-buffer_tokens // full_chunk_tokens))
         self.epoch_tokens = sum(c.n_rows for c in self.train_chunks) * self.tokens_per_image
         if self.epoch_tokens == 0:
-            raise ValueError(f"{cache.path}: no training tokens (is the cache empty?)")
+            raise MissingInput(f"{cache.path}: no training tokens (is the cache empty?)")
         self.window_dtype = torch.float32 if cache.attrs.storage == "float32" else torch.float16
 
     # ------------------------------------------------------------------ the order
@@ -216,7 +218,7 @@ class ActivationStream:
         finite = [ok for read in reads for ok in read.result()]
         for ref, ok in zip(window.refs, finite, strict=True):
             if not ok:
-                raise ValueError(non_finite_message(self.cache, self.layer, ref))
+                raise non_finite_error(self.cache, self.layer, ref)
         n_tokens = self.cache.attrs.n_tokens
         chosen = np.arange(n_tokens)[token_slice(self.tokens, n_tokens)]
         slot_tokens = self.cache.attrs.chunk_images * n_tokens
@@ -252,7 +254,7 @@ class ActivationStream:
             if sum(len(a) for a in acts) >= max_images:
                 break
         if not acts:
-            raise ValueError(f"{self.cache.path}: no held-out chunks; raise heldout_fraction")
+            raise BadSetting(f"{self.cache.path}: no held-out chunks; raise heldout_fraction")
         return torch.cat(acts)[:max_images], torch.cat(rows)[:max_images]
 
 
@@ -262,15 +264,18 @@ def read_finite_chunk(
     """One whole chunk (n_rows, T, D); NaN or inf activations are a one-line error naming rows."""
     chunk_NTD = cache.read_chunk(layer, ref, dtype)
     if not all_finite(chunk_NTD):
-        raise ValueError(non_finite_message(cache, layer, ref))
+        raise non_finite_error(cache, layer, ref)
     return chunk_NTD
 
 
-def non_finite_message(cache: Cache, layer: int, ref: ChunkRef) -> str:
-    return (
-        f"{cache.path}: layer {layer}, rows {ref.first_row}..{ref.first_row + ref.n_rows - 1} "
-        f"hold NaN or inf activations; re-cache shard {cache.attrs.shards[ref.shard_index]} "
-        "or write a new cache"
+def non_finite_error(cache: Cache, layer: int, ref: ChunkRef) -> CacheSpecError:
+    """A chunk written with NaN or inf behind the writer's back: names its layer, rows, shard."""
+    rows = f"{ref.first_row}..{ref.first_row + ref.n_rows - 1}"
+    return CacheSpecError(
+        cache.path,
+        f"finite activations in layer {layer}, rows {rows}",
+        "NaN or inf",
+        fix=f"re-cache shard {cache.attrs.shards[ref.shard_index]} or write a new cache",
     )
 
 

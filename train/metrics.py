@@ -9,11 +9,11 @@ inside the image is a finding of its own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from vitscope.saes.sae import SAE, SAEOutput
+from vitscope.support.run_log import HeldOut
 
 
 @dataclass
@@ -48,7 +48,7 @@ class WindowStats:
 @torch.no_grad()
 def heldout_metrics(
     sae: SAE, acts_NTD: torch.Tensor, token_slice: slice, batch_size: int
-) -> dict[str, Any]:
+) -> HeldOut:
     """MSE, FVU, explained variance and L0 on the chosen tokens; MSE at every token position.
     The SAE is evaluated as it is used (in eval mode: a BatchTopK SAE by its threshold)."""
     device = sae.b_pre.device
@@ -68,10 +68,10 @@ def heldout_metrics(
     chosen = torch.cat(chosen).double()
     variance = (chosen - chosen.mean(dim=0)).pow(2).sum()
     fvu = float(error_NT[:, token_slice].double().sum() / variance)
-    return {
-        "mse": float(error_NT[:, token_slice].mean()),
-        "fvu": fvu,
-        "explained_variance": 1 - fvu,
-        "l0": float(l0_NT[:, token_slice].mean()),
-        "mse_by_token": [round(v, 6) for v in error_NT.mean(dim=0).tolist()],
-    }
+    return HeldOut(
+        mse=float(error_NT[:, token_slice].mean()),
+        fvu=fvu,
+        explained_variance=1 - fvu,
+        l0=float(l0_NT[:, token_slice].mean()),
+        mse_by_token=tuple(round(v, 6) for v in error_NT.mean(dim=0).tolist()),
+    )

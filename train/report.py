@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -11,43 +10,38 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-
-def read_log(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "log.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+from vitscope.support.run_log import read_log
 
 
 def plot_run(run_dir: Path) -> Path:
     """Four panels: held-out FVU and train MSE; L0 and dead latents; speed; MSE by token."""
     log = read_log(run_dir)
-    tokens = [r["tokens"] for r in log]
+    tokens = [r.tokens for r in log]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     loss, sparsity, speed, positions = axes.flat
 
-    loss.plot(tokens, [r["heldout"]["fvu"] for r in log], label="held-out FVU")
-    loss.plot(tokens, [r["mse"] for r in log], label="train MSE (scaled)")
+    loss.plot(tokens, [r.heldout.fvu for r in log], label="held-out FVU")
+    loss.plot(tokens, [r.mse for r in log], label="train MSE (scaled)")
     loss.set(xlabel="tokens", yscale="log", title="reconstruction")
     loss.legend(loc="upper left")
     explained = loss.twinx()
-    explained.plot(
-        tokens, [r["heldout"]["explained_variance"] for r in log], color="tab:green", ls="--"
-    )
+    explained.plot(tokens, [r.heldout.explained_variance for r in log], color="tab:green", ls="--")
     explained.set_ylabel("held-out explained variance (dashed)")
 
-    sparsity.plot(tokens, [r["l0"] for r in log], label="L0")
+    sparsity.plot(tokens, [r.l0 for r in log], label="L0")
     sparsity.set(xlabel="tokens", ylabel="L0", title="sparsity and dead latents")
     dead = sparsity.twinx()
-    dead.plot(tokens, [100 * r["dead_fraction"] for r in log], color="tab:red", label="dead %")
+    dead.plot(tokens, [100 * r.dead_fraction for r in log], color="tab:red", label="dead %")
     dead.set_ylabel("dead latents (%)")
 
-    speed.plot(tokens, [r["tokens_per_s"] for r in log], label="tokens/s")
+    speed.plot(tokens, [r.tokens_per_s for r in log], label="tokens/s")
     speed.set(xlabel="tokens", ylabel="tokens/s", title="throughput")
     wait = speed.twinx()
-    wait.plot(tokens, [100 * r["loader_wait_fraction"] for r in log], color="tab:red")
+    wait.plot(tokens, [100 * r.loader_wait_fraction for r in log], color="tab:red")
     wait.set_ylabel("waiting for data (%)")
 
-    _plot_token_mse(positions, log[-1]["heldout"]["mse_by_token"])
-    fig.suptitle(f"{run_dir}  (last: {log[-1]['tokens']:,} tokens)")
+    _plot_token_mse(positions, log[-1].heldout.mse_by_token)
+    fig.suptitle(f"{run_dir}  (last: {log[-1].tokens:,} tokens)")
     fig.tight_layout()
     path = run_dir / "report.png"
     fig.savefig(path, dpi=100)
@@ -55,7 +49,7 @@ def plot_run(run_dir: Path) -> Path:
     return path
 
 
-def _plot_token_mse(ax: plt.Axes, mse_by_token: list[float]) -> None:
+def _plot_token_mse(ax: plt.Axes, mse_by_token: tuple[float, ...]) -> None:
     """CLS apart, patches on their grid when they form a square (they do for ViTs)."""
     patches = mse_by_token[1:]
     side = math.isqrt(len(patches))

@@ -15,10 +15,12 @@ import torch
 from vitscope.cache_spec.layout import CacheAttrs
 from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.support.devices import resolve_device
+from vitscope.support.errors import BadSetting, MissingInput, OutputExists
 from vitscope.support.extras import has_module
 from vitscope.support.launch import Launch, launch_from_environment
 from vitscope.support.outputs import check_output_path, holding
 from vitscope.support.progress import status
+from vitscope.support.run_log import drop_records_after
 from vitscope.train.checkpoint import CHECKPOINTS, checkpoint_dirs, load_checkpoint
 from vitscope.train.config import TrainConfig
 from vitscope.train.data_parallel import DataParallel
@@ -57,14 +59,14 @@ def train(configs: list[TrainConfig]) -> list[Path]:
             ]
             positions = {m.state.tokens for m in members}
             if len(positions) > 1:
-                raise ValueError(
+                raise BadSetting(
                     f"the sweep's newest checkpoints are at different tokens: {positions}"
                 )
             batches = stream.batches(positions.pop() // launch.world)
         else:
             for cfg in configs:
                 if checkpoint_dirs(cfg.run_dir):
-                    raise ValueError(
+                    raise OutputExists(
                         f"{cfg.run_dir} already has checkpoints; pass --resume to continue it, "
                         "or choose a new --out"
                     )
@@ -106,7 +108,7 @@ def member_devices(
     if not cfg.distribute_saes or device.type != "cuda" or gpus < 2:
         return [device] * n_members
     if launch_from_environment().distributed:
-        raise ValueError(
+        raise BadSetting(
             "--distribute-saes places a sweep's SAEs on one node's GPUs from one process; "
             "run it without torchrun (or train each SAE data-parallel without the flag)"
         )
@@ -119,7 +121,7 @@ def training_stream(
     """This process's stream of training batches: under torchrun, its rank's part of the
     cache in batches of batch_size / world tokens."""
     if cfg.batch_size % launch.world:
-        raise ValueError(
+        raise BadSetting(
             f"batch_size {cfg.batch_size} must be a multiple of the {launch.world} ranks: it is "
             "the global batch, split evenly between them"
         )
@@ -157,40 +159,30 @@ def resume_member(
     d_in = cache.d_model
     found = checkpoint_dirs(cfg.run_dir)
     if not found:
-        raise ValueError(f"{cfg.run_dir}: no checkpoint to resume from; start without --resume")
+        raise MissingInput(f"{cfg.run_dir}: no checkpoint to resume from; start without --resume")
     saved = json.loads((found[-1] / "cfg.json").read_text())
     if saved["d_in"] != d_in:
-        raise ValueError(
+        raise BadSetting(
             f"{found[-1]}: the SAE has d_in {saved['d_in']} but the cache's layer has {d_in}; "
             "resume it on the cache it was trained on"
         )
     member = new_member(cfg, d_in, torch.zeros(1, d_in), device, cache)
     member.state = load_checkpoint(found[-1], member.sae, member.optimizer, device)
     if launch is None or launch.is_main:
-        _drop_log_after(cfg.run_dir, member.state.tokens)
+        drop_records_after(cfg.run_dir, member.state.tokens)
     return member
-
-
-def _drop_log_after(run_dir: Path, tokens: int) -> None:
-    """Log lines written after the checkpoint (by the run that was killed) will be written anew."""
-    log = run_dir / "log.jsonl"
-    if log.exists():
-        kept = [
-            line for line in log.read_text().splitlines() if json.loads(line)["tokens"] <= tokens
-        ]
-        log.write_text("".join(line + "\n" for line in kept))
 
 
 def _check_ready(cache: Cache, cfg: TrainConfig) -> None:
     missing = cache.uncommitted_shards()
     if missing and not cfg.allow_partial:
-        raise ValueError(
+        raise BadSetting(
             f"{cache.path}: {len(missing)} of {len(cache.attrs.shards)} shards are not committed "
             "(still being written, or failed: see `vitscope cache-info`); wait for `vitscope "
             "cache` to finish, or pass --allow-partial to train on the committed rows"
         )
     if cfg.d_in and cfg.d_in != cache.attrs.d_model:
-        raise ValueError(
+        raise BadSetting(
             f"{cache.path}: layer {cfg.layer} has d_model {cache.attrs.d_model}, but the config "
             f"says d_in = {cfg.d_in}; fix d_in or pick the cache it was meant for"
         )

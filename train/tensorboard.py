@@ -6,27 +6,28 @@ install never imports torch.utils.tensorboard: it is imported when a writer is o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from vitscope.support.extras import require
+from vitscope.support.run_log import LogRecord
 
-SCALARS = {
-    "train/mse": ("mse",),
-    "train/aux_loss": ("aux_loss",),
-    "train/l0": ("l0",),
-    "train/dead_fraction": ("dead_fraction",),
-    "train/lr": ("lr",),
-    "speed/tokens_per_s": ("tokens_per_s",),
-    "speed/loader_wait_fraction": ("loader_wait_fraction",),
-    "heldout/fvu": ("heldout", "fvu"),
-    "heldout/explained_variance": ("heldout", "explained_variance"),
-    "heldout/mse": ("heldout", "mse"),
-    "heldout/l0": ("heldout", "l0"),
+SCALARS: dict[str, Callable[[LogRecord], float]] = {
+    "train/mse": lambda r: r.mse,
+    "train/aux_loss": lambda r: r.aux_loss,
+    "train/l0": lambda r: r.l0,
+    "train/dead_fraction": lambda r: r.dead_fraction,
+    "train/lr": lambda r: r.lr,
+    "speed/tokens_per_s": lambda r: r.tokens_per_s,
+    "speed/loader_wait_fraction": lambda r: r.loader_wait_fraction,
+    "heldout/fvu": lambda r: r.heldout.fvu,
+    "heldout/explained_variance": lambda r: r.heldout.explained_variance,
+    "heldout/mse": lambda r: r.heldout.mse,
+    "heldout/l0": lambda r: r.heldout.l0,
 }
-"""TensorBoard tag -> key path of the value in a log record."""
+"""TensorBoard tag -> its value in a log record."""
 
 
 class TensorBoardLog:
@@ -43,16 +44,13 @@ class TensorBoardLog:
             str(log_dir), purge_step=resumed_at + 1 if resumed_at else None
         )
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: LogRecord) -> None:
         """One log record; flushed, so the curves are live and a killed run keeps its points."""
-        step = record["tokens"]
-        for tag, keys in SCALARS.items():
-            value = record
-            for key in keys:
-                value = value[key]
-            self._writer.add_scalar(tag, value, step)
+        step = record.tokens
+        for tag, value_of in SCALARS.items():
+            self._writer.add_scalar(tag, value_of(record), step)
         # The spread of held-out MSE over token positions (CLS apart from patches, say).
-        by_token = np.asarray(record["heldout"]["mse_by_token"])
+        by_token = np.asarray(record.heldout.mse_by_token)
         self._writer.add_histogram("heldout/mse_by_token", by_token, step)
         self._writer.flush()
 

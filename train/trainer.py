@@ -9,12 +9,10 @@ any iterator of `Batch`: the cache loader in real runs, tensors in tests.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -25,6 +23,7 @@ from vitscope.saes.card import SAECard
 from vitscope.saes.folder import save_sae_folder
 from vitscope.saes.sae import SAE, losses
 from vitscope.support.configs import config_dict
+from vitscope.support.run_log import LogRecord, append_record
 from vitscope.train.checkpoint import TrainState, save_checkpoint
 from vitscope.train.config import TrainConfig
 from vitscope.train.data_parallel import DataParallel
@@ -55,8 +54,8 @@ class Member:
         if self.cfg.tensorboard:
             self.board = TensorBoardLog(self.run_dir / "tensorboard", resumed_at=self.state.tokens)
 
-    def log(self, record: dict[str, Any]) -> None:
-        _append_log(self.run_dir, record)
+    def log(self, record: LogRecord) -> None:
+        append_record(self.run_dir, record)
         if self.board is not None:
             self.board.write(record)
 
@@ -223,31 +222,25 @@ def _crossed(tokens: int, step: int, every: int) -> bool:
 
 def _log_record(
     member: Member, heldout_NTD: torch.Tensor, token_slice: slice, window: _Clock
-) -> dict[str, Any]:
+) -> LogRecord:
     elapsed = time.perf_counter() - window.start
-    record = {
-        "tokens": member.state.tokens,
-        "step": member.state.step,
-        "lr": member.cfg.lr_at(member.state.tokens),
+    record = LogRecord(
+        tokens=member.state.tokens,
+        step=member.state.step,
+        lr=member.cfg.lr_at(member.state.tokens),
         **member.stats.summary(),
-        "tokens_per_s": window.tokens / elapsed,
-        "loader_wait_fraction": window.wait / elapsed,
-        "distinct_images_per_batch": sum(window.distinct) / len(window.distinct),
-        "distinct_images_per_batch_min": min(window.distinct),
-        "heldout": heldout_metrics(member.sae, heldout_NTD, token_slice, member.cfg.batch_size),
-    }
+        tokens_per_s=window.tokens / elapsed,
+        loader_wait_fraction=window.wait / elapsed,
+        distinct_images_per_batch=sum(window.distinct) / len(window.distinct),
+        distinct_images_per_batch_min=min(window.distinct),
+        heldout=heldout_metrics(member.sae, heldout_NTD, token_slice, member.cfg.batch_size),
+    )
     member.stats = WindowStats()
     return record
 
 
-def _append_log(run_dir: Path, record: dict[str, Any]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _postfix(record: dict[str, Any]) -> str:
+def _postfix(record: LogRecord) -> str:
     return (
-        f"fvu {record['heldout']['fvu']:.3f} L0 {record['l0']:.1f} "
-        f"dead {record['dead_fraction']:.1%} wait {record['loader_wait_fraction']:.0%}"
+        f"fvu {record.heldout.fvu:.3f} L0 {record.l0:.1f} "
+        f"dead {record.dead_fraction:.1%} wait {record.loader_wait_fraction:.0%}"
     )

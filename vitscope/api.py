@@ -16,6 +16,7 @@ from PIL import Image
 
 from vitscope.pipeline.activations import ViTActivations
 from vitscope.saes.sae import SAE, SparseCodes
+from vitscope.support.errors import BadSetting
 
 
 @dataclass
@@ -55,18 +56,18 @@ def features(
     card = sae.card
     if activations is None:
         if card.model is None or card.pretrained is None or card.layer is None:
-            raise ValueError(
+            raise BadSetting(
                 f"{sae.describe()} does not record its model, weights and layer; pass "
                 "activations=vitscope.ViTActivations(model, pretrained, [layer])"
             )
         activations = _tower(card.model, card.pretrained, card.layer, str(sae.b_pre.device))
     if card.layer is not None and card.layer not in activations.layers:
-        raise ValueError(
+        raise BadSetting(
             f"{sae.describe()} reads layer {card.layer}, but the activations give layers "
             f"{activations.layers}; pass ViTActivations(..., layers=[{card.layer}])"
         )
     if card.layer is None and len(activations.layers) > 1:
-        raise ValueError(
+        raise BadSetting(
             f"{sae.describe()} does not record its layer and the activations give "
             f"{activations.layers}; pass ViTActivations with the one layer it was trained on"
         )

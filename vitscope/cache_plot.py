@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from vitscope.cache_spec.store import Cache
+from vitscope.support.errors import MissingInput
 from vitscope.support.outputs import png_by, png_metadata
 
 CACHE_PLOT = png_by("a cache-info plot")
@@ -24,7 +25,7 @@ def token_norms(cache: Cache, layer: int, max_chunks: int) -> list[float]:
     """Mean L2 norm of the activation at each token position, over the first chunks' images."""
     chunks = cache.chunks()[:max_chunks]
     if not chunks:
-        raise ValueError(f"{cache.path}: no committed rows to plot")
+        raise MissingInput(f"{cache.path}: no committed rows to plot")
     acts = [cache.read_chunk(layer, ref) for ref in chunks]
     total = sum(a.norm(dim=2).sum(dim=0) for a in acts)
     return (total / sum(len(a) for a in acts)).tolist()

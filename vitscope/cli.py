@@ -25,7 +25,7 @@ from vitscope.demo import DemoConfig
 from vitscope.options import add_config_command
 from vitscope.pipeline.config import CacheConfig, DownloadConfig
 from vitscope.saes.config import ExportConfig, PullConfig, PushConfig
-from vitscope.support.errors import UserError
+from vitscope.support.errors import BadSetting, UserError
 from vitscope.support.extras import require
 from vitscope.support.memory import return_large_buffers
 from vitscope.support.outputs import check_output_path
@@ -47,7 +47,7 @@ def _every_command() -> None:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-USER_ERRORS = (UserError, ValueError, FileNotFoundError)
+USER_ERRORS = UserError
 """Errors caused by input or environment: printed as one line, exit status 1, no traceback."""
 
 
@@ -222,7 +222,7 @@ def run_grid(config: GridConfig) -> None:
     check_output_path(path, "--out", folder=False, overwrite=config.overwrite, own=FEATURE_GRID)
     loaded = load_analysis(Path(config.analysis))
     if config.feature >= loaded.meta.n_features:
-        raise ValueError(f"feature must be below {loaded.meta.n_features}, not {config.feature}")
+        raise BadSetting(f"feature must be below {loaded.meta.n_features}, not {config.feature}")
     shards = Path(config.shards) if config.shards else None
     print(f"picture: {plot_feature_grid(loaded, config.feature, path, shards)}")
 

@@ -14,6 +14,7 @@ from vitscope.saes.architectures.matryoshka import MatryoshkaSAE
 from vitscope.saes.architectures.topk import TopKSAE
 from vitscope.saes.card import SAECard
 from vitscope.saes.sae import SAE
+from vitscope.support.errors import BadSetting
 
 T = TypeVar("T")
 
@@ -31,9 +32,9 @@ class Registry(dict[str, T], Generic[T]):
         self[name] = value
 
     def get_or_raise(self, name: str) -> T:
-        """The value of `name`; ValueError listing the known names when there is none."""
+        """The value of `name`; BadSetting listing the known names when there is none."""
         if name not in self:
-            raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(self)}")
+            raise BadSetting(f"unknown {self.kind} {name!r}; known: {', '.join(self)}")
         return self[name]
 
 

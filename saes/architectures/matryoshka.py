@@ -17,6 +17,7 @@ from torch import Tensor
 from vitscope.saes.architectures.batchtopk import BatchTopKOptions, BatchTopKSAE
 from vitscope.saes.kernels import Rows, SparseDecode
 from vitscope.saes.sae import SAEOutput, dense_codes
+from vitscope.support.errors import BadSetting
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class MatryoshkaOptions(BatchTopKOptions):
             and widths[-1] == n_latents
             and all(a < b for a, b in zip((0, *widths), widths, strict=False))
         ):
-            raise ValueError(
+            raise BadSetting(
                 f"matryoshka_widths must ascend from above 0 to n_latents ({n_latents}), "
                 f"not {list(widths)}"
             )
