@@ -15,7 +15,7 @@ from vitscope.saes.architectures import ARCHITECTURES, Architecture
 from vitscope.saes.card import Activation, InputNorm, Options
 from vitscope.saes.kernels import SelectionPrecision
 from vitscope.support.configs import Above, AtLeast, check_bounds, load_config, parse_field
-from vitscope.support.errors import BadSetting
+from vitscope.support.errors import BadSetting, MissingInput
 from vitscope.support.shared_options import Device, Overwrite, Resume
 from vitscope.train.loader import TokenChoice
 
@@ -240,8 +240,13 @@ def sweep_configs(path: str | Path, **overrides: Any) -> list[TrainConfig]:
 
     Each SAE gets its own run folder inside `out`, named after what it changes.
     """
-    with open(path, "rb") as f:
-        data = tomllib.load(f)
+    if not Path(path).is_file():
+        raise MissingInput(f"{path}: no such sweep file; pass a TOML file with one [[sae]] each")
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as err:
+        raise BadSetting(f"{path}: not valid TOML ({err}); fix the file") from None
     members = data.pop("sae", None)
     if not members:
         raise BadSetting(f"{path}: no [[sae]] tables; add one per SAE to train")
