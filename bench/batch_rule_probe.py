@@ -1,0 +1,219 @@
+"""Why the batch rules recover few planted directions: TopK, BatchTopK and Matryoshka on one small
+planted world (train/synthetic.py), trained by `fit` at vitscope's defaults, from scratch and
+from the planted dictionary itself, with what the trained SAE looks like inside.
+
+Four questions, one row each:
+- from scratch: how many directions each architecture recovers, and how its latents' firing
+  rates and encoder norms spread (a batch rule ranks raw pre-activations across the batch, so a
+  latent with a small encoder row may never be kept, and never get a gradient);
+- `--warmup F`: BatchTopK that keeps by TopK's per-token rule for the first share F of steps
+  (does a good start survive the batch rule?);
+- `--normalised`: BatchTopK that ranks pre-activations divided by their encoder row's norm
+  (does removing the norm's advantage stop the starvation?);
+- from the planted dictionary (encoder = decoder = the true directions): the held-out FVU of
+  each keep rule at the same L0 when the dictionary is already right.
+
+    .venv/bin/python bench/batch_rule_probe.py --out BENCHMARKS-probe.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from common import command_line, md_table, publish
+
+from vitscope.saes.architectures.batchtopk import BatchTopKSAE, batch_topk_rule
+from vitscope.saes.kernels import KeepRule
+from vitscope.train.config import TrainConfig
+from vitscope.train.loader import tensor_batches
+from vitscope.train.synthetic import PlantedWorld, planted_tokens, planted_world, recovery
+from vitscope.train.trainer import fit, new_member
+
+QUANTILES = torch.tensor([0.1, 0.5, 0.9])
+
+
+def per_token_topk(k: int) -> KeepRule:
+    """TopK's rule in the batch rule's flat form: each row's k largest."""
+
+    def keep(product_BF: torch.Tensor) -> torch.Tensor:
+        top_BK = product_BF.topk(k, dim=1).indices
+        offsets_B1 = torch.arange(len(product_BF), device=product_BF.device)[:, None]
+        return (top_BK + offsets_B1 * product_BF.shape[1]).view(-1).sort().values
+
+    return keep
+
+
+@contextmanager
+def keep_rule(choose: Callable[[BatchTopKSAE, int], KeepRule | None]) -> Iterator[None]:
+    """Replace BatchTopK's rule by `choose(sae, training steps so far)` where it returns one."""
+    original = BatchTopKSAE._rule
+    steps = {"done": 0}
+
+    def rule(sae: BatchTopKSAE) -> KeepRule:
+        steps["done"] += sae.training
+        chosen = choose(sae, steps["done"])
+        return original(sae) if chosen is None else chosen
+
+    BatchTopKSAE._rule = rule  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        BatchTopKSAE._rule = original  # type: ignore[method-assign]
+
+
+def warm_start(share: float, steps: int) -> Callable[[BatchTopKSAE, int], KeepRule | None]:
+    """TopK's rule while training's step is within the first `share`, then the batch rule."""
+    early = share * steps
+    return lambda sae, step: per_token_topk(sae.k) if sae.training and step <= early else None
+
+
+def normalised(sae: BatchTopKSAE, step: int) -> KeepRule:
+    """In training the batch rule on pre-activations / encoder row norm; at inference each
+    token's top k (θ is estimated in raw units, so it cannot threshold the ratios)."""
+    if not sae.training:
+        return per_token_topk(sae.k)
+    inner = batch_topk_rule(sae.k)
+    norms_F = sae.w_enc.detach().norm(dim=1)
+    return lambda product_BF: inner(product_BF / norms_F)
+
+
+def row(
+    args,
+    world: PlantedWorld,
+    train_ND,
+    heldout_ND,
+    label: str,
+    arch: str,
+    planted: bool,
+    **settings: float,
+) -> str:
+    """Train one SAE and describe it: recovery, FVU, L0, latent rates, encoder norms."""
+    cfg = TrainConfig(
+        cache="(tensors)",
+        out=tempfile.mkdtemp(prefix="batch-rule-probe-"),
+        layer=0,
+        device="cpu",
+        architecture=arch,
+        tokens=args.tokens,
+        n_latents=args.latents,
+        k=args.k,
+        batch_size=args.batch,
+        **settings,
+    )
+    member = new_member(cfg, args.d_in, train_ND[:8192], torch.device("cpu"))
+    sae = member.sae
+    if planted:
+        with torch.no_grad():
+            n = len(world.dirs_FD)
+            sae.w_dec[:n] = world.dirs_FD
+            sae.w_enc[:n] = world.dirs_FD
+            sae.b_pre.copy_(world.offset_D * sae.input_scale)
+    started = time.perf_counter()
+    fit([member], tensor_batches(train_ND, args.batch), heldout_ND[:256].view(1, 256, -1), slice(0))
+    seconds = time.perf_counter() - started
+    sae.eval()
+    with torch.no_grad():
+        codes = sae.encode(heldout_ND)
+        recon = sae.decode(codes)
+        fvu = (recon - heldout_ND).pow(2).sum() / (heldout_ND - heldout_ND.mean(0)).pow(2).sum()
+        fired = codes.indices[codes.values > 0]
+        rate_F = torch.bincount(fired, minlength=args.latents).float() / len(heldout_ND)
+        l0_N = (codes.values > 0).sum(dim=-1).float()
+        norms = torch.quantile(sae.w_enc.norm(dim=1), QUANTILES)
+    found = recovery(world, sae.w_dec)
+    rates = torch.quantile(rate_F, QUANTILES)
+    print(f"{label}: matched {found.matched:.1%} in {seconds:.0f} s", flush=True)
+    return " | ".join(
+        [
+            label,
+            f"{found.matched:.1%}",
+            f"{found.rarest_quarter_matched:.1%}",
+            f"{float(fvu):.4f}",
+            f"{float(l0_N.mean()):.1f} ± {float(l0_N.std()):.1f}",
+            " / ".join(f"{float(r):.4f}" for r in rates),
+            f"{float((rate_F == 0).float().mean()):.1%}",
+            " / ".join(f"{float(v):.2f}" for v in norms),
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d-in", type=int, default=64)
+    parser.add_argument("--directions", type=int, default=512)
+    parser.add_argument("--latents", type=int, default=1024)
+    parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, default=2**20)
+    parser.add_argument("--planted-tokens", type=int, default=2**18)
+    parser.add_argument("--warmup", type=float, default=0.6)
+    parser.add_argument(
+        "--variant", action="append", default=[], help="a BatchTopK row with KEY=VALUE,..."
+    )
+    parser.add_argument("--only-variants", action="store_true", help="skip the fixed rows")
+    parser.add_argument("--out", type=Path, default=Path("BENCHMARKS-probe.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    world = planted_world(args.directions, args.d_in, seed=7)
+    train_ND, _ = planted_tokens(world, args.tokens, 11)
+    heldout_ND, _ = planted_tokens(world, 32768, 12)
+    steps = args.tokens // args.batch
+    rows = [
+        row(args, world, train_ND, heldout_ND, f"batchtopk, {text}", "batchtopk", False, **kv)
+        for text, kv in map(settings, args.variant)
+    ]
+    if not args.only_variants:
+        rows += fixed_rows(args, world, train_ND, heldout_ND, steps)
+    header = (
+        "SAE | matched > 0.9 | rarest quarter > 0.9 | held-out FVU | held-out L0 (mean ± sd)"
+        " | latent firing rate q10 / q50 / q90 | latents unused | encoder row norm q10 / q50 / q90"
+    )
+    body = [
+        f"Planted world: {args.directions} directions in d_in {args.d_in} (seed 7, base knobs),"
+        f" {args.latents} latents, k = {args.k}, batch {args.batch}, {steps} steps from scratch;"
+        f" held out: 32,768 tokens. One torch thread.",
+        "",
+        *md_table(header, rows),
+    ]
+    publish(args.out, torch.device("cpu"), command_line(), body)
+
+
+def settings(text: str) -> tuple[str, dict[str, float]]:
+    """'lr=0.012,dead_tokens=8192' -> its label and TrainConfig values."""
+    pairs = [item.split("=", 1) for item in text.split(",")]
+    return ", ".join(f"{k} {v}" for k, v in pairs), {k: type_of(k)(v) for k, v in pairs}
+
+
+def type_of(name: str) -> type:
+    return type(getattr(TrainConfig, name))
+
+
+def fixed_rows(args, world, train_ND, heldout_ND, steps: int) -> list[str]:
+    """Each architecture from scratch, the two rule experiments, the planted starts."""
+    rows = [
+        row(args, world, train_ND, heldout_ND, f"{arch}, from scratch", arch, False)
+        for arch in ("topk", "batchtopk", "matryoshka")
+    ]
+    with keep_rule(warm_start(args.warmup, steps)):
+        label = f"batchtopk, TopK's rule for the first {args.warmup:.0%} of steps"
+        rows.append(row(args, world, train_ND, heldout_ND, label, "batchtopk", False))
+    with keep_rule(normalised):
+        label = "batchtopk ranking pre-activations / encoder row norm (inference: top k)"
+        rows.append(row(args, world, train_ND, heldout_ND, label, "batchtopk", False))
+    short = train_ND[: args.planted_tokens]
+    args.tokens = args.planted_tokens
+    for arch in ("topk", "batchtopk"):
+        label = f"{arch}, from the planted dictionary, {args.planted_tokens:,} tokens"
+        rows.append(row(args, world, short, heldout_ND, label, arch, True))
+    args.tokens = steps * args.batch
+    return rows
+
+
+if __name__ == "__main__":
+    main()
