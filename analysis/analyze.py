@@ -54,28 +54,30 @@ def analyze(config: AnalyzeConfig) -> Path:
     status(f"encoding {sum(c.n_rows for c in chunks[meta.chunks_done :]):,} images into {out}")
     from tqdm import tqdm
 
-    progress = tqdm(
+    bar = tqdm(
         total=sum(c.n_rows for c in chunks), initial=meta.images_seen, unit="img", desc="analyze"
     )
     todo = chunks[meta.chunks_done :]
-    for done, (ref, acts_CTD) in enumerate(read_chunks(cache, layer, todo, config.read_threads), 1):
-        with torch.no_grad():
-            codes = sae.encode(acts_CTD[:, tokens])
-        # A ReLU SAE's kept latent fires when positive; CLIP-Scope's raw values whenever kept.
-        relu = sae.activation == "relu"
-        fired = codes.values > 0 if relu else torch.ones_like(codes.values, dtype=torch.bool)
-        rows = torch.arange(ref.first_row, ref.first_row + ref.n_rows)
-        accumulator.add(codes.indices.cpu(), codes.values.cpu(), fired.cpu(), rows)
-        meta = dataclasses.replace(
-            meta,
-            chunks_done=meta.chunks_done + 1,
-            images_seen=meta.images_seen + ref.n_rows,
-            tokens_seen=meta.tokens_seen + ref.n_rows * n_tokens,
-        )
-        progress.update(ref.n_rows)
-        if done % config.checkpoint_every == 0 and meta.chunks_done < len(chunks):
-            _save_state(out, meta, accumulator)
-    progress.close()
+    with bar as progress:  # closed before an error is printed: the error is the last line
+        for done, (ref, acts_CTD) in enumerate(
+            read_chunks(cache, layer, todo, config.read_threads), 1
+        ):
+            with torch.no_grad():
+                codes = sae.encode(acts_CTD[:, tokens])
+            # A ReLU SAE's kept latent fires when positive; CLIP-Scope's raw values whenever kept.
+            relu = sae.activation == "relu"
+            fired = codes.values > 0 if relu else torch.ones_like(codes.values, dtype=torch.bool)
+            rows = torch.arange(ref.first_row, ref.first_row + ref.n_rows)
+            accumulator.add(codes.indices.cpu(), codes.values.cpu(), fired.cpu(), rows)
+            meta = dataclasses.replace(
+                meta,
+                chunks_done=meta.chunks_done + 1,
+                images_seen=meta.images_seen + ref.n_rows,
+                tokens_seen=meta.tokens_seen + ref.n_rows * n_tokens,
+            )
+            progress.update(ref.n_rows)
+            if done % config.checkpoint_every == 0 and meta.chunks_done < len(chunks):
+                _save_state(out, meta, accumulator)
     _finish(out, meta, accumulator, cache)
     return out
 

@@ -11,7 +11,7 @@ import torch
 import zarr
 
 from conftest import synthetic_cache
-from vitscope.cache_spec import open_cache
+from vitscope.cache_spec import CacheSpecError, open_cache
 from vitscope.cache_spec.storage import ENCODINGS
 from vitscope.train.loader import ActivationStream, distinct_images
 from vitscope.train.readers import all_finite
@@ -111,6 +111,22 @@ def test_nan_activations_stop_training_with_the_rows_named(tmp_path: Path, codec
     with pytest.raises(ValueError, match=r"layer 3, rows 4..7 hold NaN or inf activations"):
         for _ in stream.batches(0):
             pass
+
+
+def test_a_truncated_chunk_stops_training_with_its_file_named(tmp_path: Path):
+    """The reader process's error crosses back to the trainer whole: the file, the layer, the
+    rows, the shard and the fix, as a CacheSpecError (a UserError: one line at the CLI)."""
+    path = synthetic_cache(tmp_path / "cache", n_images=8)
+    chunk = path / "layer_03" / "c" / "1" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-20])
+    stream = ActivationStream(open_cache(path), 3, batch_size=8, heldout_fraction=0.0, readers=2)
+    with pytest.raises(CacheSpecError) as err:
+        for _ in stream.batches(0):
+            pass
+    assert str(err.value).startswith(
+        f"{chunk}: expected the stored chunk of layer 3, rows 4..7 (shard 00000.tar), found bytes "
+        "that do not decode (Zstd decompression error"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])

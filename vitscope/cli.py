@@ -252,13 +252,19 @@ def cache_info(
     plot: Annotated[
         Path | None, typer.Option(help="Also draw activation norms by token position (PNG).")
     ] = None,
+    verify: Annotated[
+        bool, typer.Option(help="Read every committed chunk of every layer; name the damaged.")
+    ] = False,
 ) -> None:
     """Print what a cache holds, how complete it is and its size on disk."""
     from vitscope.cache_spec.info import summary_lines
     from vitscope.cache_spec.store import open_cache
+    from vitscope.cache_spec.verify import verify_chunks
 
     cache = open_cache(path)
     print("\n".join(summary_lines(cache)))
+    if verify:
+        print(verify_chunks(cache, report=print))
     if plot is not None:
         require("matplotlib", "plots", "cache-info --plot")
         from vitscope.cache_plot import plot_cache
