@@ -31,8 +31,9 @@ from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.saes.load import load_sae
 from vitscope.saes.sae import SAE
 from vitscope.support.devices import resolve_device
+from vitscope.support.errors import BadSetting
 from vitscope.support.progress import status
-from vitscope.support.records import check_output_path, write_atomically
+from vitscope.support.records import absolute, check_output_path, write_atomically
 from vitscope.train.loader import read_chunks, token_slice
 
 
@@ -83,19 +84,20 @@ def analyze(config: AnalyzeConfig) -> Path:
 
 
 def layer_of(config: AnalyzeConfig | MonosemanticityConfig, sae: SAE) -> int:
-    """The cached layer a pass reads: --layer, else the SAE's own."""
-    if config.layer >= 0:
-        return config.layer
-    if sae.card.layer is None:
-        raise ValueError(f"{config.run}: the SAE does not record its layer; pass --layer L")
-    return sae.card.layer
-
-
-def absolute(location: str) -> str:
-    """A local path made absolute, so that meta.json's run and cache open from anywhere (a
-    notebook, another folder); URLs and hub ids as they are."""
-    path = Path(location)
-    return str(path.resolve()) if "://" not in location and path.exists() else location
+    """The cached layer a pass reads: the SAE's own; --layer only for an SAE that does not
+    record one, or to say the same (another layer's activations mean nothing to the SAE)."""
+    layer = sae.card.layer
+    if layer is None and config.layer < 0:
+        raise BadSetting("the SAE does not record its layer", path=config.run, fix="pass --layer L")
+    if layer is not None and config.layer not in (-1, layer):
+        raise BadSetting(
+            f"--layer {config.layer}, but the SAE was trained on layer {layer} (its cfg.json "
+            "says); its features read nothing meaningful from another layer",
+            path=config.run,
+            fix=f"leave out --layer (or pass --layer {layer}), or analyse an SAE of layer "
+            f"{config.layer}",
+        )
+    return config.layer if layer is None else layer
 
 
 def check_shards_folder(cache: Cache, shards: Path | None) -> None:

@@ -45,6 +45,7 @@ from vitscope.pipeline.shards import model_input
 from vitscope.saes.card import SAECard
 from vitscope.saes.load import load_sae
 from vitscope.support.devices import resolve_device
+from vitscope.support.errors import BadSetting, MissingInput
 from vitscope.support.progress import status
 from vitscope.support.records import check_output_path, write_json_atomically
 from vitscope.train.loader import token_slice
@@ -53,6 +54,9 @@ TEMPLATE = "a photo of a {}."
 """The zero-shot prompt of every label."""
 
 EDITS = ("sae", "mean_ablation", "zero_ablation")
+
+MIN_LABELS = 2
+"""Zero-shot agreement needs a choice: with one label every run agrees on every image."""
 
 
 class Reconstructor(Protocol):
@@ -193,11 +197,10 @@ def splice_run(
     on), write the result as JSON (default RUN/splice.json) and return it with the path."""
     path = out or (Path(run) / "splice.json" if Path(run).is_dir() else Path("splice.json"))
     check_output_path(path, "--out", folder=False)
+    names = _read_labels(labels) if labels else None
     sae = load_sae(run, device=resolve_device(device))
     images = cache_images(open_cache(sae.card.cache_or(cache, run)), n_images, shards)
-    result = splice_eval(
-        sae, images, labels=_read_labels(labels) if labels else None, device=device
-    )
+    result = splice_eval(sae, images, labels=names, device=device)
     write_json_atomically(path, result.to_json())
     return result, path
 
@@ -241,8 +244,8 @@ def _embed(tower: VisionTower, batches: list[Tensor], layer: int, hook: BlockHoo
 @torch.inference_mode()
 def _text_embeddings(clip: ClipModel, labels: list[str], batch_size: int) -> Tensor:
     """(L, E) unit-norm float32 embeddings of the template filled with each label."""
-    if not labels:
-        raise ValueError("zero-shot agreement needs at least one label")
+    if len(labels) < MIN_LABELS:
+        raise BadSetting(f"zero-shot agreement needs at least {MIN_LABELS} labels, not {labels}")
     ids = clip.tokenizer([TEMPLATE.format(label) for label in labels])
     parts = [clip.encode_text(i.to(clip.tower.device)).float() for i in ids.split(batch_size)]
     return F.normalize(torch.cat(parts), dim=-1)
@@ -257,5 +260,16 @@ def _score(emb_NE: Tensor, clean_NE: Tensor, texts_LE: Tensor | None) -> SpliceS
 
 
 def _read_labels(path: Path) -> list[str]:
-    """Label names, one a line; blank lines are skipped."""
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    """Label names, one a line; blank lines are skipped. Read before any work, and refused
+    with fewer than two: one label is every image's top-1, agreement 1.000 whatever the edit."""
+    if not path.is_file():
+        raise MissingInput("expected a file of labels, one a line; found none", path=path)
+    labels = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(labels) < MIN_LABELS:
+        raise BadSetting(
+            f"expected at least {MIN_LABELS} labels, one a line, found {len(labels)} (with one, "
+            "every image gets it and agreement is 1.000 whatever the edit)",
+            path=path,
+            fix="list more labels in --labels, or leave it out for ImageNet's",
+        )
+    return labels

@@ -328,3 +328,16 @@ def test_damaged_heatmaps_are_one_line_not_an_empty_picture(
             f"analyse again into a new folder: `vitscope analyze {photo_sae} --out NEW`"
         )
     assert not (tmp_path / "g.png").exists()
+
+
+def test_a_layer_other_than_the_saes_is_refused(photo_sae: Path, tmp_path: Path):
+    """The photo SAE reads layer 5; layer 2's activations would run through it without a word."""
+    out = tmp_path / "analysis"
+    result = run_vitscope("analyze", str(photo_sae), "--layer", "2", "--out", str(out))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {photo_sae}: --layer 2, but the SAE was trained on layer 5 (its cfg.json says); "
+        "its features read nothing meaningful from another layer; leave out --layer (or pass "
+        "--layer 5), or analyse an SAE of layer 2"
+    ]
+    assert not out.exists()
