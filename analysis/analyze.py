@@ -35,7 +35,7 @@ from vitscope.support.devices import resolve_device
 from vitscope.support.errors import BadSetting
 from vitscope.support.outputs import check_output_path
 from vitscope.support.progress import status
-from vitscope.support.records import write_atomically
+from vitscope.support.records import absolute, write_atomically
 from vitscope.train.loader import read_chunks, token_slice
 
 
@@ -57,46 +57,49 @@ def analyze(config: AnalyzeConfig) -> Path:
     status(f"encoding {sum(c.n_rows for c in chunks[meta.chunks_done :]):,} images into {out}")
     from tqdm import tqdm
 
-    progress = tqdm(
+    bar = tqdm(
         total=sum(c.n_rows for c in chunks), initial=meta.images_seen, unit="img", desc="analyze"
     )
     todo = chunks[meta.chunks_done :]
-    for done, (ref, acts_CTD) in enumerate(read_chunks(cache, layer, todo, config.read_threads), 1):
-        with torch.no_grad():
-            codes = sae.encode(acts_CTD[:, tokens])
-        # A ReLU SAE's kept latent fires when positive; CLIP-Scope's raw values whenever kept.
-        relu = sae.activation == "relu"
-        fired = codes.values > 0 if relu else torch.ones_like(codes.values, dtype=torch.bool)
-        rows = torch.arange(ref.first_row, ref.first_row + ref.n_rows)
-        accumulator.add(codes.indices.cpu(), codes.values.cpu(), fired.cpu(), rows)
-        meta = dataclasses.replace(
-            meta,
-            chunks_done=meta.chunks_done + 1,
-            images_seen=meta.images_seen + ref.n_rows,
-            tokens_seen=meta.tokens_seen + ref.n_rows * n_tokens,
-        )
-        progress.update(ref.n_rows)
-        if done % config.checkpoint_every == 0 and meta.chunks_done < len(chunks):
-            _save_state(out, meta, accumulator)
-    progress.close()
+    with bar as progress:  # closed before an error is printed: the error is the last line
+        for done, (ref, acts_CTD) in enumerate(
+            read_chunks(cache, layer, todo, config.read_threads), 1
+        ):
+            with torch.no_grad():
+                codes = sae.encode(acts_CTD[:, tokens])
+            # A ReLU SAE's kept latent fires when positive; CLIP-Scope's raw values whenever kept.
+            relu = sae.activation == "relu"
+            fired = codes.values > 0 if relu else torch.ones_like(codes.values, dtype=torch.bool)
+            rows = torch.arange(ref.first_row, ref.first_row + ref.n_rows)
+            accumulator.add(codes.indices.cpu(), codes.values.cpu(), fired.cpu(), rows)
+            meta = dataclasses.replace(
+                meta,
+                chunks_done=meta.chunks_done + 1,
+                images_seen=meta.images_seen + ref.n_rows,
+                tokens_seen=meta.tokens_seen + ref.n_rows * n_tokens,
+            )
+            progress.update(ref.n_rows)
+            if done % config.checkpoint_every == 0 and meta.chunks_done < len(chunks):
+                _save_state(out, meta, accumulator)
     _finish(out, meta, accumulator, cache)
     return out
 
 
 def layer_of(config: AnalyzeConfig | MonosemanticityConfig, sae: SAE) -> int:
-    """The cached layer a pass reads: --layer, else the SAE's own."""
-    if config.layer >= 0:
-        return config.layer
-    if sae.card.layer is None:
-        raise BadSetting(f"{config.run}: the SAE does not record its layer; pass --layer L")
-    return sae.card.layer
-
-
-def absolute(location: str) -> str:
-    """A local path made absolute, so that meta.json's run and cache open from anywhere (a
-    notebook, another folder); URLs and hub ids as they are."""
-    path = Path(location)
-    return str(path.resolve()) if "://" not in location and path.exists() else location
+    """The cached layer a pass reads: the SAE's own; --layer only for an SAE that does not
+    record one, or to say the same (another layer's activations mean nothing to the SAE)."""
+    layer = sae.card.layer
+    if layer is None and config.layer < 0:
+        raise BadSetting("the SAE does not record its layer", path=config.run, fix="pass --layer L")
+    if layer is not None and config.layer not in (-1, layer):
+        raise BadSetting(
+            f"--layer {config.layer}, but the SAE was trained on layer {layer} (its cfg.json "
+            "says); its features read nothing meaningful from another layer",
+            path=config.run,
+            fix=f"leave out --layer (or pass --layer {layer}), or analyse an SAE of layer "
+            f"{config.layer}",
+        )
+    return config.layer if layer is None else layer
 
 
 def check_shards_folder(cache: Cache, shards: Path | None) -> None:

@@ -28,10 +28,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import zarr
 from PIL import Image, ImageOps
 
-from vitscope.analysis.files import HEATMAPS_ARRAY, Analysis
+from vitscope.analysis.files import Analysis
 from vitscope.analysis.images import iter_images
 from vitscope.cache_spec.store import Cache, open_cache
 from vitscope.support.errors import BadSetting
@@ -164,11 +163,10 @@ def _write_blocks(analysis: Analysis, folder: Path) -> np.ndarray:
     feature, rank, row, value = (top[c].to_numpy() for c in ("feature", "rank", "row", "value"))
     captions = top["caption"].to_pylist()
     starts = np.searchsorted(feature, np.arange(meta.n_features + 1))
-    heatmaps = zarr.open_array(analysis.folder / HEATMAPS_ARRAY, mode="r")
     first_patch = 1 if meta.token_set == "all" else 0
     n_patches = meta.patch_grid**2 if meta.token_set != "cls" else 0
     for first in range(0, meta.n_features, BLOCK_FEATURES):
-        heat_BNT = np.asarray(heatmaps[first : first + BLOCK_FEATURES], dtype=np.float32)
+        heat_BNT = analysis.heatmap_block(first, first + BLOCK_FEATURES)
         cls_BN = heat_BNT[:, :, 0] if meta.token_set != "patches" else np.zeros(heat_BNT.shape[:2])
         patches_BNP = heat_BNT[:, :, first_patch : first_patch + n_patches]
         scale_B = patches_BNP.max(axis=(1, 2), initial=0.0)

@@ -102,6 +102,21 @@ def sort_label(judge: str, token: str) -> str:
     return f"{judge} judge, {token} tokens"
 
 
+def check_distinct(runs: list[Path]) -> None:
+    """One row per run: refuse a run folder named twice (in any spelling: `runs/a`, `./runs/a`,
+    an absolute path or a link to it), which would show as duplicate rows."""
+    seen: dict[Path, Path] = {}
+    for run in runs:
+        resolved = run.resolve()
+        if resolved in seen:
+            raise BadSetting(
+                f"expected each run folder once, found {seen[resolved]} and {run}, one folder",
+                path=resolved,
+                fix="name each run once",
+            )
+        seen[resolved] = run
+
+
 def check_one_cache(runs: list[Path]) -> None:
     """Layers compare over the same images only: refuse runs analysed over different caches."""
     analysed = [run for run in runs if (run / "analysis" / META_FILE).is_file()]
@@ -126,6 +141,7 @@ def compare(
     from vitscope.analysis.plots import save_figure
 
     check_output_path(out, "--out", overwrite=overwrite, own=COMPARISON)
+    check_distinct(runs)
     check_one_cache(runs)
     rows = sorted(
         (layer_row(run, judge, token) for run in runs), key=lambda r: (r.layer is None, r.layer)

@@ -25,7 +25,8 @@ class AnalyzeConfig(Shards, Device, Resume, Overwrite):
     grids: Annotated[int, AtLeast(0)] = 4
     """Features whose top-image grid is drawn at the end (those firing on the most images)."""
     layer: Annotated[int, AtLeast(-1)] = -1
-    """Cached layer to read; -1 = the SAE's own layer."""
+    """Cached layer to read: the SAE's own (-1, or the same number); set only for an SAE that
+    does not record its layer."""
     top_n: Annotated[int, AtLeast(1)] = 9
     """Top images kept per feature (CLIP-Scope showed 9)."""
     max_images: Annotated[int, AtLeast(0)] = 0
@@ -62,7 +63,8 @@ class MonosemanticityConfig(Shards, Device, Overwrite):
     """Its pretrained tag or weights file ('none' = random); empty = the cache's weights when
     --encoder is empty, else required."""
     layer: Annotated[int, AtLeast(-1)] = -1
-    """Cached layer to read; -1 = the SAE's own layer."""
+    """Cached layer to read: the SAE's own (-1, or the same number); set only for an SAE that
+    does not record its layer."""
     max_images: Annotated[int, AtLeast(0)] = 0
     """The first this many committed rows (whole chunks) are the evaluation set; 0 = all."""
     batch_size: Annotated[int, AtLeast(1)] = 64

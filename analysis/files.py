@@ -191,6 +191,7 @@ def write_results(
         chunks=(min(n_features, 1024), top_n, n_tokens),
         dtype="float16",
         overwrite=True,
+        config={"write_empty_chunks": True},  # every chunk a file: a missing one is damage
     )
     array[:] = heatmaps_FNT.astype(np.float16)
 
@@ -208,8 +209,40 @@ class Analysis:
 
     def heatmaps(self, feature: int) -> np.ndarray:
         """(N, T) float32: the feature on every token of each of its top images."""
-        array = zarr.open_array(self.folder / HEATMAPS_ARRAY, mode="r")
-        return np.asarray(array[feature], dtype=np.float32)
+        return self.heatmap_block(feature, feature + 1)[0]
+
+    def heatmap_block(self, first: int, stop: int) -> np.ndarray:
+        """(stop - first, N, T) float32, features first..stop-1 (stop clipped to F). Zarr reads
+        a missing chunk as zeros, a picture of nothing; so a chunk of features that fired must
+        be a file that decodes, else an `AnalysisError` naming it."""
+        stop = min(stop, self.meta.n_features)
+        heatmaps = self.folder / HEATMAPS_ARRAY
+        if not (heatmaps / "zarr.json").is_file():
+            raise self._damaged_heatmaps(heatmaps / "zarr.json", first, stop, "no file")
+        array = zarr.open_array(heatmaps, mode="r")
+        per_chunk = array.chunks[0]
+        fired_F = self.features["fire_images"].to_numpy() > 0
+        parts = []
+        for start in range(first - first % per_chunk, stop, per_chunk):
+            lo, hi = max(start, first), min(start + per_chunk, stop)
+            chunk = heatmaps / array.metadata.encode_chunk_key((start // per_chunk, 0, 0))
+            if not chunk.is_file() and fired_F[start : start + per_chunk].any():
+                raise self._damaged_heatmaps(chunk, start, start + per_chunk, "no file")
+            try:
+                parts.append(np.asarray(array[lo:hi], dtype=np.float32))
+            except (RuntimeError, ValueError) as err:
+                found = f"bytes that do not decode ({err})"
+                raise self._damaged_heatmaps(chunk, start, start + per_chunk, found) from None
+        return np.concatenate(parts) if parts else np.zeros((0, *array.shape[1:]), np.float32)
+
+    def _damaged_heatmaps(self, path: Path, first: int, stop: int, found: str) -> AnalysisError:
+        last = min(stop, self.meta.n_features) - 1
+        return AnalysisError(
+            path,
+            f"the heatmaps of features {first}..{last} of the analysis in {self.folder}",
+            found,
+            f"analyse again: `vitscope analyze {self.meta.sae} --overwrite`",
+        )
 
     def top_of(self, feature: int) -> list[dict]:
         """The feature's top images, best first, as row dicts of top_images.parquet."""

@@ -245,36 +245,36 @@ def _accumulate(
     tokens = token_slice(sae.card.token_set, cache.attrs.n_tokens)  # type: ignore[arg-type]
     dataset = ShardImages(todo, encoder.preprocess, config.batch_size, encoder.image_size)
     loader = shard_loader(dataset, config.num_workers, encoder.device.type == "cuda")
-    progress = tqdm(total=sum(r.n_rows for r in chunks), unit="img", desc="monosemanticity")
     # Rows still to embed per shard: its chunks are one run of rows (a prefix with --max-images),
     # so a shard is folded in at its last batch or as soon as that run is all embedded.
     missing = {index: sum(r.n_rows for r in refs) for index, refs in refs_of.items()}
     embedded: dict[int, tuple[list[int], list[Tensor]]] = {}
-    for batch in loader:
-        if batch.shard_index not in missing:
-            continue  # folded in already: the rest of the shard is past --max-images
-        if batch.error is not None:
-            raise ImageSourceError(batch.error)
-        refs = refs_of[batch.shard_index]
-        first, end = refs[0].first_row, refs[-1].first_row + refs[-1].n_rows
-        rows, embeddings = embedded.setdefault(batch.shard_index, ([], []))
-        new_rows = _batch_rows(batch, row_of[batch.shard.name])
-        rows.extend(new_rows)
-        missing[batch.shard_index] -= sum(first <= r < end for r in new_rows)
-        if batch.n_images:
-            embeddings.append(encoder.embed(batch.images_BCHW))
-        if batch.last or missing[batch.shard_index] == 0:
-            rows_N, emb_NE = torch.tensor(rows), torch.cat(embeddings or [_none(encoder)])
-            for ref, acts_CTD in read_chunks(cache, layer, refs, config.read_threads):
-                with torch.no_grad():
-                    codes = sae.encode(acts_CTD[:, tokens])
-                acts_CF = image_activations(codes.indices, codes.values, sae.n_latents)
-                acc.add(acts_CF, emb_NE[_positions(rows_N, ref, batch.shard)])
-                progress.update(ref.n_rows)
-            del embedded[batch.shard_index], missing[batch.shard_index]
-            if not missing:
-                break
-    progress.close()
+    bar = tqdm(total=sum(r.n_rows for r in chunks), unit="img", desc="monosemanticity")
+    with bar as progress:  # closed before an error is printed: the error is the last line
+        for batch in loader:
+            if batch.shard_index not in missing:
+                continue  # folded in already: the rest of the shard is past --max-images
+            if batch.error is not None:
+                raise ImageSourceError(batch.error)
+            refs = refs_of[batch.shard_index]
+            first, end = refs[0].first_row, refs[-1].first_row + refs[-1].n_rows
+            rows, embeddings = embedded.setdefault(batch.shard_index, ([], []))
+            new_rows = _batch_rows(batch, row_of[batch.shard.name])
+            rows.extend(new_rows)
+            missing[batch.shard_index] -= sum(first <= r < end for r in new_rows)
+            if batch.n_images:
+                embeddings.append(encoder.embed(batch.images_BCHW))
+            if batch.last or missing[batch.shard_index] == 0:
+                rows_N, emb_NE = torch.tensor(rows), torch.cat(embeddings or [_none(encoder)])
+                for ref, acts_CTD in read_chunks(cache, layer, refs, config.read_threads):
+                    with torch.no_grad():
+                        codes = sae.encode(acts_CTD[:, tokens])
+                    acts_CF = image_activations(codes.indices, codes.values, sae.n_latents)
+                    acc.add(acts_CF, emb_NE[_positions(rows_N, ref, batch.shard)])
+                    progress.update(ref.n_rows)
+                del embedded[batch.shard_index], missing[batch.shard_index]
+                if not missing:
+                    break
 
 
 def _rows_by_key(cache: Cache) -> dict[str, dict[str, int]]:

@@ -47,7 +47,7 @@ from vitscope.pipeline.shards import model_input
 from vitscope.saes.card import SAECard
 from vitscope.saes.load import load_sae
 from vitscope.support.devices import resolve_device
-from vitscope.support.errors import BadSetting
+from vitscope.support.errors import BadSetting, MissingInput
 from vitscope.support.outputs import check_output_path, json_with
 from vitscope.support.progress import status
 from vitscope.support.records import write_json_atomically
@@ -57,6 +57,9 @@ TEMPLATE = "a photo of a {}."
 """The zero-shot prompt of every label."""
 
 EDITS = ("sae", "mean_ablation", "zero_ablation")
+
+MIN_LABELS = 2
+"""Zero-shot agreement needs a choice: with one label every run agrees on every image."""
 
 
 class Reconstructor(Protocol):
@@ -196,13 +199,12 @@ def splice_run(config: SpliceConfig) -> tuple[SpliceResult, Path]:
     on), write the result as JSON (default RUN/splice.json) and return it with the path."""
     path = config.out_path
     check_output_path(path, "--out", folder=False, overwrite=config.overwrite, own=SPLICE_RESULT)
-    run, labels, shards = config.run, config.labels, config.shards
+    run, shards = config.run, config.shards
+    names = _read_labels(Path(config.labels)) if config.labels else None
     sae = load_sae(run, device=resolve_device(config.device))
     cache = open_cache(sae.card.cache_or(config.cache, run))
     images = cache_images(cache, config.images, Path(shards) if shards else None)
-    result = splice_eval(
-        sae, images, labels=_read_labels(Path(labels)) if labels else None, device=config.device
-    )
+    result = splice_eval(sae, images, labels=names, device=config.device)
     write_json_atomically(path, result.to_json())
     return result, path
 
@@ -252,8 +254,8 @@ def _embed(
 @torch.inference_mode()
 def _text_embeddings(clip: ClipModel, labels: list[str], batch_size: int) -> Tensor:
     """(L, E) unit-norm float32 embeddings of the template filled with each label."""
-    if not labels:
-        raise BadSetting("zero-shot agreement needs at least one label")
+    if len(labels) < MIN_LABELS:
+        raise BadSetting(f"zero-shot agreement needs at least {MIN_LABELS} labels, not {labels}")
     ids = clip.tokenizer([TEMPLATE.format(label) for label in labels])
     parts = []
     with tqdm(total=len(labels), unit="label", desc="label texts", dynamic_ncols=True) as progress:
@@ -272,5 +274,16 @@ def _score(emb_NE: Tensor, clean_NE: Tensor, texts_LE: Tensor | None) -> SpliceS
 
 
 def _read_labels(path: Path) -> list[str]:
-    """Label names, one a line; blank lines are skipped."""
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    """Label names, one a line; blank lines are skipped. Read before any work, and refused
+    with fewer than two: one label is every image's top-1, agreement 1.000 whatever the edit."""
+    if not path.is_file():
+        raise MissingInput("expected a file of labels, one a line; found none", path=path)
+    labels = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(labels) < MIN_LABELS:
+        raise BadSetting(
+            f"expected at least {MIN_LABELS} labels, one a line, found {len(labels)} (with one, "
+            "every image gets it and agreement is 1.000 whatever the edit)",
+            path=path,
+            fix="list more labels in --labels, or leave it out for ImageNet's",
+        )
+    return labels

@@ -27,6 +27,7 @@ from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 from zarr.codecs.bytes import Endian
 
 from vitscope.cache_spec.errors import CacheSpecError
+from vitscope.cache_spec.layout import commit_key
 from vitscope.cache_spec.location import is_url
 from vitscope.cache_spec.storage import ENCODINGS
 
@@ -62,10 +63,25 @@ class ChunkFile:
     """The chunk's per-channel scales (8-bit storage), uncompressed float32."""
     rows: tuple[int, int]
     """First and last cache row, for error messages."""
+    layer: int
+    """The cached layer, for error messages."""
+    shard: str
+    """The input shard these rows came from: the one to re-cache if the file is damaged."""
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    def damaged(self, found: str, path: str | None = None) -> CacheSpecError:
+        """The one-line error for a chunk (or its scales, `path`) that cannot be read whole."""
+        return CacheSpecError(
+            path or self.path,
+            f"the stored chunk of layer {self.layer}, rows {self.rows[0]}..{self.rows[1]} "
+            f"(shard {self.shard})",
+            found,
+            fix=f"rewrite the shard: delete {commit_key(self.shard)} in the cache and re-run "
+            "`vitscope cache` with the same settings",
+        )
 
 
 def read_chunk_file(file: ChunkFile, out: torch.Tensor) -> None:
@@ -77,9 +93,7 @@ def read_chunk_file(file: ChunkFile, out: torch.Tensor) -> None:
     stored = out if direct else torch.empty(file.numel * stored_dtype.itemsize, dtype=torch.uint8)
     _read_stored(file, stored.view(torch.uint8).reshape(-1))
     if not direct:
-        scale_D = None
-        if file.scale_path is not None:
-            scale_D = np.frombuffer(bytearray(_read_bytes(file.scale_path)), "<f4")
+        scale_D = None if file.scale_path is None else _read_scales(file, file.scale_path)
         values = stored.numpy().view(stored_dtype)
         decoded = encoding.decode(values.reshape(-1, file.shape[-1]), scale_D, out.dtype)
         out.view(-1).copy_(decoded.view(-1))
@@ -89,27 +103,53 @@ def _read_stored(file: ChunkFile, out_bytes: torch.Tensor) -> None:
     """The committed prefix of the chunk's stored bytes into `out_bytes` (uint8)."""
     try:
         if file.decoder is None and not is_url(file.path):
-            _read_exactly(file.path, out_bytes.numpy())
+            _read_exactly(file, out_bytes.numpy())
             return
         encoded = _read_bytes(file.path)
     except FileNotFoundError:
-        raise CacheSpecError(
-            file.path,
-            f"the stored chunk of committed rows {file.rows[0]}..{file.rows[1]}",
-            "no file",
-            fix="re-cache the shard holding these rows, or write a new cache",
-        ) from None
+        raise file.damaged("no file") from None
     if file.decoder is None:  # an uncompressed chunk from an object store: one copy
-        _check_length(file.path, len(encoded), len(out_bytes))
+        _check_length(file, len(encoded), len(out_bytes))
         out_bytes.numpy()[:] = np.frombuffer(encoded, np.uint8, count=len(out_bytes))
         return
     whole_chunk = len(out_bytes) // file.shape[0] * file.chunk_rows
     if whole_chunk == len(out_bytes):
-        file.decoder.decode(encoded, out=out_bytes.numpy())
+        _decode(file, encoded, out_bytes.numpy())
     else:  # a shard's tail chunk: decode the whole padded chunk, keep its committed rows
         padded = torch.empty(whole_chunk, dtype=torch.uint8)
-        file.decoder.decode(encoded, out=padded.numpy())
+        _decode(file, encoded, padded.numpy())
         out_bytes.copy_(padded[: len(out_bytes)])
+
+
+def _decode(file: ChunkFile, encoded: bytes, out: np.ndarray) -> None:
+    """Decompress a whole stored chunk into `out`; bytes that are not one (a truncated or
+    overwritten file) are the chunk's one-line error, not the codec's traceback."""
+    assert file.decoder is not None
+    recorded = _blosc_length(encoded)
+    if isinstance(file.decoder, numcodecs.Blosc) and recorded != len(encoded):
+        # Blosc decodes a truncated buffer without complaint: its header says how long it was.
+        raise file.damaged(f"{len(encoded)} bytes where blosc's header says {recorded}")
+    try:
+        file.decoder.decode(encoded, out=out)
+    except (RuntimeError, ValueError) as err:
+        raise file.damaged(f"bytes that do not decode ({err})") from None
+
+
+def _blosc_length(encoded: bytes) -> int:
+    """The compressed size a blosc buffer's 16-byte header records (bytes 12..15); -1 if the
+    buffer is shorter than the header."""
+    return int.from_bytes(encoded[12:16], "little") if len(encoded) >= 16 else -1
+
+
+def _read_scales(file: ChunkFile, path: str) -> np.ndarray:
+    """The chunk's per-channel float32 scales (8-bit storage), checked for their length."""
+    try:
+        scales = _read_bytes(path)
+    except FileNotFoundError:
+        raise file.damaged("no file of scales", path) from None
+    if len(scales) != 4 * file.shape[-1]:
+        raise file.damaged(f"{len(scales)} bytes of scales, not {4 * file.shape[-1]}", path)
+    return np.frombuffer(bytearray(scales), "<f4")
 
 
 def _read_bytes(path: str) -> bytes:
@@ -123,20 +163,20 @@ def _read_bytes(path: str) -> bytes:
     return fs.cat_file(key)
 
 
-def _read_exactly(path: str, out: np.ndarray) -> None:
+def _read_exactly(file: ChunkFile, out: np.ndarray) -> None:
     """Fill `out` from the start of the file (reads may return less than asked)."""
-    with open(path, "rb", buffering=0) as f:
+    with open(file.path, "rb", buffering=0) as f:
         view, filled = memoryview(out).cast("B"), 0
         while filled < len(view):
             got = f.readinto(view[filled:])
             if not got:
-                _check_length(path, filled, len(view))
+                _check_length(file, filled, len(view))
             filled += got
 
 
-def _check_length(path: str, found: int, needed: int) -> None:
+def _check_length(file: ChunkFile, found: int, needed: int) -> None:
     if found < needed:
-        raise CacheSpecError(path, f"at least {needed} bytes", f"{found}", fix="re-cache its shard")
+        raise file.damaged(f"{found} bytes where its rows need {needed}")
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:

@@ -64,3 +64,5 @@ class CacheInfoConfig(Overwrite):
     """The cache folder, or its URL (s3://...)."""
     plot: str = ""
     """Also draw activation norms by token position into this PNG; empty = no picture."""
+    verify: bool = False
+    """Read every committed chunk of every layer and name the damaged ones (exit 1 if any)."""

@@ -148,17 +148,24 @@ class Cache:
             chunk_rows=self.attrs.chunk_images,
             scale_path=scale_path,
             rows=(ref.first_row, ref.first_row + ref.n_rows - 1),
+            layer=layer,
+            shard=self.attrs.shards[ref.shard_index],
         )
 
     def read_rows(self, layer: int, rows: Sequence[int]) -> torch.Tensor:
-        """Arbitrary committed rows, in the order given, as float32 (len(rows), T, D)."""
+        """Arbitrary committed rows, in the order given, as float32 (len(rows), T, D); each
+        chunk holding one is read whole through `read_chunk`, so damage is named as there."""
         rows_N = np.asarray(rows, dtype=np.int64)
         self._check_committed(rows_N)
-        unique, inverse = np.unique(rows_N, return_inverse=True)
-        stored = self._array(layer).oindex[unique]
-        scales_ND = self._scales(layer, (unique // self.attrs.chunk_images).tolist())
-        scales_N1D = None if scales_ND is None else scales_ND[:, None, :]
-        return self.encoding.decode(stored, scales_N1D)[torch.from_numpy(inverse)]
+        per_chunk = self.attrs.chunk_images
+        refs = {ref.index: ref for ref in self.chunks()}
+        wanted = np.unique(rows_N // per_chunk)
+        chunks = [self.read_chunk(layer, refs[index]) for index in wanted.tolist()]
+        if not chunks:
+            return torch.empty(0, self.attrs.n_tokens, self.attrs.d_model)
+        starts = np.cumsum([0, *(len(chunk) for chunk in chunks[:-1])])
+        at = starts[np.searchsorted(wanted, rows_N // per_chunk)] + rows_N % per_chunk
+        return torch.cat(chunks)[torch.from_numpy(at)]
 
     def rows_table(self) -> pa.Table:
         """Every committed sample (used or skipped) with its row, shard, key, url and caption."""
@@ -213,11 +220,6 @@ class Cache:
             # Dense activations are never all-zero: skip zarr's per-chunk emptiness check (2-3x).
             self._arrays[name] = array.with_config({"write_empty_chunks": True})
         return self._arrays[name]
-
-    def _scales(self, layer: int, chunk_indices: list[int]) -> np.ndarray | None:
-        if not self.encoding.scaled:
-            return None
-        return self._array(layer, scale=True).oindex[chunk_indices]
 
     def _check_committed(self, rows_N: np.ndarray) -> None:
         valid = np.zeros(len(rows_N), dtype=bool)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from vitscope.support.configs import AtLeast, check_bounds
-from vitscope.support.errors import BadSetting
+from vitscope.support.errors import BadSetting, MissingInput
 from vitscope.support.records import FileFormatError
 
 SAE_FORMAT = "vitscope-sae"
@@ -80,7 +81,8 @@ class SAECard:
     source: str = "vitscope"
     """Who made it: vitscope, clip-scope, or where it was imported from."""
     training: dict | None = None
-    """The full training config, for the record (null for imported SAEs)."""
+    """The full training config, for the record (null for imported SAEs); its cache (absolute,
+    or a URL) is what commands read when not given --cache."""
     format: str = SAE_FORMAT
     """Always vitscope-sae."""
     format_version: str = SAE_FORMAT_VERSION
@@ -101,10 +103,24 @@ class SAECard:
         return {**shape, "architecture": self.architecture, **options, **data}
 
     def cache_or(self, given: str, who: str) -> str:
-        """`given` if set, else the cache the SAE was trained on; BadSetting naming `who`."""
-        cache = given or (self.training or {}).get("cache")
+        """`given` if set, else the cache the SAE was trained on (training.cache of the cfg.json
+        of `who`); one line naming that file and --cache when it names none, or none there."""
+        if given:
+            return given
+        cache = (self.training or {}).get("cache")
+        card = Path(who) / "cfg.json" if Path(who).is_dir() else f"the cfg.json of {who}"
         if not cache:
             raise BadSetting(
-                f"{who}: the SAE does not name the cache it was trained on; pass --cache CACHE"
+                "the SAE does not name the cache it was trained on (no training.cache)",
+                path=card,
+                fix="pass --cache CACHE",
             )
-        return cache
+        local = Path(cache.removeprefix("file://"))
+        if "://" in str(local) or local.exists():
+            return cache
+        relative = "" if local.is_absolute() else f" (a relative path, read from {Path.cwd()})"
+        raise MissingInput(
+            f"training.cache names the cache {cache}, which is not there{relative}",
+            path=card,
+            fix="pass --cache CACHE where it is now",
+        )

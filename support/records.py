@@ -103,6 +103,13 @@ def parse_json(text: str, where: Path | str, error: type[FileFormatError]) -> An
         raise error(where, "JSON", f"unparseable text ({err})") from None
 
 
+def absolute(location: str) -> str:
+    """A local path made absolute, so that a record's paths (a run's cache, an analysis's SAE
+    and cache) open from anywhere: another folder, a notebook; URLs and hub ids as they are."""
+    path = Path(location)
+    return str(path.resolve()) if "://" not in location and path.exists() else location
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: readers see all or nothing."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")

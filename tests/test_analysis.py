@@ -298,3 +298,47 @@ def test_any_features_grid_from_the_command_line(photo_analysis: Path, tmp_path:
     beyond = run_vitscope("grid", str(photo_analysis), "--feature", "64")
     assert beyond.returncode == 1
     assert beyond.stderr.strip() == "error: feature must be below 64, not 64"
+
+
+@pytest.mark.parametrize(
+    ("damage", "found"), [("delete", "found no file"), ("truncate", "found bytes that do not")]
+)
+def test_damaged_heatmaps_are_one_line_not_an_empty_picture(
+    photo_sae: Path, photo_analysis: Path, tmp_path: Path, damage: str, found: str
+):
+    """Zarr reads a missing chunk as zeros: grid and browse drew heatmaps of "0 to 0"."""
+    analysis = Path(shutil.copytree(photo_analysis, tmp_path / "analysis"))
+    chunk = analysis / "heatmaps.zarr" / "c" / "0" / "0" / "0"
+    if damage == "delete":
+        chunk.unlink()
+    else:
+        chunk.write_bytes(chunk.read_bytes()[:-30])
+    features = load_analysis(analysis).features["fire_images"].to_numpy()
+    live = str(int(np.argmax(features)))
+    grid = run_vitscope("grid", str(analysis), "--feature", live, "--out", str(tmp_path / "g.png"))
+    site = ["--analysis", str(analysis), "--out", str(tmp_path / "site")]
+    browse = run_vitscope("browse", str(photo_sae), *site)
+    for result in (grid, browse):
+        assert result.returncode == 1
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(
+            f"error: {chunk}: expected the heatmaps of features 0..63 of the analysis in "
+            f"{analysis}, {found}"
+        ), line
+        assert line.endswith(
+            f"analyse again into a new folder: `vitscope analyze {photo_sae} --out NEW`"
+        )
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_a_layer_other_than_the_saes_is_refused(photo_sae: Path, tmp_path: Path):
+    """The photo SAE reads layer 5; layer 2's activations would run through it without a word."""
+    out = tmp_path / "analysis"
+    result = run_vitscope("analyze", str(photo_sae), "--layer", "2", "--out", str(out))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {photo_sae}: --layer 2, but the SAE was trained on layer 5 (its cfg.json says); "
+        "its features read nothing meaningful from another layer; leave out --layer (or pass "
+        "--layer 5), or analyse an SAE of layer 2"
+    ]
+    assert not out.exists()

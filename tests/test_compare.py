@@ -191,3 +191,15 @@ def test_runs_of_two_caches_are_refused(photo_sae: Path, photo_analysis: Path, t
     for text in (str(photo_sae), meta["cache"], str(elsewhere), other_cache):
         assert text in message
     assert not (tmp_path / "cmp").exists()
+
+
+def test_the_same_run_twice_is_refused(photo_sae: Path, tmp_path: Path):
+    """In any spelling: duplicate rows would compare a run with itself."""
+    out = ["--out", str(tmp_path / "cmp")]
+    result = run_vitscope("compare", str(photo_sae), photo_sae.name, *out, cwd=photo_sae.parent)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {photo_sae.resolve()}: expected each run folder once, found {photo_sae} and "
+        f"{photo_sae.name}, one folder; name each run once"
+    ]
+    assert not (tmp_path / "cmp").exists()

@@ -114,6 +114,22 @@ def test_nan_activations_stop_training_with_the_rows_named(tmp_path: Path, codec
             pass
 
 
+def test_a_truncated_chunk_stops_training_with_its_file_named(tmp_path: Path):
+    """The reader process's error crosses back to the trainer whole: the file, the layer, the
+    rows, the shard and the fix, as a CacheSpecError (a UserError: one line at the CLI)."""
+    path = synthetic_cache(tmp_path / "cache", n_images=8)
+    chunk = path / "layer_03" / "c" / "1" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-20])
+    stream = ActivationStream(open_cache(path), 3, batch_size=8, heldout_fraction=0.0, readers=2)
+    with pytest.raises(CacheSpecError) as err:
+        for _ in stream.batches(0):
+            pass
+    assert str(err.value).startswith(
+        f"{chunk}: expected the stored chunk of layer 3, rows 4..7 (shard 00000.tar), found bytes "
+        "that do not decode (Zstd decompression error"
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 def test_finite_check_finds_every_nan_and_inf(dtype: torch.dtype):
     x = torch.randn(64, 33).to(dtype)

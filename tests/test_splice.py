@@ -23,6 +23,7 @@ from vitscope.cache_spec.store import open_cache
 from vitscope.pipeline.model import ClipModel, load_clip, residual_stream, spliced_forward
 from vitscope.saes.card import SAECard
 from vitscope.saes.load import load_sae
+from vitscope.support.errors import BadSetting
 
 LABELS = ("tench", "goldfish", "great white shark", "tiger shark", "hammerhead shark", "ray")
 
@@ -133,3 +134,22 @@ def test_a_missing_shard_folder_is_one_line(photo_sae: Path, tmp_path: Path):
     assert done.returncode == 1
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: ") and str(missing) in line
+
+
+def test_fewer_than_two_labels_are_refused_before_any_work(
+    photo_sae: Path, clip: ClipModel, photos, tmp_path: Path
+):
+    """One label is every image's top-1: agreement 1.000 for every edit, a silent non-result."""
+    labels = tmp_path / "labels.txt"
+    labels.write_text("tench\n\n")
+    run = Path(shutil.copytree(photo_sae, tmp_path / "run"))
+    done = run_vitscope("splice", str(run), "--labels", str(labels), "--device", "cpu")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"error: {labels}: expected at least 2 labels, one a line, found 1 (with one, every image "
+        "gets it and agreement is 1.000 whatever the edit); list more labels in --labels, or leave "
+        "it out for ImageNet's"
+    ]
+    assert not (run / "splice.json").exists()
+    with pytest.raises(BadSetting, match="needs at least 2 labels"):
+        splice_eval(load_sae(photo_sae), photos[:2], clip, ["tench"])

@@ -56,14 +56,41 @@ def test_chunks_read_from_their_files_equal_zarrs_read(tmp_path: Path, storage: 
             assert torch.equal(cache.read_chunk(3, ref, dtype), by_zarr)
 
 
-def test_a_missing_chunk_file_is_named(tmp_path: Path):
-    cache = open_cache(synthetic_cache(tmp_path / "c", n_images=8, codec="none"))
+DAMAGED = "expected the stored chunk of layer 3, rows 4..7 (shard 00000.tar), found "
+REWRITE = "; rewrite the shard: delete shards/00000.commit.json in the cache and re-run"
+
+
+@pytest.mark.parametrize(
+    ("codec", "storage", "damage", "found"),
+    [
+        ("none", "float32", "delete", "no file"),
+        ("zstd-1", "float32", "truncate", "bytes that do not decode (Zstd decompression error"),
+        ("blosc-lz4-shuffle", "float16", "truncate", "bytes where blosc's header says"),
+        ("none", "float16", "truncate", "300 bytes where its rows need 320"),
+        ("zstd-1", "int8", "delete scales", "no file of scales"),
+        ("zstd-1", "int8", "truncate scales", "12 bytes of scales, not 32"),
+    ],
+)
+def test_a_damaged_chunk_file_is_named_with_its_layer_rows_and_shard(
+    tmp_path: Path, codec: str, storage: str, damage: str, found: str
+):
+    """Every read path (a chunk, arbitrary rows) names the file and the fix in one line; a
+    truncated blosc chunk, which blosc itself decodes without complaint, included."""
+    cache = open_cache(synthetic_cache(tmp_path / "c", n_images=12, codec=codec, storage=storage))
     ref = cache.chunks()[1]
-    Path(cache.chunk_file(3, ref).path).unlink()
-    with pytest.raises(
-        CacheSpecError, match=r"c/1/0/0: expected the stored chunk of committed rows 4..7"
-    ):
-        cache.read_chunk(3, ref)
+    file = cache.chunk_file(3, ref)
+    damaged = Path(file.scale_path if "scales" in damage else file.path)
+    if damage.startswith("delete"):
+        damaged.unlink()
+    else:
+        damaged.write_bytes(damaged.read_bytes()[:-20])
+    for read in (lambda: cache.read_chunk(3, ref), lambda: cache.read_rows(3, [9, 5])):
+        with pytest.raises(CacheSpecError) as err:
+            read()
+        message = str(err.value)
+        assert message.startswith(f"{damaged}: {DAMAGED}"), message
+        assert found in message and REWRITE in message and "\n" not in message
+    assert cache.read_rows(3, [9, 0]).shape == (2, 5, 8)  # the other chunks still read
 
 
 def test_a_codec_outside_the_spec_is_refused_on_opening(tmp_path: Path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -189,3 +190,35 @@ def test_cache_still_being_written_is_refused(tmp_path: Path):
         "`vitscope cache-info`); wait for `vitscope cache` to finish, or pass --allow-partial to "
         "train on the committed rows"
     )
+
+
+def test_a_run_records_its_cache_absolute_and_a_moved_one_names_cfg_json(
+    small_cache: Path, tmp_path: Path
+):
+    """Typed relative, recorded absolute: the run's commands work from any folder. An old card
+    with a relative path still works where it was typed, and elsewhere says which file named
+    the cache and which flag overrides it."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copytree(small_cache, work / "cache")
+    flags = ["--cache", "cache", "--layer", "3", "--out", "run", "--tokens", "4096"]
+    sizes = ["--batch-size", "128", "--n-latents", "64", "--k", "4", "--eval-images", "4"]
+    trained = run_vitscope("train", *flags, *sizes, "--device", "cpu", cwd=work)
+    assert trained.returncode == 0, trained.stderr
+    card_path = work / "run" / "cfg.json"
+    card = json.loads(card_path.read_text())
+    assert card["training"]["cache"] == str((work / "cache").resolve())
+
+    analyze = ["analyze", str(work / "run"), "--grids", "0", "--device", "cpu"]
+    analysed = run_vitscope(*analyze, "--out", str(tmp_path / "a1"), cwd=elsewhere)
+    assert analysed.returncode == 0, analysed.stderr
+
+    card_path.write_text(json.dumps({**card, "training": {**card["training"], "cache": "cache"}}))
+    refused = run_vitscope(*analyze, "--out", str(tmp_path / "a2"), cwd=elsewhere)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [
+        f"error: {card_path}: training.cache names the cache cache, which is not there (a "
+        f"relative path, read from {elsewhere}); pass --cache CACHE where it is now"
+    ]
+    here = run_vitscope(*analyze, "--out", str(tmp_path / "a3"), cwd=work)
+    assert here.returncode == 0, here.stderr

@@ -23,6 +23,7 @@ from vitscope.saes.card import SAECard
 from vitscope.saes.folder import save_sae_folder
 from vitscope.saes.sae import SAE, losses
 from vitscope.support.configs import config_dict
+from vitscope.support.records import absolute
 from vitscope.support.run_log import LogRecord, append_record
 from vitscope.train.checkpoint import TrainState, save_checkpoint
 from vitscope.train.config import TrainConfig
@@ -87,7 +88,7 @@ def new_member(
         layer=cfg.layer,
         token_set=cfg.token_set,
         cache_spec_version=cache.spec_version if cache else None,
-        training=config_dict(cfg),
+        training={**config_dict(cfg), "cache": absolute(cfg.cache)},
     )
     sae = build_sae(card, seed=cfg.seed, selection=cfg.selection_on(device))
     with torch.no_grad():

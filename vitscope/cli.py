@@ -261,6 +261,7 @@ add_config_command(
 def run_cache_info(config: CacheInfoConfig) -> None:
     from vitscope.cache_spec.info import summary_lines
     from vitscope.cache_spec.store import open_cache
+    from vitscope.cache_spec.verify import verify_chunks
 
     if config.plot:
         require("matplotlib", "plots", "cache-info --plot")
@@ -271,6 +272,8 @@ def run_cache_info(config: CacheInfoConfig) -> None:
         )
     cache = open_cache(config.path)
     print("\n".join(summary_lines(cache)))
+    if config.verify:
+        print(verify_chunks(cache, report=print))
     if config.plot:
         from vitscope.cache_plot import plot_cache
 
