@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,8 @@ def analyze(config: AnalyzeConfig) -> Path:
     """Run (or resume) the pass; returns the analysis folder."""
     out = config.out_dir
     check_output_path(out, "--out", overwrite=config.overwrite, own=ANALYSIS_FOLDER)
+    if config.overwrite and not config.resume and out.exists():
+        shutil.rmtree(out)  # --overwrite: a fresh pass, nothing of the old one left to mix in
     sae = load_sae(config.run, device=resolve_device(config.device))
     layer = layer_of(config, sae)
     cache = open_cache(sae.card.cache_or(config.cache, config.run), layer=layer)
@@ -152,7 +155,10 @@ def _start(
     if not config.resume:
         if (out / "meta.json").exists():
             raise AnalysisError(
-                out, "a new analysis folder", "an analysis already there", "pass --resume or --out"
+                out,
+                "a new analysis folder",
+                "an analysis already there",
+                "pass --resume to continue it, --overwrite to start again, or another --out",
             )
         return fresh, accumulator
     saved = read_meta(out)

@@ -201,11 +201,16 @@ def test_moved_shards_work_with_shards_and_fail_in_one_line_without(
     assert drawn.returncode == 0, drawn.stderr
 
     again = run_vitscope(*relative, cwd=tmp_path)
-    assert again.returncode == 1 and "pass --resume or --out" in again.stderr
+    assert again.returncode == 1 and "--overwrite to start again" in again.stderr
     meta = (tmp_path / "a2" / "meta.json").read_text()
     resumed = run_vitscope(*relative, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr  # a finished analysis: only the pictures
     assert (tmp_path / "a2" / "meta.json").read_text() == meta
+    (tmp_path / "a2" / "stale.txt").write_text("from before")
+    fresh = run_vitscope(*relative, "--overwrite", cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr
+    assert not (tmp_path / "a2" / "stale.txt").exists()  # a fresh pass, nothing old mixed in
+    assert load_analysis(tmp_path / "a2").meta.complete
 
 
 def test_a_cache_that_never_recorded_its_shards_asks_for_them(
@@ -325,9 +330,7 @@ def test_damaged_heatmaps_are_one_line_not_an_empty_picture(
             f"error: {chunk}: expected the heatmaps of features 0..63 of the analysis in "
             f"{analysis}, {found}"
         ), line
-        assert line.endswith(
-            f"analyse again into a new folder: `vitscope analyze {photo_sae} --out NEW`"
-        )
+        assert line.endswith(f"analyse again: `vitscope analyze {photo_sae} --overwrite`")
     assert not (tmp_path / "g.png").exists()
 
 
