@@ -1,6 +1,7 @@
 """`vitscope compare RUN...`: SAEs on different layers of one cache side by side, one row each.
 
-Per run: held-out explained variance and dead fraction (the last log line), median firing
+Per run: held-out explained variance (the standard one and CLIP-Scope's, train/
+explained_variance.py) and dead fraction (the last log line), median firing
 frequency of the live features over images (the analysis), splice cosine (splice.json),
 sort-eval accuracy with its 95% interval (one judge and token set's score.json, in the folder
 `vitscope sorteval` writes by default) and the mean MonoSemanticity Score of the scored features
@@ -38,6 +39,8 @@ class LayerRow:
     run: str
     layer: int | None
     explained_variance: float | None
+    clipscope_ev: float | None
+    """sache's explained variance, the one CLIP-Scope's model card reports (None in older logs)."""
     dead_fraction: float | None
     median_frequency: float | None
     """Median over the live features of the fraction of images they fire on."""
@@ -76,6 +79,7 @@ def layer_row(run: Path, judge: str = "clip", token: str = "all") -> LayerRow:
         run=str(run),
         layer=card.layer,
         explained_variance=log[-1].heldout.explained_variance if log else None,
+        clipscope_ev=log[-1].heldout.clipscope_ev if log else None,
         dead_fraction=log[-1].dead_fraction if log else None,
         median_frequency=median,
         splice_cosine=splice.get("sae", {}).get("cosine"),
@@ -161,9 +165,10 @@ def compare(
 
 def _markdown(rows: list[LayerRow], sort_eval: str) -> str:
     lines = [
-        "| layer | explained variance | dead | median frequency (images) | splice cosine | "
+        "| layer | explained variance | CLIP-Scope's explained variance | dead | "
+        "median frequency (images) | splice cosine | "
         f"sort eval ({sort_eval}; 95% CI) | mean MS | run |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         sort = (
@@ -172,7 +177,8 @@ def _markdown(rows: list[LayerRow], sort_eval: str) -> str:
             else f"{r.sort_accuracy:.3f} [{r.sort_low:.3f}, {r.sort_high:.3f}]"
         )
         lines.append(
-            f"| {r.layer} | {_num(r.explained_variance)} | {_num(r.dead_fraction)} | "
+            f"| {r.layer} | {_num(r.explained_variance)} | {_num(r.clipscope_ev)} | "
+            f"{_num(r.dead_fraction)} | "
             f"{_num(r.median_frequency)} | {_num(r.splice_cosine)} | {sort} | {_num(r.mean_ms)} "
             f"| {r.run} |"
         )
@@ -190,6 +196,7 @@ def layer_figure(rows: list[LayerRow], sort_eval: str) -> Figure:
 
     panels = [
         ("explained_variance", "held-out explained variance"),
+        ("clipscope_ev", "CLIP-Scope's explained variance"),
         ("dead_fraction", "dead fraction"),
         ("median_frequency", "median frequency (images)"),
         ("splice_cosine", "splice cosine"),

@@ -18,6 +18,7 @@ def run_metrics(run_dir: Path) -> dict[str, Any]:
     last = log[-1]
     return {
         "explained_variance": last.heldout.explained_variance,
+        "clipscope_ev": last.heldout.clipscope_ev,
         "fvu": last.heldout.fvu,
         "l0": last.heldout.l0,
         "dead_fraction": last.dead_fraction,
@@ -40,6 +41,8 @@ def model_card(card: SAECard, metrics: dict[str, Any], repo_id: str) -> str:
             ("held-out L0", f"{metrics['l0']:.2f}"),
             ("dead latents", f"{metrics['dead_fraction']:.2%}"),
         ]
+    if metrics.get("clipscope_ev") is not None:
+        rows.append(("held-out explained variance, CLIP-Scope's", f"{metrics['clipscope_ev']:.4f}"))
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     return f"""---
 library_name: vitscope
@@ -56,7 +59,9 @@ tags:
 {table}
 
 Measured on the run's held-out images at the end of training (`log.jsonl` has every window;
-`report.png` draws them).
+`report.png` draws them). Explained variance is 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² over the held-out
+tokens (Gao et al.'s, SAELens'); CLIP-Scope's card reports sache's mean over tokens of a per-token
+ratio in standardised units, which the "CLIP-Scope's" row computes the same way.
 
 ```python
 import vitscope

@@ -169,11 +169,7 @@ class SAE(nn.Module):
         z_BK = codes.values.reshape(idx_BK.shape).to(self.w_dec.dtype)
         rows = Rows.uniform(idx_BK)
         recon = SparseDecode.apply(z_BK.flatten(), rows, self.w_dec, self.kernels) + self.b_pre
-        if codes.standardized_by is not None:
-            mean_D, std_D = codes.standardized_by
-            recon = recon * (std_D + STANDARDIZE_EPS) + mean_D
-        else:
-            recon = recon / self.input_scale
+        recon = self._unscaled(recon, codes.standardized_by)
         return recon.view(*lead, self.d_in).to(codes.values.dtype)
 
     def forward(self, acts: Tensor) -> Tensor:
@@ -207,6 +203,20 @@ class SAE(nn.Module):
         if self.input_norm == "standardize":
             return standardize(acts_BD)[0]
         return acts_BD * self.input_scale
+
+    def activation_units(self, recon_BD: Tensor, acts_BD: Tensor) -> Tensor:
+        """`autoencode(training_inputs(acts_BD))`'s reconstruction back in the activations' units
+        (what `decode` gives), so a metric means the same whatever the SAE's input norm."""
+        stats = standardize(acts_BD)[1] if self.input_norm == "standardize" else None
+        return self._unscaled(recon_BD, stats)
+
+    def _unscaled(self, recon_BD: Tensor, stats: tuple[Tensor, Tensor] | None) -> Tensor:
+        """Undo the input norm: the batch's standardisation (`stats`: mean_D, std_D) or the
+        input scale."""
+        if stats is not None:
+            mean_D, std_D = stats
+            return recon_BD * (std_D + STANDARDIZE_EPS) + mean_D
+        return recon_BD / self.input_scale
 
     def autoencode(
         self, x_BD: Tensor, dead_F: Tensor | None = None, k_aux: int = 0, dense: bool = False

@@ -2,7 +2,7 @@
 
 The trainer appends records; the report, the analysis pictures, `vitscope compare` and the hub's
 model card read them. Reading needs only the standard library (no plotting stack), and a log of
-any earlier version reads: every field has been there since the first run format.
+any earlier version reads: fields added since the first run format are optional (None).
 """
 
 from __future__ import annotations
@@ -27,10 +27,15 @@ class HeldOut:
 
     mse: float
     fvu: float
+    """Σ‖x − x̂‖² / Σ‖x − x̄‖² (x̄ the held-out mean vector), in float64 over all held-out tokens."""
     explained_variance: float
+    """1 − fvu: the figure that compares with Gao et al., saev and SAELens."""
     l0: float
     mse_by_token: tuple[float, ...]
     """Held-out MSE at every token position (0 = CLS)."""
+    clipscope_ev: float | None = None
+    """sache's mean over tokens of per-token explained variance in standardised units, the
+    figure CLIP-Scope's model card reports (train/explained_variance.py); None in older logs."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,17 @@ def append_record(run_dir: Path, record: LogRecord) -> None:
     """One line at the end of RUN/log.jsonl (the folder is made if needed)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / LOG_FILE, "a") as f:
-        f.write(json.dumps(dataclasses.asdict(record)) + "\n")
+        f.write(json.dumps(_present(dataclasses.asdict(record))) + "\n")
+
+
+def _present(data: dict) -> dict:
+    """The fields a record has: an optional one it lacks (None, a field later versions added)
+    is left out, so an older log's records write back as they were."""
+    return {
+        key: _present(value) if isinstance(value, dict) else value
+        for key, value in data.items()
+        if value is not None
+    }
 
 
 def read_log(run_dir: Path | str) -> list[LogRecord]:

@@ -1,9 +1,10 @@
 """What the log reports: training averages per window, and held-out reconstruction quality.
 
-Held-out numbers are in the SAE's scaled units (E‖x − x̄‖² = 1 on training data). FVU (fraction of
-variance unexplained) = Σ‖x̂ − x‖² / Σ‖x − mean(x)‖²; explained variance = 1 − FVU. The
-reconstruction MSE of every token position (CLS first) is reported too, since where an SAE fails
-inside the image is a finding of its own.
+Held-out MSE is in the SAE's scaled units (E‖x − x̄‖² = 1 on training data). FVU (fraction of
+variance unexplained) = Σ‖x̂ − x‖² / Σ‖x − mean(x)‖² and explained variance = 1 − FVU, beside
+CLIP-Scope's own definition (`clipscope_ev`), both in the activations' units
+(train/explained_variance.py). The reconstruction MSE of every token position (CLS first) is
+reported too, since where an SAE fails inside the image is a finding of its own.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from vitscope.saes.sae import SAE, SAEOutput
 from vitscope.support.run_log import HeldOut
+from vitscope.train.explained_variance import ExplainedVariance, Moments
 
 
 @dataclass
@@ -49,29 +51,38 @@ class WindowStats:
 def heldout_metrics(
     sae: SAE, acts_NTD: torch.Tensor, token_slice: slice, batch_size: int
 ) -> HeldOut:
-    """MSE, FVU, explained variance and L0 on the chosen tokens; MSE at every token position.
+    """MSE, both explained variances and L0 on the chosen tokens; MSE at every token position.
     The SAE is evaluated as it is used (in eval mode: a BatchTopK SAE by its threshold)."""
     device = sae.b_pre.device
     was_training = sae.training
     sae.eval()
     n_images, n_tokens, d = acts_NTD.shape
-    errors, l0, chosen = [], [], []
-    for images in acts_NTD.split(max(1, batch_size // n_tokens)):  # whole images per batch
-        x = sae.training_inputs(images.reshape(-1, d).to(device))
+    batches = acts_NTD.split(max(1, batch_size // n_tokens))  # whole images per batch
+
+    def chosen(rows_BD: torch.Tensor) -> torch.Tensor:
+        return rows_BD.view(-1, n_tokens, d)[:, token_slice].reshape(-1, d)
+
+    data = Moments()
+    for images in batches:
+        data.add(chosen(images.to(device)))
+    explained = ExplainedVariance(data)
+    errors, l0 = [], []
+    for images in batches:
+        acts = images.reshape(-1, d).to(device)
+        x = sae.training_inputs(acts)
         out = sae.autoencode(x)
         errors.append((out.recon_BD - x).pow(2).sum(dim=1).cpu())
         l0.append(out.l0_B().cpu())
-        chosen.append(x.view(len(images), n_tokens, d)[:, token_slice].reshape(-1, d).cpu())
+        explained.add(chosen(acts), chosen(sae.activation_units(out.recon_BD, acts)))
     sae.train(was_training)
     error_NT = torch.cat(errors).view(n_images, n_tokens)
     l0_NT = torch.cat(l0).view(n_images, n_tokens).float()
-    chosen = torch.cat(chosen).double()
-    variance = (chosen - chosen.mean(dim=0)).pow(2).sum()
-    fvu = float(error_NT[:, token_slice].double().sum() / variance)
+    fvu = explained.fvu()
     return HeldOut(
         mse=float(error_NT[:, token_slice].mean()),
         fvu=fvu,
         explained_variance=1 - fvu,
+        clipscope_ev=explained.clipscope_ev(),
         l0=float(l0_NT[:, token_slice].mean()),
         mse_by_token=tuple(round(v, 6) for v in error_NT.mean(dim=0).tolist()),
     )

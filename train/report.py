@@ -26,7 +26,10 @@ def plot_run(run_dir: Path) -> Path:
     loss.legend(loc="upper left")
     explained = loss.twinx()
     explained.plot(tokens, [r.heldout.explained_variance for r in log], color="tab:green", ls="--")
-    explained.set_ylabel("held-out explained variance (dashed)")
+    clipscope = [(r.tokens, r.heldout.clipscope_ev) for r in log if r.heldout.clipscope_ev]
+    if clipscope:
+        explained.plot(*zip(*clipscope, strict=True), color="tab:olive", ls=":")
+    explained.set_ylabel("held-out explained variance (dashed; CLIP-Scope's: dotted)")
 
     sparsity.plot(tokens, [r.l0 for r in log], label="L0")
     sparsity.set(xlabel="tokens", ylabel="L0", title="sparsity and dead latents")

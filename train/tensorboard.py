@@ -24,6 +24,7 @@ SCALARS: dict[str, Callable[[LogRecord], float]] = {
     "speed/loader_wait_fraction": lambda r: r.loader_wait_fraction,
     "heldout/fvu": lambda r: r.heldout.fvu,
     "heldout/explained_variance": lambda r: r.heldout.explained_variance,
+    "heldout/clipscope_ev": lambda r: r.heldout.clipscope_ev,
     "heldout/mse": lambda r: r.heldout.mse,
     "heldout/l0": lambda r: r.heldout.l0,
 }
