@@ -92,6 +92,7 @@ def test_two_layers_side_by_side(two_layers: dict[int, Path]):
     for row in rows:
         assert 0 < float(row["median_frequency"]) <= 1
         assert float(row["dead_fraction"]) >= 0 and row["explained_variance"]
+        assert float(row["clipscope_ev"]) != float(row["explained_variance"])  # both, apart
         assert float(row["splice_cosine"]) == SPLICE_COSINE[int(row["layer"])]
         assert row["sort_eval"] == "clip judge, all tokens"  # the default: --judge clip --token all
     saved = json.loads((two_layers[5] / "sorteval-clip-all" / "score.json").read_text())
@@ -101,7 +102,8 @@ def test_two_layers_side_by_side(two_layers: dict[int, Path]):
         assert rows[1][f"sort_{name}"] == ""  # layer 11's score has no usable answer
 
     table = (cmp / "compare.md").read_text()
-    assert table.startswith("| layer | explained variance |") and "| 11 |" in table
+    assert table.startswith("| layer | explained variance | CLIP-Scope's explained variance |")
+    assert "| 11 |" in table
     assert "| sort eval (clip judge, all tokens; 95% CI) |" in table
     assert f"| 0.700 [{saved['low']:.3f}, {saved['high']:.3f}] |" in table
     assert "nan" not in table.lower()

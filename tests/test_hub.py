@@ -103,6 +103,8 @@ def test_push_publishes_one_commit_through_lfs_and_pull_gets_the_same_sae(
     assert float(rows["held-out explained variance"]) == pytest.approx(
         heldout["explained_variance"], abs=5e-5
     )
+    clipscope = float(rows["held-out explained variance, CLIP-Scope's"])
+    assert clipscope == pytest.approx(heldout["clipscope_ev"], abs=5e-5)
     assert float(rows["held-out L0"]) == pytest.approx(heldout["l0"], abs=5e-3)
     dead = float(rows["dead latents"].removesuffix("%")) / 100
     assert dead == pytest.approx(last["dead_fraction"], abs=5e-5)
