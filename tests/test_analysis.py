@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -17,6 +18,7 @@ import vitscope
 from conftest import brute_morans_i, cache_config, run_vitscope
 from vitscope.analysis import analyze as analyze_module
 from vitscope.analysis.analyze import analyze
+from vitscope.analysis.compare import layer_row
 from vitscope.analysis.config import AnalyzeConfig
 from vitscope.analysis.files import load_analysis
 from vitscope.analysis.plots import (
@@ -171,6 +173,22 @@ def test_pictures_show_what_they_should(photo_analysis: Path, photo_sae: Path):
     assert all(len(ax.get_images()) == 2 for ax in shown)  # the photo and its heatmap
     captions = [ax.get_xlabel() for ax in shown]
     assert all(captions) and len(set(captions)) == 9
+
+
+def test_an_analysis_from_before_morans_i_still_draws_and_compares(
+    photo_analysis: Path, photo_sae: Path, tmp_path: Path
+):
+    """Version 1.1 folders have no Moran's I: no histogram, a blank cell in compare."""
+    run = shutil.copytree(photo_sae, tmp_path / "run", ignore=shutil.ignore_patterns("analysis"))
+    old = shutil.copytree(photo_analysis, run / "analysis")
+    features = pq.read_table(old / "features.parquet").drop(["morans_i", "morans_images"])
+    pq.write_table(features, old / "features.parquet")
+    meta = json.loads((old / "meta.json").read_text())
+    (old / "meta.json").write_text(json.dumps({**meta, "analysis_version": "1.1"}))
+    names = [p.name for p in plot_analysis(old, grids=0)]
+    assert names == ["frequencies.png", "mse_by_token.png"]
+    row = layer_row(run)
+    assert row.mean_morans_i is None and row.median_frequency is not None
 
 
 def test_checkpoints_choose_the_mse_panels():
