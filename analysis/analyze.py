@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save
 from vitscope.analysis.config import AnalyzeConfig, MonosemanticityConfig
 from vitscope.analysis.files import (
     ANALYSIS_FOLDER,
+    MORANS_COLUMN,
     STATE_FILE,
     AnalysisError,
     AnalysisMeta,
@@ -74,7 +75,9 @@ def analyze(config: AnalyzeConfig) -> Path:
             relu = sae.activation == "relu"
             fired = codes.values > 0 if relu else torch.ones_like(codes.values, dtype=torch.bool)
             rows = torch.arange(ref.first_row, ref.first_row + ref.n_rows)
-            accumulator.add(codes.indices.cpu(), codes.values.cpu(), fired.cpu(), rows)
+            accumulator.add(
+                codes.indices.cpu(), codes.values.cpu(), fired.cpu(), rows, meta.patch_grid
+            )
             meta = dataclasses.replace(
                 meta,
                 chunks_done=meta.chunks_done + 1,
@@ -202,6 +205,11 @@ def _finish(out: Path, meta: AnalysisMeta, acc: FeatureAccumulator, cache: Cache
             "freq_images": acc.fire_images_F.numpy() / images,
             "mean_act": (acc.act_sum_F.numpy() / np.maximum(fire_tokens, 1)).astype(np.float32),
             "max_act": np.where(fire_tokens > 0, acc.act_max_F.numpy(), 0).astype(np.float32),
+            MORANS_COLUMN: pa.array(
+                (acc.morans_sum_F / acc.morans_images_F.clamp(min=1)).numpy(),
+                mask=acc.morans_images_F.numpy() == 0,
+            ),
+            "morans_images": acc.morans_images_F.numpy(),
         }
     )
     filled = acc.top_rows_FN >= 0

@@ -136,7 +136,7 @@ def _write_index(analysis: Analysis, path: Path) -> None:
     for name in analysis.features.column_names:
         values = analysis.features[name].to_numpy(zero_copy_only=False)
         # float32's shortest round-trip text: the browser sorts exactly as the parquet does;
-        # null where there is no value (a feature without MS).
+        # null where there is no value (a feature without Moran's I or MS).
         columns[name] = values.tolist() if values.dtype.kind in "iu" else _shortest(values)
     site_meta = {
         "sae": meta.sae,

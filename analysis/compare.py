@@ -4,8 +4,9 @@ Per run: held-out explained variance (the standard one and CLIP-Scope's, train/
 explained_variance.py) and dead fraction (the last log line), median firing
 frequency of the live features over images (the analysis), splice cosine (splice.json),
 sort-eval accuracy with its 95% interval (one judge and token set's score.json, in the folder
-`vitscope sorteval` writes by default) and the mean MonoSemanticity Score of the scored features
-(the analysis's monosemanticity.parquet); a number a run does not have yet is left blank. Runs
+`vitscope sorteval` writes by default), the mean MonoSemanticity Score of the scored features
+(the analysis's monosemanticity.parquet) and the mean Moran's I of the features that have one
+(the analysis's spatial coherence); a number a run does not have yet is left blank. Runs
 analysed over different caches are refused: their numbers are not over the same images. Written
 as compare.md, compare.csv and compare.png; each run's browser gets links to the others'.
 """
@@ -21,9 +22,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
 
 from vitscope.analysis.browser import LAYERS_FILE, RUN_SITE
-from vitscope.analysis.files import META_FILE, MS_COLUMN, load_analysis, read_meta
+from vitscope.analysis.files import (
+    META_FILE,
+    MORANS_COLUMN,
+    MS_COLUMN,
+    load_analysis,
+    read_meta,
+)
 from vitscope.analysis.sorteval_config import SortEvalConfig
 from vitscope.saes.folder import load_sae_folder
 from vitscope.support.errors import BadSetting
@@ -54,22 +62,23 @@ class LayerRow:
     """Mean MS over the features that have one (`vitscope monosemanticity`)."""
     ms_encoder: str | None
     """The image encoder of those MS: runs compare only under the same one."""
+    mean_morans_i: float | None
+    """Mean Moran's I over the features that have one (spatial coherence, ANALYSIS.md)."""
 
 
 def layer_row(run: Path, judge: str = "clip", token: str = "all") -> LayerRow:
     """What one run folder has measured about itself; the sort eval of `judge` over `token`."""
     card = load_sae_folder(run).card
     log = read_log(run)
-    median = mean_ms = ms_encoder = None
+    median = mean_ms = ms_encoder = mean_morans = None
     if (run / "analysis" / "meta.json").is_file():
         analysis = load_analysis(run / "analysis")
         frequencies = analysis.features["freq_images"].to_numpy()
         live = frequencies[frequencies > 0]
         median = float(np.median(live)) if len(live) else 0.0
+        mean_morans = _mean_defined(analysis.features, MORANS_COLUMN)
         if analysis.monosemanticity is not None:
-            ms = analysis.features[MS_COLUMN].to_numpy(zero_copy_only=False)
-            scored = ms[~np.isnan(ms)]
-            mean_ms = float(scored.mean()) if len(scored) else None
+            mean_ms = _mean_defined(analysis.features, MS_COLUMN)
             ms_encoder = (
                 f"{analysis.monosemanticity.encoder} ({analysis.monosemanticity.encoder_weights})"
             )
@@ -89,7 +98,18 @@ def layer_row(run: Path, judge: str = "clip", token: str = "all") -> LayerRow:
         sort_high=sort.get("high"),
         mean_ms=mean_ms,
         ms_encoder=ms_encoder,
+        mean_morans_i=mean_morans,
     )
+
+
+def _mean_defined(features: pa.Table, column: str) -> float | None:
+    """The column's mean over the features that have a value; None when none has (or an older
+    analysis lacks the column)."""
+    if column not in features.column_names:
+        return None
+    values = features[column].to_numpy(zero_copy_only=False).astype(np.float64)
+    defined = values[~np.isnan(values)]
+    return float(defined.mean()) if len(defined) else None
 
 
 def sort_score(run: Path, judge: str, token: str) -> dict:
@@ -164,12 +184,12 @@ def compare(
 
 
 def _markdown(rows: list[LayerRow], sort_eval: str) -> str:
-    lines = [
+    header = (
         "| layer | explained variance | CLIP-Scope's explained variance | dead | "
         "median frequency (images) | splice cosine | "
-        f"sort eval ({sort_eval}; 95% CI) | mean MS | run |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+        f"sort eval ({sort_eval}; 95% CI) | mean MS | mean Moran's I | run |"
+    )
+    lines = [header, "|" + " --- |" * (header.count("|") - 1)]
     for r in rows:
         sort = (
             ""
@@ -180,7 +200,7 @@ def _markdown(rows: list[LayerRow], sort_eval: str) -> str:
             f"| {r.layer} | {_num(r.explained_variance)} | {_num(r.clipscope_ev)} | "
             f"{_num(r.dead_fraction)} | "
             f"{_num(r.median_frequency)} | {_num(r.splice_cosine)} | {sort} | {_num(r.mean_ms)} "
-            f"| {r.run} |"
+            f"| {_num(r.mean_morans_i)} | {r.run} |"
         )
     encoders = sorted({r.ms_encoder for r in rows if r.ms_encoder})
     if encoders:
@@ -202,6 +222,7 @@ def layer_figure(rows: list[LayerRow], sort_eval: str) -> Figure:
         ("splice_cosine", "splice cosine"),
         ("sort_accuracy", f"sort-eval accuracy (95% CI)\n{sort_eval}"),
         ("mean_ms", "mean MonoSemanticity Score"),
+        ("mean_morans_i", "mean Moran's I (spatial coherence)"),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), layout="constrained")
     layers = [r.layer for r in rows]

@@ -3,7 +3,8 @@ the pictures, the browser and notebooks read.
 
     ANALYSIS/
       meta.json          what was analysed and how far the pass got
-      features.parquet   one row per feature: firing counts and frequencies, mean and max
+      features.parquet   one row per feature: firing counts and frequencies, mean and max,
+                         spatial coherence (Moran's I)
       top_images.parquet one row per (feature, rank): the image's row, shard, key, caption, value
       heatmaps.zarr      (F, N, T) float16: each top image's activation on every token
       state.safetensors  only while the pass is incomplete: the accumulators, for --resume
@@ -25,7 +26,7 @@ import zarr
 from vitscope.support.outputs import holding
 from vitscope.support.records import FileFormatError, parse_record, read_json, write_atomically
 
-ANALYSIS_VERSION = "1.1"
+ANALYSIS_VERSION = "1.2"
 META_FILE = "meta.json"
 FEATURES_FILE = "features.parquet"
 TOP_IMAGES_FILE = "top_images.parquet"
@@ -33,6 +34,8 @@ HEATMAPS_ARRAY = "heatmaps.zarr"
 STATE_FILE = "state.safetensors"
 MS_FILE = "monosemanticity.parquet"
 MS_META_FILE = "monosemanticity.json"
+MORANS_COLUMN = "morans_i"
+"""features.parquet's spatial coherence (version 1.2 on; an older folder has none)."""
 MS_COLUMN = "ms"
 """The column `load_analysis` adds to `features` when the folder holds an MS result."""
 ANALYSIS_FOLDER = holding("an analysis folder", META_FILE, MS_META_FILE)
@@ -105,6 +108,8 @@ FEATURES_SCHEMA = pa.schema(
         ("freq_images", pa.float64()),
         ("mean_act", pa.float32()),
         ("max_act", pa.float32()),
+        (MORANS_COLUMN, pa.float32()),
+        ("morans_images", pa.int64()),
     ]
 )
 """features.parquet: one row per feature, in feature order."""

@@ -1,5 +1,6 @@
 """The analysis as pictures (PNG): MSE across tokens through training, how often features fire,
-how monosemantic they are, and a feature's top images with its patch activations overlaid."""
+how spatially coherent and how monosemantic they are, and a feature's top images with its patch
+activations overlaid."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from vitscope.analysis.files import (
+    MORANS_COLUMN,
     MS_COLUMN,
     MS_FILE,
     Analysis,
@@ -43,6 +46,8 @@ def plot_analysis(folder: Path, shards: Path | None = None, grids: int = 4) -> l
     run = Path(analysis.meta.sae)
     if (run / LOG_FILE).is_file():
         pictures.append(plot_mse_by_token(run, folder / "mse_by_token.png"))
+    if MORANS_COLUMN in analysis.features.column_names:  # analysis version 1.2 on
+        pictures.append(save_figure(morans_i_figure(analysis), folder / "morans_i.png"))
     if analysis.monosemanticity is not None:
         pictures.append(plot_monosemanticity(folder))
     # The features firing on the most images fill their grids: a first look at the dictionary.
@@ -135,28 +140,49 @@ def plot_frequencies_figure(analysis: Analysis) -> plt.Figure:
     return fig
 
 
+def morans_i_figure(analysis: Analysis) -> plt.Figure:
+    """Histogram of the features' Moran's I (ANALYSIS.md), over those that have one."""
+    meta = analysis.meta
+    return score_histogram(
+        analysis.features[MORANS_COLUMN],
+        "Moran's I of the patch activations (mean over images)",
+        f"of {meta.n_features:,} features measured",
+        f"{meta.sae}: spatial coherence on the {meta.patch_grid}x{meta.patch_grid} grid, "
+        f"layer {meta.layer}",
+    )
+
+
 def plot_monosemanticity(folder: Path) -> Path:
     """Histogram of the features' MS (monosemanticity.png beside monosemanticity.parquet)."""
     found = read_monosemanticity(folder)
     if found is None:
         raise MissingInput(f"{folder / MS_FILE}: none; run `vitscope monosemanticity` first")
     meta, table = found
-    ms = table[MS_COLUMN].to_numpy(zero_copy_only=False).astype(np.float64)
-    defined = ms[~np.isnan(ms)]
-    fig, ax = plt.subplots(figsize=(6.5, 3.8), layout="constrained")
-    ax.hist(defined, bins=50, range=(min(0.0, float(defined.min(initial=0))), 1), color="tab:blue")
-    mean = f", mean {defined.mean():.3f}" if len(defined) else ""
-    ax.set(
-        xlabel="MonoSemanticity Score",
-        ylabel="features",
-        title=f"{len(defined):,} of {meta.n_features:,} features scored{mean}",
-    )
-    fig.suptitle(
+    fig = score_histogram(
+        table[MS_COLUMN],
+        "MonoSemanticity Score",
+        f"of {meta.n_features:,} features scored",
         f"{meta.sae}: MS over {meta.n_images:,} images, layer {meta.layer}, "
         f"embeddings of {meta.encoder} ({meta.encoder_weights})",
-        fontsize=9,
+        top=1,
     )
     return save_figure(fig, folder / "monosemanticity.png")
+
+
+def score_histogram(
+    column: pa.ChunkedArray, xlabel: str, of: str, suptitle: str, top: float | None = None
+) -> plt.Figure:
+    """Histogram of a per-feature score over the features that have one (null: none); from 0
+    (or below) to `top` when given, else over the scores' range."""
+    values = column.to_numpy(zero_copy_only=False).astype(np.float64)
+    defined = values[~np.isnan(values)]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), layout="constrained")
+    span = None if top is None else (min(0.0, float(defined.min(initial=0))), top)
+    ax.hist(defined, bins=50, range=span, color="tab:blue")
+    mean = f", mean {defined.mean():.3f}" if len(defined) else ""
+    ax.set(xlabel=xlabel, ylabel="features", title=f"{len(defined):,} {of}{mean}")
+    fig.suptitle(suptitle, fontsize=9)
+    return fig
 
 
 FEATURE_GRID = png_by("a feature grid")

@@ -2,7 +2,8 @@
 
 Shapes: C images of a chunk, T tokens each, K active latents per token, F features, N top images.
 Memory is O(F·N·T) for the heatmaps of the top images (float16: 303 MB at F = 65,536, N = 9,
-T = 257) plus O(C·F) per chunk; never the cache, never a dense (tokens × F) matrix.
+T = 257) plus O(C·F) per chunk; never the cache, never a dense (tokens × F) matrix. Moran's I of
+every (image, feature) comes from the same sparse entries (analysis/spatial.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
+
+from vitscope.analysis.spatial import morans_i
 
 FEATURE_BLOCK = 4096
 """Features merged at once when top images change (bounds the (block, N + C, T) buffer)."""
@@ -24,6 +27,10 @@ class FeatureAccumulator:
     fire_images_F: Tensor
     act_sum_F: Tensor
     act_max_F: Tensor
+    morans_sum_F: Tensor
+    """Sum of Moran's I over the images that count for the feature (analysis/spatial.py)."""
+    morans_images_F: Tensor
+    """How many images those are."""
     top_values_FN: Tensor
     """Each top image's peak activation (max over its tokens), best first; -inf = empty slot."""
     top_rows_FN: Tensor
@@ -38,6 +45,8 @@ class FeatureAccumulator:
             fire_images_F=torch.zeros(n_features, dtype=torch.long),
             act_sum_F=torch.zeros(n_features, dtype=torch.float64),
             act_max_F=torch.full((n_features,), float("-inf")),
+            morans_sum_F=torch.zeros(n_features, dtype=torch.float64),
+            morans_images_F=torch.zeros(n_features, dtype=torch.long),
             top_values_FN=torch.full((n_features, top_n), float("-inf")),
             top_rows_FN=torch.full((n_features, top_n), -1, dtype=torch.long),
             top_heat_FNT=torch.zeros(n_features, top_n, n_tokens, dtype=torch.float16),
@@ -47,8 +56,11 @@ class FeatureAccumulator:
         """Every accumulator by name (what a resume state holds)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def add(self, idx_CTK: Tensor, values_CTK: Tensor, fired_CTK: Tensor, rows_C: Tensor) -> None:
-        """Fold in one chunk's sparse codes (`fired` marks entries that count as firing)."""
+    def add(
+        self, idx_CTK: Tensor, values_CTK: Tensor, fired_CTK: Tensor, rows_C: Tensor, grid: int
+    ) -> None:
+        """Fold in one chunk's sparse codes (`fired` marks entries that count as firing); the
+        last grid² of the T tokens are the patch grid."""
         n_images, n_tokens, _ = idx_CTK.shape
         n_features = self.fire_tokens_F.shape[0]
         image = torch.arange(n_images).view(-1, 1, 1).expand_as(idx_CTK)[fired_CTK]
@@ -61,6 +73,9 @@ class FeatureAccumulator:
         self.fire_images_F += torch.isfinite(peak_CF).sum(dim=0)
         self.act_sum_F += torch.bincount(feature, weights=value.double(), minlength=n_features)
         self.act_max_F = torch.maximum(self.act_max_F, peak_CF.amax(dim=0))
+        counted, moran = morans_i(image, token, feature, value, n_tokens, grid, n_features)
+        self.morans_sum_F.index_add_(0, counted, moran)
+        self.morans_images_F += torch.bincount(counted, minlength=n_features)
 
         entering = peak_CF > self.top_values_FN[:, -1]
         touched = entering.any(dim=0).nonzero().squeeze(1)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -60,6 +61,23 @@ def cli_args(config: CacheConfig) -> list[str]:
         text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
         args += [f"--{name.replace('_', '-')}", text]
     return args
+
+
+def brute_morans_i(grid_a: np.ndarray) -> float:
+    """Moran's I of a square grid of values the textbook way, what analysis/spatial.py must equal:
+    I = (n / W) Σ_ij w_ij z_i z_j / Σ z_i², w_ij = 1 for the 8 neighbours, every patch and every
+    neighbour one at a time."""
+    side = grid_a.shape[0]
+    z = grid_a - grid_a.mean()
+    cross = weights = 0.0
+    for r in range(side):
+        for c in range(side):
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    if (dr, dc) != (0, 0) and 0 <= r + dr < side and 0 <= c + dc < side:
+                        cross += z[r, c] * z[r + dr, c + dc]
+                        weights += 1
+    return side * side / weights * cross / (z * z).sum()
 
 
 def run_vitscope(*args: str, timeout: float = 300, **kwargs: object) -> subprocess.CompletedProcess:

@@ -10,13 +10,15 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 import vitscope
-from conftest import cache_config, run_vitscope
+from conftest import brute_morans_i, cache_config, run_vitscope
 from vitscope.analysis import analyze as analyze_module
 from vitscope.analysis.analyze import analyze
+from vitscope.analysis.compare import layer_row
 from vitscope.analysis.config import AnalyzeConfig
 from vitscope.analysis.files import load_analysis
 from vitscope.analysis.plots import (
@@ -26,6 +28,7 @@ from vitscope.analysis.plots import (
     plot_analysis,
     plot_frequencies_figure,
 )
+from vitscope.analysis.spatial import MAX_SHARE, MIN_PATCHES
 from vitscope.analysis.stats import FeatureAccumulator
 from vitscope.cache_spec import open_cache
 from vitscope.pipeline.run import cache
@@ -56,6 +59,34 @@ def test_statistics_equal_a_brute_force_pass(photo_analysis: Path, brute_force):
     mean = dense_NTF.sum(axis=(0, 1)) / np.maximum(fired_NTF.sum(axis=(0, 1)), 1)
     np.testing.assert_allclose(features["mean_act"], mean, rtol=1e-5)
     np.testing.assert_allclose(features["freq_tokens"], fired_NTF.mean(axis=(0, 1)), rtol=1e-9)
+
+
+def test_spatial_coherence_equals_the_double_loop_over_every_image(
+    photo_analysis: Path, brute_force
+):
+    """features.parquet's Moran's I: the mean over the images that count of the textbook I of
+    the patch grid (CLS left out), for every feature; null where no image counts."""
+    dense_NTF, _ = brute_force
+    analysis = load_analysis(photo_analysis)
+    grid = analysis.meta.patch_grid
+    patches_NFGG = dense_NTF[:, 1:].transpose(0, 2, 1).reshape(*dense_NTF.shape[::2], grid, grid)
+    features = analysis.features.to_pydict()
+    measured = 0
+    for feature in range(analysis.meta.n_features):
+        values = [
+            brute_morans_i(patches)
+            for patches in patches_NFGG[:, feature]
+            if MIN_PATCHES <= np.count_nonzero(patches) <= int(MAX_SHARE * grid * grid)
+        ]
+        assert features["morans_images"][feature] == len(values)
+        if values:
+            assert features["morans_i"][feature] == pytest.approx(
+                np.mean(values), rel=1e-4, abs=1e-5
+            )
+            measured += 1
+        else:
+            assert features["morans_i"][feature] is None
+    assert 10 < measured < analysis.meta.n_features  # some features measured, some not
 
 
 def test_top_images_are_the_highest_activations_with_their_token_maps(
@@ -117,7 +148,8 @@ def test_an_interrupted_pass_resumes_where_it_stopped(
 def test_pictures_show_what_they_should(photo_analysis: Path, photo_sae: Path):
     pictures = plot_analysis(photo_analysis, grids=2)
     names = [p.name for p in pictures]
-    assert names[:2] == ["frequencies.png", "mse_by_token.png"] and len(names) == 4
+    assert names[:3] == ["frequencies.png", "mse_by_token.png", "morans_i.png"]
+    assert len(names) == 5
     for path in pictures:
         pixels = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
         assert pixels.std() > 10, f"{path} is nearly blank"
@@ -141,6 +173,22 @@ def test_pictures_show_what_they_should(photo_analysis: Path, photo_sae: Path):
     assert all(len(ax.get_images()) == 2 for ax in shown)  # the photo and its heatmap
     captions = [ax.get_xlabel() for ax in shown]
     assert all(captions) and len(set(captions)) == 9
+
+
+def test_an_analysis_from_before_morans_i_still_draws_and_compares(
+    photo_analysis: Path, photo_sae: Path, tmp_path: Path
+):
+    """Version 1.1 folders have no Moran's I: no histogram, a blank cell in compare."""
+    run = shutil.copytree(photo_sae, tmp_path / "run", ignore=shutil.ignore_patterns("analysis"))
+    old = shutil.copytree(photo_analysis, run / "analysis")
+    features = pq.read_table(old / "features.parquet").drop(["morans_i", "morans_images"])
+    pq.write_table(features, old / "features.parquet")
+    meta = json.loads((old / "meta.json").read_text())
+    (old / "meta.json").write_text(json.dumps({**meta, "analysis_version": "1.1"}))
+    names = [p.name for p in plot_analysis(old, grids=0)]
+    assert names == ["frequencies.png", "mse_by_token.png"]
+    row = layer_row(run)
+    assert row.mean_morans_i is None and row.median_frequency is not None
 
 
 def test_checkpoints_choose_the_mse_panels():

@@ -58,8 +58,12 @@ def test_index_shows_and_sorts_the_features(
     assert shown_features(chromium) == list(range(n_features))
     assert_screenshot(chromium, tmp_path / "index.png")
 
-    for column in ("max_act", "freq_images", "mean_act"):
-        values = features[column].to_numpy()
+    morans = features["morans_i"].to_numpy(zero_copy_only=False)
+    assert 0 < np.isnan(morans).sum() < n_features  # features without one go last both ways
+    header = chromium.find_element(By.CSS_SELECTOR, 'th[data-col="morans_i"]')
+    assert header.text == "Moran's I"
+    for column in ("max_act", "freq_images", "mean_act", "morans_i"):
+        values = features[column].to_numpy(zero_copy_only=False)
         header = chromium.find_element(By.CSS_SELECTOR, f'th[data-col="{column}"]')
         header.click()
         assert shown_features(chromium) == expected_order(values, descending=True), column
@@ -193,6 +197,8 @@ def wide_analysis(folder: Path, cache: Path, n_features: int, top_n: int, grid: 
             "freq_images": fire_tokens / 5 / 2e4,
             "mean_act": rng.random(n_features, dtype=np.float32),
             "max_act": rng.random(n_features, dtype=np.float32) * 10,
+            "morans_i": pa.array(rng.random(n_features) * 1.5 - 0.5, mask=fire_tokens < 500),
+            "morans_images": fire_tokens // 50,
         }
     )
     pick = rng.integers(0, len(rows["row"]), n_features * top_n)

@@ -95,6 +95,9 @@ def test_two_layers_side_by_side(two_layers: dict[int, Path]):
         assert float(row["clipscope_ev"]) != float(row["explained_variance"])  # both, apart
         assert float(row["splice_cosine"]) == SPLICE_COSINE[int(row["layer"])]
         assert row["sort_eval"] == "clip judge, all tokens"  # the default: --judge clip --token all
+        morans = load_analysis(Path(row["run"]) / "analysis").features["morans_i"]
+        defined = morans.drop_null().to_numpy().astype(np.float64)
+        assert len(defined) and float(row["mean_morans_i"]) == pytest.approx(defined.mean())
     saved = json.loads((two_layers[5] / "sorteval-clip-all" / "score.json").read_text())
     assert saved["accuracy"] == pytest.approx(0.7)
     for name in ("accuracy", "low", "high"):
@@ -104,7 +107,9 @@ def test_two_layers_side_by_side(two_layers: dict[int, Path]):
     table = (cmp / "compare.md").read_text()
     assert table.startswith("| layer | explained variance | CLIP-Scope's explained variance |")
     assert "| 11 |" in table
-    assert "| sort eval (clip judge, all tokens; 95% CI) |" in table
+    assert (
+        "| sort eval (clip judge, all tokens; 95% CI) | mean MS | mean Moran's I | run |" in table
+    )
     assert f"| 0.700 [{saved['low']:.3f}, {saved['high']:.3f}] |" in table
     assert "nan" not in table.lower()
     picture = np.asarray(Image.open(cmp / "compare.png").convert("L"), np.float32)
@@ -142,6 +147,8 @@ def test_figure_draws_the_splice_cosine_and_sort_eval_interval(two_layers: dict[
         axes = {ax.get_title().split("\n")[0]: ax for ax in fig.axes}
         (cosine_line,) = axes["splice cosine"].lines
         assert cosine_line.get_xdata().tolist() == [5, 11]
+        (morans_line,) = axes["mean Moran's I (spatial coherence)"].lines
+        assert morans_line.get_ydata().tolist() == [r.mean_morans_i for r in rows]
         assert cosine_line.get_ydata().tolist() == [SPLICE_COSINE[5], SPLICE_COSINE[11]]
         sort_ax = axes["sort-eval accuracy (95% CI)"]
         assert sort_ax.get_title().endswith("clip judge, all tokens")

@@ -15,10 +15,13 @@ const COLUMNS = [
   ["fire_images", "images fired"],
   ["mean_act", "mean act"],
   ["max_act", "max act"],
+  ["morans_i", "Moran's I"],
+  ["morans_images", "images (Moran's I)"],
   ["ms", "MS"],
 ];
 
-/* The columns this site's data has (MS only after `vitscope monosemanticity`). */
+/* The columns this site's data has (Moran's I from analysis version 1.2 on; MS only after
+   `vitscope monosemanticity`). */
 function shownColumns(features) {
   return COLUMNS.filter(([name]) => name in features);
 }
@@ -94,7 +97,7 @@ function showIndex() {
     const col = columns[state.sort];
     const dir = state.dir;
     for (let i = 0; i < n; i++) order[i] = i;
-    // Features without a value (NaN: no MS) go last in either direction, then by id.
+    // Features without a value (NaN: no Moran's I or MS) go last in either direction, then by id.
     order.sort((a, b) => {
       const x = col[a], y = col[b];
       const missing = Number.isNaN(x) - Number.isNaN(y);
