@@ -4,10 +4,8 @@ a sweep) learned the same dictionary.
 The latents are matched one-to-one by the cosine of their decoder rows (analysis/matching.py);
 reported are PW-MCC, the mean cosine of the matched pairs (~0.80 for TopK SAEs on language
 models, arXiv 2505.20254), the share of latents matched above 0.9, and that share by firing
-frequency. A latent's firing frequency (the share of tokens it fires on) comes from its run's
-analysis (RUN/analysis/features.parquet) when it has a complete one: already paid for, over the
-whole cache. Otherwise the SAEs without one encode the first `--images` images of one cache
-(log.jsonl keeps no per-latent rates). Written: consistency.json (the numbers), consistency.md,
+frequency (analysis/latent_frequencies.py: from each run's analysis, else a sample of the
+cache). Written: consistency.json (the numbers), consistency.md,
 consistency.png (matched cosines; share above 0.9 by frequency) and matches.parquet (each latent
 of A, its partner in B, their cosine and frequencies).
 """
@@ -16,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,14 +21,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-from vitscope.analysis.analyze import first_images
 from vitscope.analysis.compare import check_distinct
 from vitscope.analysis.config import ConsistencyConfig
-from vitscope.analysis.files import META_FILE, load_analysis, read_meta
+from vitscope.analysis.latent_frequencies import FrequencyBin, firing_frequencies, frequency_bins
 from vitscope.analysis.matching import EXACT, Matching, match_decoders
-from vitscope.cache_spec.store import open_cache
 from vitscope.saes.folder import CARD_FILE, read_card
 from vitscope.saes.load import load_sae
 from vitscope.saes.sae import SAE
@@ -40,30 +34,12 @@ from vitscope.support.errors import BadSetting
 from vitscope.support.outputs import check_output_path, holding
 from vitscope.support.progress import status
 from vitscope.support.records import absolute
-from vitscope.train.loader import read_chunks, token_slice
 
 MATCHED_ABOVE = 0.9
 """A latent counts as found again when its match's decoder cosine is above this."""
 CONSISTENCY_FILE = "consistency.json"
 MATCHES_FILE = "matches.parquet"
 CONSISTENCY_FOLDER = holding("a consistency result", CONSISTENCY_FILE)
-
-
-@dataclass(frozen=True)
-class FrequencyBin:
-    """The latents of one run whose firing frequency lies in [low, high) (0, 0: never fired)."""
-
-    run: str
-    """A or B."""
-    low: float
-    high: float
-    features: int
-    share_above: float
-    """Share of them matched above MATCHED_ABOVE."""
-
-    @property
-    def label(self) -> str:
-        return "never fired" if self.high == 0 else f"{self.low:.0e} to {self.high:.0e}"
 
 
 @dataclass(frozen=True)
@@ -131,7 +107,7 @@ def consistency(config: ConsistencyConfig) -> tuple[ConsistencyResult, Path]:
         b
         for run, (freq, _) in zip("AB", found, strict=True)
         if freq is not None
-        for b in frequency_bins(run, freq, cosine_of[run])
+        for b in frequency_bins(run, freq, cosine_of[run] > MATCHED_ABOVE)
     ]
     card = saes[0].card
     result = ConsistencyResult(
@@ -177,73 +153,6 @@ def match_saes(sae_a: SAE, sae_b: SAE) -> tuple[Matching, float]:
     started = time.perf_counter()
     matching = match_decoders(sae_a.w_dec, sae_b.w_dec)
     return matching, time.perf_counter() - started
-
-
-def firing_frequencies(
-    config: ConsistencyConfig, saes: list[SAE]
-) -> list[tuple[np.ndarray | None, str]]:
-    """Each SAE's per-latent share of tokens fired on, and where it came from."""
-    found: list[tuple[np.ndarray | None, str]] = []
-    for run in (config.run_a, config.run_b):
-        analysis = Path(run) / "analysis"
-        if (analysis / META_FILE).is_file() and read_meta(analysis).complete:
-            features = load_analysis(analysis).features
-            found.append((features["freq_tokens"].to_numpy(), str(analysis / "features.parquet")))
-        else:
-            found.append((None, "not measured (--images 0)"))
-    todo = [i for i, (freq, _) in enumerate(found) if freq is None]
-    if todo and config.images:
-        cache = saes[0].card.cache_or(config.cache, config.run_a)
-        sampled = sampled_frequencies([saes[i] for i in todo], cache, config)
-        for i, freq in zip(todo, sampled, strict=True):
-            found[i] = (freq, f"the first {config.images:,} images of {cache}")
-    return found
-
-
-def sampled_frequencies(saes: list[SAE], cache_ref: str, config: ConsistencyConfig) -> list:
-    """Per SAE, the share of tokens each latent fires on over the cache's first whole chunks
-    holding `config.images` images (each SAE on its own token set)."""
-    layer = saes[0].card.layer
-    if layer is None:
-        raise BadSetting(
-            "the SAE does not record its layer, so no cache layer to measure frequencies on",
-            path=card_of(config.run_a),
-            fix="pass --images 0",
-        )
-    cache = open_cache(cache_ref, layer=layer)
-    chunks = first_images(cache.chunks(), config.images)
-    fired = [torch.zeros(sae.n_latents, dtype=torch.long) for sae in saes]
-    tokens = [0] * len(saes)
-    status(f"encoding {sum(c.n_rows for c in chunks):,} images of {cache_ref} for frequencies")
-    for _, acts_CTD in read_chunks(cache, layer, chunks):
-        for i, sae in enumerate(saes):
-            acts = acts_CTD[:, token_slice(sae.card.token_set, acts_CTD.shape[1])]  # type: ignore[arg-type]
-            with torch.no_grad():
-                codes = sae.encode(acts.to(sae.w_dec.device))
-            # A ReLU SAE's kept latent fires when positive; CLIP-Scope's raw values whenever kept.
-            relu = sae.activation == "relu"
-            kept = codes.values > 0 if relu else torch.ones_like(codes.values, dtype=torch.bool)
-            fired[i] += torch.bincount(codes.indices[kept].cpu(), minlength=sae.n_latents)
-            tokens[i] += acts.shape[0] * acts.shape[1]
-    return [(f / max(t, 1)).numpy() for f, t in zip(fired, tokens, strict=True)]
-
-
-def frequency_bins(run: str, freq_F: np.ndarray, cosine_F: np.ndarray) -> list[FrequencyBin]:
-    """One bin for the latents that never fired, then one per decade of frequency up to 1."""
-    above = cosine_F > MATCHED_ABOVE
-    never = freq_F <= 0
-    bins = []
-    if never.any():
-        bins.append(FrequencyBin(run, 0.0, 0.0, int(never.sum()), float(above[never].mean())))
-    if (~never).any():
-        lowest = math.floor(math.log10(freq_F[~never].min()))
-        for exponent in range(min(lowest, -1), 0):
-            low, high = 10.0**exponent, 10.0 ** (exponent + 1)
-            inside = (freq_F >= low) & ((freq_F < high) | (exponent == -1))  # the last takes 1
-            if inside.any():
-                share = float(above[inside].mean())
-                bins.append(FrequencyBin(run, low, high, int(inside.sum()), share))
-    return bins
 
 
 def write_result(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import run_vitscope, small_config
-from vitscope.analysis.consistency import frequency_bins
+from vitscope.analysis.latent_frequencies import frequency_bins
 from vitscope.analysis.matching import (
     EXACT,
     SPARSE,
@@ -90,7 +91,8 @@ def test_rows_whose_candidates_are_taken_still_get_a_partner():
 def test_frequency_bins_against_a_hand_count():
     freq = np.array([0.0, 0.0, 2e-4, 5e-4, 3e-3, 0.02, 0.5, 1.0])
     cosine = np.array([0.1, 0.95, 0.99, 0.2, 0.91, 0.5, 0.95, 0.97])
-    bins = [(b.label, b.features, b.share_above) for b in frequency_bins("A", freq, cosine)]
+    found = frequency_bins("A", freq, cosine > 0.9)
+    bins = [(b.label, b.features, b.share_above) for b in found]
     assert bins == [
         ("never fired", 2, 0.5),
         ("1e-04 to 1e-03", 2, 0.5),
@@ -200,6 +202,26 @@ def test_frequencies_of_runs_without_an_analysis_are_counted_on_the_cache(
             expected = expected[matches["feature_b"]]
         assert np.allclose(matches[column], expected)
         assert sum(b["features"] for b in saved["bins"] if b["run"] == column[-1].upper()) == 64
+
+
+def test_frequencies_of_an_analysed_run_are_its_analysis(seed_sweep: tuple, tmp_path: Path):
+    from vitscope.analysis.analyze import analyze
+    from vitscope.analysis.config import AnalyzeConfig
+
+    _, (seed0, seed1, _) = seed_sweep
+    run = Path(shutil.copytree(seed0, tmp_path / "seed0"))
+    analysis = analyze(AnalyzeConfig(run=str(run), grids=0, device="cpu"))
+    out = tmp_path / "c"
+    args = ["consistency", str(run), str(seed1), "--images", "0", "--out", str(out)]
+    result = run_vitscope(*args)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((out / "consistency.json").read_text())
+    assert saved["frequency_a"] == str(analysis / "features.parquet")
+    assert saved["frequency_b"] == "not measured (--images 0)"
+    assert {b["run"] for b in saved["bins"]} == {"A"}
+    features = pq.read_table(analysis / "features.parquet")
+    matches = pq.read_table(out / "matches.parquet")
+    assert matches["freq_tokens_a"].to_pylist() == features["freq_tokens"].to_pylist()
 
 
 def brute_force_frequencies(run: Path, cache_path: Path, images: int) -> np.ndarray:
