@@ -260,6 +260,9 @@ add_config_command(
 
 @one_line_errors
 def run_sweep(config: SweepConfig) -> None:
+    from vitscope.analysis.consistency import pair_line, seed_pairs
+    from vitscope.support.devices import resolve_device
+    from vitscope.support.launch import launch_from_environment
     from vitscope.train.config import RunOptions, sweep_configs
     from vitscope.train.run import train
 
@@ -268,10 +271,9 @@ def run_sweep(config: SweepConfig) -> None:
     run_dirs = train(configs)
     for run_dir in run_dirs:
         print(f"SAE in {run_dir}")
-    from vitscope.analysis.consistency import pair_line, seed_pairs
-
-    for run_a, run_b in seed_pairs(configs, run_dirs):
-        print(f"seeds: {pair_line(run_a, run_b)}")
+    if launch_from_environment().is_main:  # rank 0 saved the SAEs; the others stop here
+        for run_a, run_b in seed_pairs(configs, run_dirs):  # differing only in seed: PW-MCC
+            print(f"seeds: {pair_line(run_a, run_b, resolve_device(configs[0].device))}")
 
 
 add_config_command(
