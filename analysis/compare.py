@@ -177,7 +177,7 @@ def compare(
         writer.writeheader()
         writer.writerows(asdict(row) for row in rows)
     label = sort_label(judge, token)
-    (out / "compare.md").write_text(_markdown(rows, label))
+    (out / "compare.md").write_text(_markdown(rows, label) + _consistency(runs))
     _link_browsers(rows)
     figure = save_figure(layer_figure(rows, label), out / "compare.png")
     return [out / "compare.md", out / "compare.csv", figure]
@@ -254,6 +254,22 @@ def _link_browsers(rows: list[LayerRow]) -> None:
             for layer, other in sites
         ]
         (site / LAYERS_FILE).write_text(f"VS.layers = {json.dumps(links)};\n")
+
+
+def _consistency(runs: list[Path]) -> str:
+    """A line per pair of runs of one layer and width (e.g. two seeds): how far they learned
+    the same dictionary (analysis/consistency.py)."""
+    from vitscope.analysis.consistency import pair_line, same_shape_pairs
+
+    pairs = same_shape_pairs(runs)
+    if not pairs:
+        return ""
+    lines = [f"- {pair_line(a, b)}" for a, b in pairs]
+    return (
+        "\nCross-seed consistency (latents matched by decoder cosine):\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
 
 
 def _json(path: Path) -> dict:

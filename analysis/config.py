@@ -162,3 +162,32 @@ class SpliceConfig(Shards, Device, Overwrite):
         if self.out:
             return Path(self.out)
         return Path(self.run) / "splice.json" if Path(self.run).is_dir() else Path("splice.json")
+
+
+@dataclass(frozen=True)
+class ConsistencyConfig(Device, Overwrite):
+    """Two SAEs of one layer and width (e.g. two seeds): their latents matched one-to-one."""
+
+    run_a: str
+    """The first SAE: a run folder, an SAE folder, a CLIP-Scope .pt or a hub id."""
+    run_b: str
+    """The second, of the same layer, d_in and width."""
+    out: str = ""
+    """Folder for consistency.json, .md, .png and matches.parquet; empty = RUN_A/consistency-NAME
+    (NAME: RUN_B's last path part), or ./consistency-NAME for a non-folder RUN_A."""
+    cache: str = ""
+    """Cache to measure firing frequencies on for a run without an analysis; empty = the cache
+    RUN_A was trained on."""
+    images: Annotated[int, AtLeast(0)] = 256
+    """Images (the cache's first whole chunks) encoded for those frequencies; 0 = none, no
+    frequency split for a run without an analysis."""
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+    @property
+    def out_dir(self) -> Path:
+        """--out, else a folder in RUN_A named after RUN_B (in ./ for a non-folder RUN_A)."""
+        name = f"consistency-{Path(self.run_b).name.removesuffix('.pt')}"
+        default = Path(self.run_a) / name if Path(self.run_a).is_dir() else Path(name)
+        return Path(self.out) if self.out else default

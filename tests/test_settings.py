@@ -17,6 +17,7 @@ from vitscope.analysis.config import (
     AnalyzeConfig,
     BrowseConfig,
     CompareConfig,
+    ConsistencyConfig,
     GridConfig,
     MonosemanticityConfig,
     SpliceConfig,
@@ -38,6 +39,7 @@ COMMANDS = {
     "monosemanticity": MonosemanticityConfig,
     "sorteval": SortEvalConfig,
     "compare": CompareConfig,
+    "consistency": ConsistencyConfig,
     "grid": GridConfig,
     "sweep": SweepConfig,
     "cache-info": CacheInfoConfig,
@@ -57,6 +59,7 @@ REQUIRED = {
     "monosemanticity": ["run"],
     "sorteval": ["run"],
     "grid": ["analysis", "--feature", "0"],
+    "consistency": ["run_a", "run_b"],
     "browse": ["run"],
     "splice": ["run"],
 }
@@ -126,10 +129,11 @@ def test_a_value_below_the_bound_is_refused_in_one_line(command: str, name: str)
 def _required_values(command: str) -> dict[str, object]:
     args = REQUIRED[command]
     values: dict[str, object] = {}
-    if args and not args[0].startswith("--"):
-        positional = dataclasses.fields(COMMANDS[command])
-        name = next(f.name for f in positional if f.default is dataclasses.MISSING)
-        values[name], args = args[0], args[1:]
+    required = (
+        f.name for f in dataclasses.fields(COMMANDS[command]) if f.default is dataclasses.MISSING
+    )
+    while args and not args[0].startswith("--"):
+        values[next(required)], args = args[0], args[1:]
     pairs = zip(args[::2], args[1::2], strict=True)
     hints = get_type_hints(COMMANDS[command])
     values.update({f[2:].replace("-", "_"): hints[f[2:].replace("-", "_")](v) for f, v in pairs})
@@ -181,6 +185,7 @@ OUTPUTS = {
     "monosemanticity": (["monosemanticity", "run", "--out"], "--out"),
     "sorteval": (["sorteval", "run", "--out"], "--out"),
     "compare": (["compare", "run", "--out"], "--out"),
+    "consistency": (["consistency", "run_a", "run_b", "--out"], "--out"),
     "pull": (["pull", "user/sae", "--out"], "--out"),
     "to-saelens": (["to-saelens", "run"], "OUT"),
     "grid": (["grid", "analysis", "--feature", "0", "--out"], "--out"),

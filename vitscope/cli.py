@@ -15,6 +15,7 @@ from vitscope.analysis.config import (
     AnalyzeConfig,
     BrowseConfig,
     CompareConfig,
+    ConsistencyConfig,
     GridConfig,
     MonosemanticityConfig,
     SpliceConfig,
@@ -214,6 +215,26 @@ add_config_command(
 
 
 @one_line_errors
+def run_consistency(config: ConsistencyConfig) -> None:
+    from vitscope.analysis.consistency import consistency
+
+    result, out = consistency(config)
+    print(f"{config.run_a} ~ {config.run_b}: {result.summary()}")
+    print(f"written: {out} (consistency.json, .md, .png, matches.parquet)")
+
+
+add_config_command(
+    app,
+    "consistency",
+    ConsistencyConfig,
+    run_consistency,
+    help="Two SAEs of one layer and width (e.g. two seeds) matched latent to latent by decoder "
+    "cosine: PW-MCC, the share matched above 0.9, and that share by firing frequency.",
+    arguments=("run_a", "run_b"),
+)
+
+
+@one_line_errors
 def run_grid(config: GridConfig) -> None:
     from vitscope.analysis.files import load_analysis
     from vitscope.analysis.plots import FEATURE_GRID, plot_feature_grid
@@ -239,12 +260,20 @@ add_config_command(
 
 @one_line_errors
 def run_sweep(config: SweepConfig) -> None:
+    from vitscope.analysis.consistency import pair_line, seed_pairs
+    from vitscope.support.devices import resolve_device
+    from vitscope.support.launch import launch_from_environment
     from vitscope.train.config import RunOptions, sweep_configs
     from vitscope.train.run import train
 
     overrides = {f.name: getattr(config, f.name) or None for f in dataclasses.fields(RunOptions)}
-    for run_dir in train(sweep_configs(config.path, **overrides)):
+    configs = sweep_configs(config.path, **overrides)
+    run_dirs = train(configs)
+    for run_dir in run_dirs:
         print(f"SAE in {run_dir}")
+    if launch_from_environment().is_main:  # rank 0 saved the SAEs; the others stop here
+        for run_a, run_b in seed_pairs(configs, run_dirs):  # differing only in seed: PW-MCC
+            print(f"seeds: {pair_line(run_a, run_b, resolve_device(configs[0].device))}")
 
 
 add_config_command(
