@@ -2,7 +2,8 @@
 
 The trainer appends records; the report, the analysis pictures, `vitscope compare` and the hub's
 model card read them. Reading needs only the standard library (no plotting stack), and a log of
-any earlier version reads: every field has been there since the first run format.
+any earlier version reads: every field has been there since the first run format, or has a
+default (null) for the lines written before it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,15 @@ class HeldOut:
     explained_variance: float
     l0: float
     mse_by_token: tuple[float, ...]
-    """Held-out MSE at every token position (0 = CLS)."""
+    """Held-out MSE at every token position (0 = CLS), over every image (tokens left out by
+    --exclude-outlier-tokens included, so the positions they sit at show)."""
+    mse_ordinary: float | None = None
+    """Held-out MSE on the tokens at or below the outlier threshold (train/outliers.py: the
+    exclusion threshold, else 10x the median token norm); null in logs before issue 25."""
+    mse_outlier: float | None = None
+    """Held-out MSE on the tokens above it; null when none of them is (or in older logs)."""
+    outlier_fraction: float | None = None
+    """Share of the held-out tokens above the threshold; null in older logs."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,15 @@ def append_record(run_dir: Path, record: LogRecord) -> None:
     """One line at the end of RUN/log.jsonl (the folder is made if needed)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / LOG_FILE, "a") as f:
-        f.write(json.dumps(dataclasses.asdict(record)) + "\n")
+        f.write(json.dumps(_as_json(record)) + "\n")
+
+
+def _as_json(record: LogRecord) -> dict:
+    """The record's JSON object without its null held-out fields (null is their default): a
+    line reads back the same, and an old log's records write back its very lines."""
+    data = dataclasses.asdict(record)
+    data["heldout"] = {key: value for key, value in data["heldout"].items() if value is not None}
+    return data
 
 
 def read_log(run_dir: Path | str) -> list[LogRecord]:

@@ -59,6 +59,7 @@ REQUIRED = {
     "grid": ["analysis", "--feature", "0"],
     "browse": ["run"],
     "splice": ["run"],
+    "cache-info": ["path"],
 }
 """The arguments each needs besides the one under test: flags with values, or the positional RUN."""
 
