@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 from vitscope.cache_spec.layout import layer_array_name
 from vitscope.cache_spec.outliers import SAMPLE_CHUNKS
 from vitscope.cache_spec.store import Cache
-from vitscope.support.configs import AtLeast
+from vitscope.support.configs import AtLeast, check_bounds
 from vitscope.support.shared_options import Overwrite
 
 
@@ -73,3 +73,6 @@ class CacheInfoConfig(Overwrite):
     token-norm statistics (outlier tokens: above 10x the median norm); 0 = skip them."""
     verify: bool = False
     """Read every committed chunk of every layer and name the damaged ones (exit 1 if any)."""
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
