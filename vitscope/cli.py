@@ -277,12 +277,13 @@ def run_cache_info(config: CacheInfoConfig) -> None:
             )
     cache = open_cache(config.path)
     print("\n".join(summary_lines(cache)))
+    verified = verify_chunks(cache, report=print) if config.verify else ""  # names every damaged
     sampled = cache.n_rows and config.sample_chunks
     norms = list(layer_norms(cache, config.sample_chunks)) if sampled else []
     if norms:
         print("\n".join(norm_lines(cache, norms, config.sample_chunks)))
-    if config.verify:
-        print(verify_chunks(cache, report=print))
+    if verified:
+        print(verified)
     if config.plot:
         from vitscope.cache_plot import plot_cache
 
