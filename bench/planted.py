@@ -14,6 +14,8 @@ through its real path (the tokens written as a cache on disk, read by its shuffl
     .venv/bin/python bench/planted.py --runs fit --variant lr=1e-3 --variant k_aux=128
     .venv/bin/python bench/planted.py --runs saelens-batchtopk,saelens-matryoshka,batchtopk,\
 matryoshka
+    .venv/bin/python bench/planted.py --runs fit --outliers 0.01:30 \
+        --variant exclude_outlier_tokens=5
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 from common import command_line, md_table, publish, timed, write_single_shard_cache
 
+from vitscope.cache_spec.outliers import OUTLIER_RATIO
 from vitscope.pipeline.model import import_open_clip
 from vitscope.saes.folder import load_sae_folder
 from vitscope.support.configs import load_config
@@ -75,28 +78,59 @@ MATRYOSHKA_PREFIXES = (1 / 16, 1 / 4)
 
 
 def scores(decoder_FD, autoencode, world, heldout_ND, timing, tokens) -> list[str]:
-    """One table row's numbers: tokens/s, recovery of the planted directions, held-out quality,
-    others' CPU while it trained; `autoencode(x)` returns (reconstruction, dense codes) in the
-    activations' units."""
+    """One table row's numbers: tokens/s, recovery of the planted directions, held-out quality
+    on the ordinary tokens, others' CPU while it trained, and with outlier tokens among the
+    held-out ones (`--outliers`) their FVU (against the ordinary tokens' mean); `autoencode(x)`
+    returns (reconstruction, dense codes) in the activations' units."""
     found = recovery(world, decoder_FD)
-    error, fired, l0 = 0.0, torch.zeros(len(decoder_FD), dtype=torch.bool), 0.0
+    norms = heldout_ND.norm(dim=1)
+    outlier_N = norms > OUTLIER_RATIO * norms.median()
+    error_N = torch.zeros(len(heldout_ND), dtype=torch.float64)
+    fired, l0 = torch.zeros(len(decoder_FD), dtype=torch.bool), 0.0
     with torch.no_grad():
-        for x in heldout_ND.split(4096):
+        for first in range(0, len(heldout_ND), 4096):
+            x = heldout_ND[first : first + 4096]
             recon, z = autoencode(x)
-            error += float((recon - x).double().pow(2).sum())
-            fired |= (z != 0).any(dim=0)
-            l0 += float((z != 0).sum())
-    variance = float((heldout_ND - heldout_ND.mean(dim=0)).double().pow(2).sum())
-    return [
+            error_N[first : first + len(x)] = (recon - x).double().pow(2).sum(dim=1)
+            ordinary = ~outlier_N[first : first + len(x)]
+            fired |= (z[ordinary] != 0).any(dim=0)
+            l0 += float((z[ordinary] != 0).sum())
+    ordinary_ND = heldout_ND[~outlier_N].double()
+    mean_D = ordinary_ND.mean(dim=0)
+    variance = float((ordinary_ND - mean_D).pow(2).sum())
+    row = [
         f"{tokens / timing.wall:,.0f}",
         f"{found.mean_max_cosine:.3f}",
         f"{found.matched:.1%}",
         f"{found.rarest_quarter_matched:.1%}",
-        f"{error / variance:.4f}",
+        f"{float(error_N[~outlier_N].sum()) / variance:.4f}",
         f"{1 - fired.float().mean():.1%}",
-        f"{l0 / len(heldout_ND):.1f}",
+        f"{l0 / len(ordinary_ND):.1f}",
         f"{(timing.others or 0) / timing.wall:.2f}",
     ]
+    if outlier_N.any():
+        spread = float((heldout_ND[outlier_N].double() - mean_D).pow(2).sum())
+        row.append(f"{float(error_N[outlier_N].sum()) / spread:.4f}")
+    return row
+
+
+def inject_outliers(acts_ND, fraction: float, scale: float, seed: int):
+    """Register-like outlier tokens: a seeded `fraction` of the tokens get one fixed random
+    direction added (the same for every world and split, as a ViT's massive activations sit in
+    a few fixed dimensions), `scale` times the median token norm long, so that their norm is
+    about `scale` times the median; returns the tokens and which were made outliers."""
+    chosen_N = torch.rand(len(acts_ND), generator=torch.Generator().manual_seed(seed)) < fraction
+    direction_D = torch.randn(acts_ND.shape[1], generator=torch.Generator().manual_seed(7))
+    length = scale * float(acts_ND.norm(dim=1).median())
+    acts_ND = acts_ND.clone()
+    acts_ND[chosen_N] += length * direction_D / direction_D.norm()
+    return acts_ND, chosen_N
+
+
+def outliers(text: str) -> tuple[float, float]:
+    """`0.01:30` -> (fraction, scale)."""
+    fraction, scale = text.split(":")
+    return float(fraction), float(scale)
 
 
 def saelens_sae(args, architecture: str):
@@ -300,6 +334,17 @@ def world_section(args, name: str, world_knobs: World, started: float) -> list[s
     heldout_ND, noise_ND = planted_tokens(world, args.heldout, 1_000_003 * (args.seed + 1) + 2)
     variance = (heldout_ND - heldout_ND.mean(dim=0)).double().pow(2).sum()
     floor = float(noise_ND.double().pow(2).sum() / variance)
+    injected = ""
+    if args.outliers:
+        fraction, scale = args.outliers
+        train_ND, _ = inject_outliers(train_ND, fraction, scale, args.seed + 11)
+        heldout_ND, _ = inject_outliers(heldout_ND, fraction, scale, args.seed + 12)
+        injected = (
+            f" Outlier tokens (`--outliers`): {fraction:.1%} of training and held-out tokens "
+            f"with one fixed direction added at {scale:g}x the median token norm; FVU, unused "
+            "latents and L0 are measured on the ordinary held-out tokens, outlier FVU on the "
+            "injected ones."
+        )
     work = Path(tempfile.mkdtemp(prefix="planted-bench-"))
     rows, tuning = [], []
     try:
@@ -323,14 +368,14 @@ def world_section(args, name: str, world_knobs: World, started: float) -> list[s
     p = world.p_F
     header = (
         "trainer | tokens/s | mean max cos | matched > 0.9 | rarest quarter > 0.9 | held-out FVU"
-        " | latents unused | L0 | others' cores"
+        " | latents unused | L0 | others' cores" + (" | outlier FVU" if args.outliers else "")
     )
     return [
         f"#### World `{name}`: {features:,} planted directions in d_in = {args.d_in}, firing p = "
         f"{p[0]:.3g} .. {p[-1]:.2g} (Zipf exponent {world_knobs.zipf}, {p.sum():.0f} active per "
         f"token on average), lognormal magnitudes, mean offset {world_knobs.offset}x and noise "
         f"{world_knobs.noise}x the signal's RMS norm. Noise floor (held-out FVU of the true "
-        f"codes): {floor:.4f}. {time.perf_counter() - started:,.0f} s into the run.",
+        f"codes): {floor:.4f}.{injected} {time.perf_counter() - started:,.0f} s into the run.",
         "",
         *md_table(header, rows),
         "",
@@ -356,6 +401,12 @@ def main() -> None:
     parser.add_argument("--runs", default="saelens-mean,fit", help=f"any of {','.join(RUNS)}")
     parser.add_argument(
         "--variant", type=variant, action="append", default=[], help="a fit row: KEY=VALUE,..."
+    )
+    parser.add_argument(
+        "--outliers",
+        type=outliers,
+        default=None,
+        help="FRACTION:SCALE, e.g. 0.01:30: inject register-like high-norm tokens",
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/planted.md"))
     args = parser.parse_args()

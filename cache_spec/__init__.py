@@ -3,8 +3,9 @@
 Modules: `layout` (names, attrs and commit records), `storage` (float16 / 8-bit encodings),
 `codecs` (compression presets), `store` (create, validate, write, read), `location` (a folder or
 an object store, and what is atomic on each), `chunk_files` (a chunk read straight from its file
-or object), `info` (a summary), `verify` (every chunk read, the damaged named). The one call a
-user makes: `open_cache(path, layer=20)`, where path may be a URL (`s3://bucket/cache`).
+or object), `info` (a summary), `outliers` (γ and token norms of a sample), `verify` (every
+chunk read, the damaged named). The one call a user makes: `open_cache(path, layer=20)`, where
+path may be a URL (`s3://bucket/cache`).
 """
 
 from vitscope.cache_spec.errors import CacheSpecError

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Annotated
 
 import pyarrow.compute as pc
 
 from vitscope.cache_spec.layout import layer_array_name
+from vitscope.cache_spec.outliers import SAMPLE_CHUNKS
 from vitscope.cache_spec.store import Cache
+from vitscope.support.configs import AtLeast, check_bounds
 from vitscope.support.shared_options import Overwrite
 
 
@@ -63,6 +66,13 @@ class CacheInfoConfig(Overwrite):
     path: str
     """The cache folder, or its URL (s3://...)."""
     plot: str = ""
-    """Also draw activation norms by token position into this PNG; empty = no picture."""
+    """Also draw token norms (by position, their distribution, where the outliers sit) into
+    this PNG; empty = no picture."""
+    sample_chunks: Annotated[int, AtLeast(0)] = SAMPLE_CHUNKS
+    """Chunks per layer, spread evenly over the cache, read for gamma = |mean| / |std| and the
+    token-norm statistics (outlier tokens: above 10x the median norm); 0 = skip them."""
     verify: bool = False
     """Read every committed chunk of every layer and name the damaged ones (exit 1 if any)."""
+
+    def __post_init__(self) -> None:
+        check_bounds(self)

@@ -81,8 +81,9 @@ class SAECard:
     source: str = "vitscope"
     """Who made it: vitscope, clip-scope, or where it was imported from."""
     training: dict | None = None
-    """The full training config, for the record (null for imported SAEs); its cache (absolute,
-    or a URL) is what commands read when not given --cache."""
+    """The full training config, for the record (null for imported SAEs), with the run's token
+    norm thresholds (train/outliers.py); its cache (absolute, or a URL) is what commands read
+    when not given --cache."""
     format: str = SAE_FORMAT
     """Always vitscope-sae."""
     format_version: str = SAE_FORMAT_VERSION

@@ -35,6 +35,16 @@ def model_card(card: SAECard, metrics: dict[str, Any], repo_id: str) -> str:
         ("layer", f"{card.layer} ({card.hook}: the residual stream after block {card.layer})"),
         ("tokens", f"{card.token_set}; {card.tokens_trained:,} trained"),
     ]
+    training = card.training or {}
+    if training.get("excluded_above_norm"):
+        rows.append(
+            (
+                "outlier tokens",
+                f"norm above {training['excluded_above_norm']:.4g} "
+                f"({training['exclude_outlier_tokens']:g}x the median) left out of training and "
+                "held-out numbers",
+            )
+        )
     if metrics:
         rows += [
             ("held-out explained variance", f"{metrics['explained_variance']:.4f}"),

@@ -32,10 +32,18 @@ class HeldOut:
     """1 − fvu: the figure that compares with Gao et al., saev and SAELens."""
     l0: float
     mse_by_token: tuple[float, ...]
-    """Held-out MSE at every token position (0 = CLS)."""
+    """Held-out MSE at every token position (0 = CLS), over every image (tokens left out by
+    --exclude-outlier-tokens included, so the positions they sit at show)."""
     clipscope_ev: float | None = None
     """sache's mean over tokens of per-token explained variance in standardised units, the
     figure CLIP-Scope's model card reports (train/explained_variance.py); None in older logs."""
+    mse_ordinary: float | None = None
+    """Held-out MSE on the tokens at or below the outlier threshold (train/outliers.py: the
+    exclusion threshold, else 10x the median token norm); null in logs before issue 25."""
+    mse_outlier: float | None = None
+    """Held-out MSE on the tokens above it; null when none of them is (or in older logs)."""
+    outlier_fraction: float | None = None
+    """Share of the held-out tokens above the threshold; null in older logs."""
 
 
 @dataclass(frozen=True)

@@ -169,11 +169,17 @@ def test_weights_from_a_local_file(tmp_path: Path, tower):
 
 
 def test_cache_picture_shows_every_layer(reference_cache: Path, tmp_path: Path):
-    from vitscope.cache_plot import plot_cache, token_norms
+    from vitscope.cache_plot import plot_cache
+    from vitscope.cache_spec.outliers import layer_norms
 
     store = open_cache(reference_cache)
-    norms = token_norms(store, 11, max_chunks=2)
-    expected = store.read_rows(11, range(8)).norm(dim=2).mean(dim=0)
-    torch.testing.assert_close(torch.tensor(norms), expected, rtol=1e-5, atol=1e-5)
-    picture = plot_cache(store, tmp_path / "cache.png")
+    norms = list(layer_norms(store, 2))
+    assert [stats.layer for stats in norms] == list(TEST_LAYERS)
+    first, last = store.chunks()[0], store.chunks()[-1]
+    rows = [*range(first.first_row, first.first_row + first.n_rows)]
+    rows += range(last.first_row, last.first_row + last.n_rows)
+    expected = store.read_rows(11, rows).norm(dim=2).mean(dim=0)
+    actual = torch.tensor(norms[2].norms_NT.mean(axis=0)).float()
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    picture = plot_cache(store, norms, tmp_path / "cache.png")
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000

@@ -62,6 +62,7 @@ REQUIRED = {
     "consistency": ["run_a", "run_b"],
     "browse": ["run"],
     "splice": ["run"],
+    "cache-info": ["path"],
 }
 """The arguments each needs besides the one under test: flags with values, or the positional RUN."""
 

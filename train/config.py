@@ -149,6 +149,10 @@ class TrainConfig(RunOptions, Device):
     selection: Literal["auto", "float32", "bfloat16"] = "auto"
     """The product that picks each token's top k (kept values are float32 either way): auto =
     bfloat16 on a GPU, where the planted-feature FVU did not move (BENCHMARKS.md), else float32."""
+    exclude_outlier_tokens: Annotated[float, AtLeast(0)] = 0.0
+    """Leave out of training and held-out evaluation every token whose norm is above this many
+    times the median token norm of the held-out images (ViTs' high-norm "register" tokens; see
+    `vitscope cache-info`); 0 = keep every token, else above 1. The card records the threshold."""
     d_in: Annotated[int, AtLeast(0)] = 0
     """Expected activation width; 0 = take it from the cache, else it must match."""
     allow_partial: bool = False
@@ -169,6 +173,11 @@ class TrainConfig(RunOptions, Device):
             raise BadSetting(
                 f"architecture {self.architecture} keeps positive values only; pass "
                 "--activation relu (the clip-scope preset sets none)"
+            )
+        if 0 < self.exclude_outlier_tokens <= 1:
+            raise BadSetting(
+                "exclude_outlier_tokens must be 0 (off) or above 1 (a multiple of the median token "
+                f"norm), not {self.exclude_outlier_tokens}; cache-info's outliers are above 10"
             )
         widths = (0, *self.matryoshka_widths[:-1], self.n_latents)
         if self.architecture == "matryoshka" and not all(map(int.__lt__, widths, widths[1:])):

@@ -30,6 +30,7 @@ from vitscope.train.config import TrainConfig
 from vitscope.train.data_parallel import DataParallel
 from vitscope.train.loader import Batch, distinct_images
 from vitscope.train.metrics import WindowStats, heldout_metrics
+from vitscope.train.outliers import TokenNorms
 from vitscope.train.tensorboard import TensorBoardLog
 
 
@@ -44,6 +45,8 @@ class Member:
     stats: WindowStats = field(default_factory=WindowStats)
     board: TensorBoardLog | None = None
     """Live curves when cfg.tensorboard; fit opens it before the first step and closes it."""
+    norms: TokenNorms | None = None
+    """The run's token-norm thresholds (outliers), set by fit from the held-out images."""
 
     @property
     def run_dir(self) -> Path:
@@ -62,10 +65,14 @@ class Member:
 
     def card(self) -> SAECard:
         """The SAE's card as of now: its input scale and the tokens trained so far."""
+        training = self.sae.card.training
+        if training is not None and self.norms is not None:
+            training = {**training, **self.norms.record()}
         return dataclasses.replace(
             self.sae.card,
             input_scale=float(self.sae.input_scale),
             tokens_trained=self.state.tokens,
+            training=training,
         )
 
 
@@ -76,8 +83,9 @@ def new_member(
     device: torch.device,
     cache: CacheAttrs | None = None,
 ) -> Member:
-    """A fresh SAE initialised on a sample of the training data (input scale, b_pre); `cache`
-    names the model and weights the SAE's card records."""
+    """A fresh SAE initialised on a sample of the training data (input scale, b_pre), outliers
+    left out when the run excludes them (by the sample's own median); `cache` names the model
+    and weights the SAE's card records."""
     card = SAECard(
         d_in=d_in,
         n_latents=cfg.n_latents,
@@ -93,18 +101,26 @@ def new_member(
     sae = build_sae(card, seed=cfg.seed, selection=cfg.selection_on(device))
     with torch.no_grad():
         sae.w_enc.mul_(cfg.encoder_init_scale)
-    sae.initialise_from(sample_ND)
+    sae.initialise_from(TokenNorms.of_tokens(sample_ND, cfg.exclude_outlier_tokens).kept(sample_ND))
     sae.to(device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.peak_lr, eps=cfg.adam_eps)
     since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=device)
     return Member(cfg, sae, optimizer, TrainState(since_fired_F=since_fired))
 
 
-def train_step(member: Member, x_BD: torch.Tensor, parallel: DataParallel | None = None) -> None:
+def train_step(
+    member: Member,
+    x_BD: torch.Tensor,
+    parallel: DataParallel | None = None,
+    consumed: int | None = None,
+) -> None:
     """One optimizer step of the recipe on a batch of training inputs (`training_inputs`): this
-    process's share of the global batch when `parallel` spans several ranks."""
+    process's share of the global batch when `parallel` spans several ranks. `consumed`: the
+    stream tokens the batch stands for, when outliers were left out of it (default: its size),
+    so that tokens trained stays the stream position a resume seeks to."""
     cfg, sae, state = member.cfg, member.sae, member.state
     world = parallel.world if parallel else 1
+    consumed = len(x_BD) if consumed is None else consumed
     dead_F = state.since_fired_F > cfg.dead_window
     out = sae.autoencode(x_BD, dead_F if cfg.aux_coefficient else None, cfg.k_aux_for(sae.d_in))
     terms = losses(sae, out, x_BD, cfg.aux_coefficient)
@@ -126,10 +142,10 @@ def train_step(member: Member, x_BD: torch.Tensor, parallel: DataParallel | None
         fired_F[out.fired_latents()] = True
         if parallel:
             fired_F = parallel.fired_anywhere(fired_F)
-        state.since_fired_F += len(x_BD) * world
+        state.since_fired_F += consumed * world
         state.since_fired_F[fired_F] = 0
     state.step += 1
-    state.tokens += len(x_BD) * world
+    state.tokens += consumed * world
     member.stats.add(terms, out, dead_F)
 
 
@@ -147,6 +163,9 @@ def fit(
     cfg = members[0].cfg
     devices = list(dict.fromkeys(member.sae.b_pre.device for member in members))
     tokens = members[0].state.tokens
+    norms = TokenNorms.of(heldout_NTD, token_slice, cfg.exclude_outlier_tokens)
+    for member in members:
+        member.norms = norms
     if main:
         for member in members:
             member.open_board()
@@ -163,10 +182,10 @@ def fit(
         waited = time.perf_counter()
         batch = next(batches)
         window.wait += time.perf_counter() - waited
-        on_device = _on_devices(batch.acts_BD, devices)
+        on_device = _on_devices(batch.acts_BD, devices, norms)
         for member in members:
             x_BD = on_device[member.sae.b_pre.device]
-            train_step(member, member.sae.training_inputs(x_BD), parallel)
+            train_step(member, member.sae.training_inputs(x_BD), parallel, len(batch.acts_BD))
         step_tokens = len(batch.acts_BD) * world
         tokens += step_tokens
         window.tokens += step_tokens
@@ -178,7 +197,7 @@ def fit(
         logged = (cfg.log_every, cfg.checkpoint_every)  # a window per checkpoint, at least
         if done or any(_crossed(tokens, step_tokens, every) for every in logged):
             for member in members:
-                record = _log_record(member, heldout_NTD, token_slice, window)
+                record = _log_record(member, heldout_NTD, token_slice, window, norms)
                 member.log(record)
             progress.set_postfix_str(_postfix(record))
             window = _Clock()
@@ -202,11 +221,12 @@ def fit(
 
 
 def _on_devices(
-    acts_BD: torch.Tensor, devices: list[torch.device]
+    acts_BD: torch.Tensor, devices: list[torch.device], norms: TokenNorms
 ) -> dict[torch.device, torch.Tensor]:
-    """The batch as float32 on every device that trains an SAE: one copy per device, converted
-    there (the batch arrives float16, so half the bytes cross each link)."""
-    return {device: acts_BD.to(device, non_blocking=True).float() for device in devices}
+    """The batch as float32 on every device that trains an SAE, outliers left out if asked: one
+    copy per device, converted there (the batch arrives float16, so half the bytes cross each
+    link)."""
+    return {device: norms.kept(acts_BD.to(device, non_blocking=True).float()) for device in devices}
 
 
 @dataclass
@@ -222,7 +242,11 @@ def _crossed(tokens: int, step: int, every: int) -> bool:
 
 
 def _log_record(
-    member: Member, heldout_NTD: torch.Tensor, token_slice: slice, window: _Clock
+    member: Member,
+    heldout_NTD: torch.Tensor,
+    token_slice: slice,
+    window: _Clock,
+    norms: TokenNorms,
 ) -> LogRecord:
     elapsed = time.perf_counter() - window.start
     record = LogRecord(
@@ -234,7 +258,7 @@ def _log_record(
         loader_wait_fraction=window.wait / elapsed,
         distinct_images_per_batch=sum(window.distinct) / len(window.distinct),
         distinct_images_per_batch_min=min(window.distinct),
-        heldout=heldout_metrics(member.sae, heldout_NTD, token_slice, member.cfg.batch_size),
+        heldout=heldout_metrics(member.sae, heldout_NTD, token_slice, member.cfg.batch_size, norms),
     )
     member.stats = WindowStats()
     return record

@@ -1,7 +1,8 @@
-"""A picture of a cache: how large the residual stream is at every token position, layer by layer.
+"""A picture of a cache's token norms, layer by layer: how large the residual stream is at every
+token position, how the norms are distributed, and where the outlier tokens sit.
 
 ViTs grow a few high-norm tokens and a distinct CLS token with depth; this is the first thing to
-look at before training SAEs on a layer. Reads only the first chunks of each layer.
+look at before training SAEs on a layer. Drawn from cache-info's sample (cache_spec/outliers.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 
+from vitscope.cache_spec.outliers import OUTLIER_RATIO, LayerNorms
 from vitscope.cache_spec.store import Cache
 from vitscope.support.errors import MissingInput
 from vitscope.support.outputs import png_by, png_metadata
@@ -21,34 +24,47 @@ from vitscope.support.outputs import png_by, png_metadata
 CACHE_PLOT = png_by("a cache-info plot")
 
 
-def token_norms(cache: Cache, layer: int, max_chunks: int) -> list[float]:
-    """Mean L2 norm of the activation at each token position, over the first chunks' images."""
-    chunks = cache.chunks()[:max_chunks]
-    if not chunks:
+def plot_cache(cache: Cache, layers: list[LayerNorms], out: Path) -> Path:
+    """Per layer (a column): mean norm by patch position on the image grid (CLS in the title),
+    the histogram of token norms (median and outlier threshold marked), and the share of each
+    position's tokens that are outliers."""
+    if not layers:
         raise MissingInput(f"{cache.path}: no committed rows to plot")
-    acts = [cache.read_chunk(layer, ref) for ref in chunks]
-    total = sum(a.norm(dim=2).sum(dim=0) for a in acts)
-    return (total / sum(len(a) for a in acts)).tolist()
-
-
-def plot_cache(cache: Cache, out: Path, max_chunks: int = 4) -> Path:
-    """One panel per layer: patch norms on the image grid, the CLS norm in the title."""
-    layers = cache.attrs.layers
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3.4), squeeze=False)
-    for ax, layer in zip(axes[0], layers, strict=True):
-        norms = token_norms(cache, layer, max_chunks)
-        side = math.isqrt(len(norms) - 1)
-        if side * side == len(norms) - 1:
-            grid = [norms[1 + row * side : 1 + (row + 1) * side] for row in range(side)]
-            image = ax.imshow(grid, cmap="viridis")
-            fig.colorbar(image, ax=ax, fraction=0.046)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        else:
-            ax.bar(range(len(norms)), norms)
-        ax.set_title(f"layer {layer}: CLS {norms[0]:.3g}")
-    fig.suptitle(f"{cache.path}: mean |x| by patch position ({cache.attrs.model})")
+    fig, axes = plt.subplots(3, len(layers), figsize=(3.4 * len(layers), 9.6), squeeze=False)
+    for column, stats in zip(axes.T, layers, strict=True):
+        mean_T = stats.norms_NT.mean(axis=0)
+        _by_position(fig, column[0], mean_T, "viridis")
+        column[0].set_title(f"layer {stats.layer}: mean |x|, CLS {mean_T[0]:.3g}")
+        _histogram(column[1], stats)
+        share_T = stats.outliers_NT.mean(axis=0)
+        _by_position(fig, column[2], share_T, "magma")
+        column[2].set_title(f"outlier share by position, CLS {share_T[0]:.0%}")
+    fig.suptitle(f"{cache.path}: token norms ({cache.attrs.model})")
     fig.tight_layout()
     fig.savefig(out, dpi=90, metadata=png_metadata(CACHE_PLOT.what))
     plt.close(fig)
     return out
+
+
+def _by_position(fig: plt.Figure, ax: plt.Axes, value_T: np.ndarray, cmap: str) -> None:
+    """Patch values on the image grid when the patches make a square, else bars (CLS first)."""
+    side = math.isqrt(len(value_T) - 1)
+    if side * side != len(value_T) - 1:
+        ax.bar(range(len(value_T)), value_T)
+        return
+    image = ax.imshow(value_T[1:].reshape(side, side), cmap=cmap)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _histogram(ax: plt.Axes, stats: LayerNorms) -> None:
+    norms = stats.norms_NT.ravel()
+    low, high = max(norms.min(), 1e-6), max(norms.max(), OUTLIER_RATIO * stats.median)
+    ax.hist(norms, bins=np.geomspace(low, high * 1.05, 60), log=True)
+    ax.set_xscale("log")
+    ax.axvline(stats.median, color="k", lw=1, label=f"median {stats.median:.3g}")
+    ax.axvline(OUTLIER_RATIO * stats.median, color="r", lw=1, label=f"{OUTLIER_RATIO:g}x median")
+    ax.legend(fontsize=7)
+    ax.set_xlabel("token norm")
+    ax.set_title(f"gamma {stats.gamma:.3g}, {stats.outlier_share:.2%} outliers")

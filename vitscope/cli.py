@@ -289,6 +289,7 @@ add_config_command(
 @one_line_errors
 def run_cache_info(config: CacheInfoConfig) -> None:
     from vitscope.cache_spec.info import summary_lines
+    from vitscope.cache_spec.outliers import layer_norms, norm_lines
     from vitscope.cache_spec.store import open_cache
     from vitscope.cache_spec.verify import verify_chunks
 
@@ -299,14 +300,23 @@ def run_cache_info(config: CacheInfoConfig) -> None:
         check_output_path(
             config.plot, "--plot", folder=False, overwrite=config.overwrite, own=CACHE_PLOT
         )
+        if not config.sample_chunks:
+            raise BadSetting(
+                "--plot draws the sampled token norms, but --sample-chunks is 0; pass at least 1"
+            )
     cache = open_cache(config.path)
     print("\n".join(summary_lines(cache)))
-    if config.verify:
-        print(verify_chunks(cache, report=print))
+    verified = verify_chunks(cache, report=print) if config.verify else ""  # names every damaged
+    sampled = cache.n_rows and config.sample_chunks
+    norms = list(layer_norms(cache, config.sample_chunks)) if sampled else []
+    if norms:
+        print("\n".join(norm_lines(cache, norms, config.sample_chunks)))
+    if verified:
+        print(verified)
     if config.plot:
         from vitscope.cache_plot import plot_cache
 
-        print(f"picture: {plot_cache(cache, Path(config.plot))}")
+        print(f"picture: {plot_cache(cache, norms, Path(config.plot))}")
 
 
 add_config_command(
@@ -314,7 +324,8 @@ add_config_command(
     "cache-info",
     CacheInfoConfig,
     run_cache_info,
-    help="Print what a cache holds, how complete it is and its size on disk.",
+    help="Print what a cache holds, how complete it is, its size on disk, and its token norms "
+    "by layer (gamma = |mean| / |std|, outlier tokens and their positions).",
     arguments=("path",),
 )
 

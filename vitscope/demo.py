@@ -148,6 +148,7 @@ def run_demo(config: DemoConfig) -> None:
     from vitscope.analysis.splice import splice_run
     from vitscope.cache_plot import plot_cache
     from vitscope.cache_spec.info import summary_lines
+    from vitscope.cache_spec.outliers import layer_norms, norm_lines
     from vitscope.cache_spec.store import open_cache
     from vitscope.pipeline.config import CacheConfig, DownloadConfig
     from vitscope.pipeline.download import download, download_stats
@@ -193,9 +194,11 @@ def run_demo(config: DemoConfig) -> None:
         )
     )
     print("\n".join(summary.lines()))
-    print("\n".join(summary_lines(open_cache(summary.cache))))
-    picture = plot_cache(open_cache(summary.cache), workdir / "cache.png")
-    print(f"activation norms by token position: {picture}")
+    cached = open_cache(summary.cache)
+    norms = list(layer_norms(cached))
+    print("\n".join([*summary_lines(cached), *norm_lines(cached, norms)]))
+    picture = plot_cache(cached, norms, workdir / "cache.png")
+    print(f"token norms by position, their distribution, outlier tokens: {picture}")
     width = open_cache(summary.cache).attrs.d_model
     labels = workdir / "labels.txt"
     labels.write_text("\n".join(PHOTO_CAPTIONS.values()) + "\n")
