@@ -286,3 +286,33 @@ def test_a_hub_id_without_network_is_one_line(tmp_path: Path):
         f"HubError hub id user/photo-sae: cannot reach the hub at {closed} and it is not in the "
         "local hub cache; connect to the network, or pass a local SAE folder"
     )
+
+
+def test_the_model_card_shows_what_analyze_and_consistency_left(tmp_path):
+    """Mean Moran's I over the features that have one, and PW-MCC per matched SAE, beside the
+    log's numbers; a run without them gets neither row."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vitscope.saes.folder import load_sae_folder
+    from vitscope.saes.model_card import model_card, run_metrics
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "data" / "run-v0", run)
+    card = load_sae_folder(run).card
+    bare = model_card(card, run_metrics(run), "you/sae")
+    assert "Moran" not in bare and "PW-MCC" not in bare and "explained variance" in bare
+    (run / "analysis").mkdir()
+    pq.write_table(
+        pa.table({"morans_i": [0.5, None, 0.7, float("nan")]}),
+        run / "analysis" / "features.parquet",
+    )
+    (run / "consistency-seed1").mkdir()
+    (run / "consistency-seed1" / "consistency.json").write_text(json.dumps({"pw_mcc": 0.8125}))
+    metrics = run_metrics(run)
+    assert metrics["mean_morans_i"] == pytest.approx(0.6)
+    text = model_card(card, metrics, "you/sae")
+    assert "| mean Moran's I (spatial coherence) | 0.6000 |" in text
+    assert "| cross-seed consistency with seed1 (PW-MCC) | 0.8125 |" in text
