@@ -68,7 +68,10 @@ def two_layers(
     browsed, with splice and sort-eval results, compared by the command into `cmp` beside them."""
     root = tmp_path_factory.mktemp("compare")
     layer5 = shutil.copytree(photo_sae, root / "layer05")
-    saved = json.loads((photo_sae / "cfg.json").read_text())["training"]
+    training = json.loads((photo_sae / "cfg.json").read_text())["training"]
+    saved = {
+        f.name: training[f.name] for f in dataclasses.fields(TrainConfig)
+    }  # not what it measured
     config = TrainConfig(**{**saved, "layer": 11, "out": str(root / "layer11")})
     (layer11,) = train([dataclasses.replace(config, resume=False)])
     analyze(AnalyzeConfig(run=str(layer11), device="cpu"))
