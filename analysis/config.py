@@ -12,6 +12,12 @@ from vitscope.support.errors import BadSetting
 from vitscope.support.shared_options import Device, Overwrite, Resume, Shards
 
 
+def beside_run(run: str, name: str) -> Path:
+    """A default output: `name` inside the run folder, or in ./ for an SAE that is not a folder
+    (a CLIP-Scope .pt, a hub id)."""
+    return Path(run) / name if Path(run).is_dir() else Path(name)
+
+
 @dataclass(frozen=True)
 class AnalyzeConfig(Shards, Device, Resume, Overwrite):
     """One streaming pass of an SAE over its cache: statistics and top images per feature."""
@@ -43,8 +49,7 @@ class AnalyzeConfig(Shards, Device, Resume, Overwrite):
     def out_dir(self) -> Path:
         if self.out:
             return Path(self.out)
-        run = Path(self.run)
-        return run / "analysis" if run.is_dir() else Path("analysis")
+        return beside_run(self.run, "analysis")
 
 
 @dataclass(frozen=True)
@@ -161,7 +166,7 @@ class SpliceConfig(Shards, Device, Overwrite):
     def out_path(self) -> Path:
         if self.out:
             return Path(self.out)
-        return Path(self.run) / "splice.json" if Path(self.run).is_dir() else Path("splice.json")
+        return beside_run(self.run, "splice.json")
 
 
 @dataclass(frozen=True)
@@ -189,5 +194,4 @@ class ConsistencyConfig(Device, Overwrite):
     def out_dir(self) -> Path:
         """--out, else a folder in RUN_A named after RUN_B (in ./ for a non-folder RUN_A)."""
         name = f"consistency-{Path(self.run_b).name.removesuffix('.pt')}"
-        default = Path(self.run_a) / name if Path(self.run_a).is_dir() else Path(name)
-        return Path(self.out) if self.out else default
+        return Path(self.out) if self.out else beside_run(self.run_a, name)
