@@ -13,10 +13,11 @@ from typing import Any, Literal, get_args
 import pyarrow as pa
 
 from vitscope.cache_spec.errors import CacheSpecError
+from vitscope.cache_spec.tokens import TokenLayout
 from vitscope.support.errors import BadSetting
 from vitscope.support.records import parse_record
 
-SPEC_VERSION = "1.3"
+SPEC_VERSION = "1.4"
 ATTRS_KEY = "vitscope_cache"
 SHARDS_DIR = "shards"
 
@@ -74,13 +75,13 @@ class CacheAttrs:
     """What a cache holds and how; stored as the root group's attrs under `vitscope_cache`."""
 
     model: str
-    """open_clip model name, e.g. 'ViT-L-14'."""
+    """open_clip model name, e.g. 'ViT-L-14', or 'timm:NAME' for a timm model."""
     pretrained: str
     """open_clip pretrained tag, a weights file path, or 'none:seed=S' for seeded random weights."""
     image_size: int
     """Side of the square model input in pixels."""
     n_tokens: int
-    """Tokens per image T: CLS at index 0, then patches in raster order."""
+    """Tokens per image T: the prefix tokens, then the patches in raster order (`token_layout`)."""
     d_model: int
     """Residual-stream width D."""
     n_blocks: int
@@ -107,6 +108,10 @@ class CacheAttrs:
     """Absolute folder the shards were read from, to read images back (spec 1.1; optional). The
     first run's folder: a shard's commit record names its own (1.3), for caches grown from
     several folders."""
+    prefix_tokens: tuple[str, ...] | None = None
+    """Names of the tokens before the patches ('cls', 'reg0', ...; spec 1.4). Absent: ('cls',)."""
+    patch_grid: tuple[int, ...] | None = None
+    """Patch grid (rows, cols) (spec 1.4). Absent: the square grid that T - 1 makes."""
 
     def __post_init__(self) -> None:
         if self.storage not in STORAGES:
@@ -121,6 +126,18 @@ class CacheAttrs:
             raise BadSetting(
                 f"layer(s) {bad} beyond the model: {self.model} has blocks 0..{self.n_blocks - 1}"
             )
+        if self.token_layout.n_tokens != self.n_tokens:
+            raise BadSetting(
+                f"the token layout ({self.token_layout}) does not make n_tokens = {self.n_tokens}"
+            )
+
+    @property
+    def token_layout(self) -> TokenLayout:
+        """The recorded layout, or for caches before spec 1.4 CLIP's CLS + square grid."""
+        if self.patch_grid is None:
+            return TokenLayout.legacy(self.n_tokens)
+        rows, cols = self.patch_grid
+        return TokenLayout(self.prefix_tokens or (), (rows, cols))
 
     @property
     def capacity(self) -> int:
