@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from vitscope.cache_spec.tokens import TokenLayout
 from vitscope.pipeline.model import ModelDtype, load_vision_tower, residual_stream
 from vitscope.pipeline.shards import model_input
 from vitscope.support.devices import resolve_device
@@ -19,15 +20,18 @@ from vitscope.support.errors import BadSetting
 class ViTActivations:
     """`acts = ViTActivations("ViT-L-14", "laion2b_s32b_b82k", [20])(images)` -> {20: (N, T, D)}.
 
-    Images are PIL images (any mode; converted to RGB and preprocessed as stage one does) or an
-    already preprocessed (N, 3, H, W) tensor. Activations come back in the model's dtype on its
-    device (bfloat16 on a GPU, float32 on the CPU, as `vitscope cache` runs it).
+    `model` is any ViT vitscope caches: an open_clip name or 'timm:NAME' (README "Backbones").
+    `pretrained` is as `vitscope cache --pretrained` takes it; None means the model's default
+    published weights (open_clip's first tag, timm's default tag). Images are PIL images (any
+    mode; converted to RGB and preprocessed as stage one does) or an already preprocessed
+    (N, 3, H, W) tensor. Activations come back in the model's dtype on its device (bfloat16 on a
+    GPU, float32 on the CPU, as `vitscope cache` runs it); `layout` says which token is what.
     """
 
     def __init__(
         self,
         model: str = "ViT-L-14",
-        pretrained: str = "laion2b_s32b_b82k",
+        pretrained: str | None = "laion2b_s32b_b82k",
         layers: Sequence[int] = (20,),
         device: str = "auto",
         dtype: ModelDtype = "auto",
@@ -42,6 +46,12 @@ class ViTActivations:
                 f"{self.tower.n_blocks} blocks), not {list(layers)}"
             )
 
+    @property
+    def layout(self) -> TokenLayout:
+        """The T tokens of each image: prefix tokens (CLS, registers; none for SigLIP), then
+        the patch grid in raster order."""
+        return self.tower.layout
+
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N, 3, H, W) model inputs, exactly as stage one prepares them."""
         return torch.stack([model_input(image, self.tower.preprocess) for image in images])
@@ -49,7 +59,7 @@ class ViTActivations:
     def __call__(
         self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int = 64
     ) -> dict[int, torch.Tensor]:
-        """{layer: (N, T, D)} for every requested layer, CLS at token 0."""
+        """{layer: (N, T, D)} for every requested layer, tokens in `layout`'s order."""
         parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]

@@ -58,9 +58,12 @@ class CacheConfig(Device):
     layers: tuple[int, ...] = CLIP_SCOPE_LAYERS
     """Blocks whose output to cache, comma-separated: layer L = residual stream after block L."""
     model: str = "ViT-L-14"
-    """open_clip model name."""
+    """A ViT: an open_clip model name (ViT-L-14, ViT-B-16-SigLIP, PE-Core-B-16, EVA02-B-16, ...)
+    or timm:NAME for a timm one (timm:vit_base_patch14_reg4_dinov2, timm:vit_base_patch16_dinov3;
+    timm:NAME@SIZE for SIZE-pixel inputs)."""
     pretrained: str = "laion2b_s32b_b82k"
-    """open_clip pretrained tag, a local weights file, or 'none' for seeded random weights."""
+    """The model library's pretrained tag (open_clip's, or timm's such as lvd142m), a local weights
+    file, or 'none' for seeded random weights."""
     seed: Annotated[int, AtLeast(0)] = 0
     """Seed of the random weights when pretrained is 'none'."""
     model_dtype: ModelDtype = "auto"

@@ -1,18 +1,17 @@
-"""Load an open_clip vision tower and read its residual stream after chosen blocks, in one pass.
+"""Load a ViT of any family (`backbones`) and read its residual stream after chosen blocks, in
+one pass.
 
-Layer L is the output of transformer block L (0-indexed), every token, CLS at index 0: the
-convention of CLIP-Scope's published SAEs. The forward pass stops after the deepest requested
-block, so caching layers 2..22 of ViT-L-14 never runs blocks 23, ln_post or the projection.
-The same block hook can instead replace a block's output and run on to the image embedding
-(`spliced_forward`), so a splice eval edits exactly the activations the cache holds.
-`load_image_encoder` loads any open_clip model's image tower, ViT or not, for its embeddings only
-(the MonoSemanticity Score's similarities).
+Layer L is the output of transformer block L (0-indexed), every token, in the order the tower's
+`layout` names (CLIP: CLS at 0, then the patches): the convention of CLIP-Scope's published SAEs.
+The forward pass stops after the deepest requested block, so caching layers 2..22 of ViT-L-14
+never runs blocks 23, ln_post or the projection. The same block hook can instead replace a
+block's output and run on to the image embedding (`spliced_forward`), so a splice eval edits
+exactly the activations the cache holds. `load_image_encoder` loads any model's image tower, ViT
+or not, for its embeddings only (the MonoSemanticity Score's similarities).
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -22,63 +21,44 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from vitscope.support.errors import BadSetting, Unreachable
+from vitscope.cache_spec.tokens import TokenLayout
+from vitscope.pipeline import backbones
+from vitscope.pipeline.backbones.parts import import_open_clip as import_open_clip
+from vitscope.support.errors import BadSetting
 
 ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-_torchvision_stub_ops: torch.library.Library | None = None
-
-
-def import_open_clip():
-    """Import open_clip, working around one known torchvision/torch mismatch.
-
-    `make install` on a CPU machine pairs torch 2.13.0 (a CPU build) with torchvision 0.28.0 (a CUDA
-    build), the smallest pair that installs from local disk. That torchvision cannot load its
-    native ops, and its import then dies registering fake kernels for `nms` and `qnms`. open_clip
-    needs only torchvision's Python transforms, never those ops, so declaring the two schemas lets
-    the import finish; calling nms would still fail loudly. On a matched pair this does nothing.
-    """
-    global _torchvision_stub_ops
-    try:
-        import torchvision
-    except RuntimeError as err:
-        if "torchvision::nms" not in str(err):
-            raise
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        _torchvision_stub_ops = torch.library.Library("torchvision", "DEF")
-        _torchvision_stub_ops.define(
-            "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
-        )
-        _torchvision_stub_ops.define(
-            "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
-        )
-        import torchvision  # noqa: F401
-    import open_clip
-
-    return open_clip
-
 
 @dataclass
 class VisionTower:
-    """A vision tower ready to run, with what the cache spec records about it."""
+    """A ViT ready to run, with what the cache spec records about it."""
 
     visual: nn.Module
-    preprocess: nn.Module
+    """Pixels -> final image embeddings: the module a splice runs on to the end."""
+    preprocess: Callable[[Image.Image], Tensor]
+    """The model's own inference transform (open_clip's, or timm's data config)."""
     model: str
     pretrained: str
     """The tag or file the weights came from, or 'none:seed=S' for seeded random weights."""
     dtype: torch.dtype
     device: torch.device
-    n_blocks: int
-    n_tokens: int
+    blocks: nn.ModuleList | nn.Sequential
+    """The transformer blocks whose outputs are the residual stream."""
+    batch_first: bool
+    """Whether the blocks' outputs are (B, T, D); open_clip's older towers run (T, B, D)."""
+    layout: TokenLayout
+    """Which token is what: the prefix tokens (CLS, registers), then the patch grid."""
     d_model: int
     image_size: int
 
     @property
-    def blocks(self) -> nn.ModuleList:
-        return self.visual.transformer.resblocks
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.layout.n_tokens
 
 
 def resolve_dtype(dtype: ModelDtype, device: torch.device) -> torch.dtype:
@@ -89,44 +69,56 @@ def resolve_dtype(dtype: ModelDtype, device: torch.device) -> torch.dtype:
 
 
 def load_vision_tower(
-    model: str, pretrained: str, device: str = "cpu", dtype: ModelDtype = "auto", seed: int = 0
+    model: str,
+    pretrained: str | None,
+    device: str = "cpu",
+    dtype: ModelDtype = "auto",
+    seed: int = 0,
 ) -> VisionTower:
     """Build `model` with `pretrained` weights ('none' for random ones seeded by `seed`).
 
-    `pretrained` is an open_clip tag (fetched from the hub when online), a local weights file,
-    'none', or 'none:seed=S' as a cache or SAE card records random weights (S overrides `seed`).
+    `model` is an open_clip model name or 'timm:NAME' (README "Backbones"). `pretrained` is a tag
+    of the model's library (fetched from the hub when online), a local weights file, 'none', or
+    'none:seed=S' as a cache or SAE card records random weights (S overrides `seed`), or None for
+    the model's default published weights.
     """
-    clip, preprocess, recorded = _create_clip(model, pretrained, seed)
-    return _vision_tower(clip.visual, preprocess, model, recorded, device, dtype)
+    return _vision_tower(backbones.build(model, pretrained, seed), model, device, dtype)
 
 
 @dataclass
 class ClipModel:
-    """The vision tower with the text side of its CLIP model, for zero-shot classification."""
+    """The vision tower with the text side of its CLIP model, for zero-shot classification;
+    `encode_text` and `tokenizer` are None for a model without one (timm's)."""
 
     tower: VisionTower
-    encode_text: Callable[[Tensor], Tensor]
+    encode_text: Callable[[Tensor], Tensor] | None
     """Token ids (N, context) -> text embeddings (N, E), in the image embeddings' space."""
-    tokenizer: Callable[[list[str]], Tensor]
+    tokenizer: Callable[[list[str]], Tensor] | None
     """Texts -> token ids (N, context) on the CPU."""
 
 
 def load_clip(
-    model: str, pretrained: str, device: str = "cpu", dtype: ModelDtype = "auto", seed: int = 0
+    model: str,
+    pretrained: str | None,
+    device: str = "cpu",
+    dtype: ModelDtype = "auto",
+    seed: int = 0,
 ) -> ClipModel:
     """`load_vision_tower`'s tower (same weights, same seed rules) and its model's text tower."""
-    clip, preprocess, recorded = _create_clip(model, pretrained, seed)
-    tower = _vision_tower(clip.visual, preprocess, model, recorded, device, dtype)
-    clip = clip.to(device=tower.device, dtype=tower.dtype).eval().requires_grad_(False)
-    return ClipModel(tower, clip.encode_text, import_open_clip().get_tokenizer(model))
+    built = backbones.build(model, pretrained, seed)
+    tower = _vision_tower(built, model, device, dtype)
+    if built.clip is None:
+        return ClipModel(tower, None, None)
+    clip = built.clip.to(device=tower.device, dtype=tower.dtype).eval().requires_grad_(False)
+    return ClipModel(tower, clip.encode_text, built.tokenizer())
 
 
 @dataclass
 class ImageEncoder:
-    """Any open_clip model's image tower (a ViT or not), for final image embeddings only."""
+    """Any model's image tower (a ViT or not), for final image embeddings only."""
 
     visual: nn.Module
-    preprocess: nn.Module
+    preprocess: Callable[[Image.Image], Tensor]
     model: str
     pretrained: str
     """As `VisionTower.pretrained` records it ('none:seed=S' for seeded random weights)."""
@@ -145,81 +137,55 @@ class ImageEncoder:
 
 
 def load_image_encoder(
-    model: str, pretrained: str, device: str = "cpu", dtype: ModelDtype = "auto", seed: int = 0
+    model: str,
+    pretrained: str | None,
+    device: str = "cpu",
+    dtype: ModelDtype = "auto",
+    seed: int = 0,
 ) -> ImageEncoder:
     """`model`'s image tower with `pretrained` weights (the same rules as `load_vision_tower`),
     whatever its architecture."""
-    clip, preprocess, recorded = _create_clip(model, pretrained, seed)
+    built = backbones.build(model, pretrained, seed)
     torch_device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    visual = clip.visual.to(device=torch_device, dtype=torch_dtype).eval().requires_grad_(False)
-    encoder = ImageEncoder(visual, preprocess, model, recorded, torch_dtype, torch_device)
-    probe = preprocess(Image.new("RGB", (64, 64)))[None]
+    visual = built.visual.to(device=torch_device, dtype=torch_dtype).eval().requires_grad_(False)
+    encoder = ImageEncoder(
+        visual, built.preprocess, model, built.pretrained, torch_dtype, torch_device
+    )
+    probe = built.preprocess(Image.new("RGB", (64, 64)))[None]
     encoder.image_size = probe.shape[-1]
     encoder.embed_dim = encoder.embed(probe).shape[1]
     return encoder
 
 
-def _create_clip(model: str, pretrained: str, seed: int) -> tuple[nn.Module, nn.Module, str]:
-    """The whole open_clip model on the CPU, its preprocessing, and `pretrained` as recorded."""
-    if pretrained.startswith("none:seed="):
-        pretrained, seed = "none", int(pretrained.removeprefix("none:seed="))
-    open_clip = import_open_clip()
-    if model not in open_clip.list_models():
-        raise BadSetting(f"unknown open_clip model {model!r}; see open_clip.list_models()")
-    random_weights = pretrained == "none"
-    if not random_weights and not os.path.exists(pretrained):
-        tags = open_clip.list_pretrained_tags_by_model(model)
-        if pretrained not in tags:
-            raise BadSetting(
-                f"{pretrained!r} is neither a weights file nor a pretrained tag of {model} "
-                f"({', '.join(tags) or 'none'}); pass 'none' for random weights"
-            )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
-            clip, _, preprocess = open_clip.create_model_and_transforms(
-                model, pretrained=None if random_weights else pretrained
-            )
-        except RuntimeError as err:  # open_clip wraps every download failure in one
-            if "Failed to download" not in str(err):
-                raise
-            raise Unreachable(
-                f"{model} ({pretrained}): expected its weights in the local cache or from the "
-                "hub, found neither (offline?); run once online so open_clip caches them, or "
-                "pass a weights file instead of the tag"
-            ) from None
-    return clip, preprocess, f"none:seed={seed}" if random_weights else pretrained
-
-
 def _vision_tower(
-    visual: nn.Module,
-    preprocess: nn.Module,
-    model: str,
-    pretrained: str,
-    device: str,
-    dtype: ModelDtype,
+    built: backbones.Built, model: str, device: str, dtype: ModelDtype
 ) -> VisionTower:
-    if not hasattr(visual, "transformer") or not hasattr(visual.transformer, "resblocks"):
-        raise BadSetting(f"{model}'s vision tower has no transformer.resblocks: not a ViT")
+    parts = backbones.vit_parts(model, built.visual)
     torch_device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    visual = visual.to(device=torch_device, dtype=torch_dtype).eval().requires_grad_(False)
-    size = visual.image_size
+    visual = built.visual.to(device=torch_device, dtype=torch_dtype).eval().requires_grad_(False)
     tower = VisionTower(
         visual=visual,
-        preprocess=preprocess,
+        preprocess=built.preprocess,
         model=model,
-        pretrained=pretrained,
+        pretrained=built.pretrained,
         dtype=torch_dtype,
         device=torch_device,
-        n_blocks=len(visual.transformer.resblocks),
-        n_tokens=0,
-        d_model=visual.transformer.width,
-        image_size=size[0] if isinstance(size, tuple) else size,
+        blocks=parts.blocks,
+        batch_first=parts.batch_first,
+        layout=parts.layout,
+        d_model=parts.d_model,
+        image_size=parts.image_size,
     )
     probe = torch.zeros(1, 3, tower.image_size, tower.image_size)
-    tower.n_tokens = residual_stream(tower, probe, [0])[0].shape[1]
+    found = residual_stream(tower, probe, [0])[0].shape[1]
+    if found != tower.n_tokens:
+        raise BadSetting(
+            f"{model}: its blocks carry {found} tokens, but its prefix {parts.layout.prefix} and "
+            f"patch grid {parts.layout.grid} make {tower.n_tokens}: a ViT whose token layout "
+            "vitscope cannot read; pick another model"
+        )
     return tower
 
 
@@ -235,7 +201,7 @@ class _StopForward(Exception):
 def _block_hooks(tower: VisionTower, hooks: dict[int, BlockHook]) -> Iterator[None]:
     """Register `hooks[layer]` on the output of each block: the one path that reads the residual
     stream and the one that edits it, hiding open_clip's (T, B, D) layout when not batch first."""
-    batch_first = getattr(tower.visual.transformer, "batch_first", True)
+    batch_first = tower.batch_first
 
     def wrap(layer: int, hook: BlockHook):
         def forward_hook(_module: nn.Module, _inputs: object, output: Tensor) -> Tensor | None:
@@ -292,7 +258,8 @@ def residual_stream(
 def spliced_forward(
     tower: VisionTower, images_BCHW: Tensor, layer: int, replace: BlockHook
 ) -> Tensor:
-    """Final image embeddings (B, E) (through ln_post and the projection) of a forward pass
-    whose residual stream after block `layer` is `replace(acts_BTD)` (None keeps it)."""
+    """Final image embeddings (B, E) (CLIP's through ln_post and the projection, timm's pooled,
+    normed output) of a forward pass whose residual stream after block `layer` is
+    `replace(acts_BTD)` (None keeps it)."""
     with _block_hooks(tower, {layer: replace}):
         return tower.visual(_pixels(tower, images_BCHW))

@@ -71,6 +71,8 @@ def cache_attrs(config: CacheConfig, tower: VisionTower, shards: list[str]) -> C
         pretrained=tower.pretrained,
         image_size=tower.image_size,
         n_tokens=tower.n_tokens,
+        prefix_tokens=tower.layout.prefix,
+        patch_grid=tower.layout.grid,
         d_model=tower.d_model,
         n_blocks=tower.n_blocks,
         layers=tuple(sorted(set(config.layers))),
