@@ -5,15 +5,17 @@ Every image runs through the vision tower four times, all through `pipeline.mode
 spliced_forward` (the block hook stage one caches through, so the SAE edits exactly what the cache
 holds): clean; spliced, with the SAE's reconstruction; mean-ablated, with each token position's
 mean over the eval images; zero-ablated. Each edited run is scored against the clean one by the
-mean cosine of the final image embeddings (after ln_post and the projection) and, when the model
-has a text tower, by how often its zero-shot top-1 label is the clean run's. The labels default
+mean cosine of the final image embeddings (CLIP's after ln_post and the projection; a timm model's
+pooled, normed output, DINO's final CLS) and, when the model has a text tower, by how often its
+zero-shot top-1 label is the clean run's. Without one (timm:...) the cosine is the only score,
+and the result says so (`scored_by`). The labels default
 to ImageNet's 1000 class names (open_clip's IMAGENET_CLASSNAMES) in the single template
 "a photo of a {}.": one text per label keeps the text pass cheap, and agreement between two runs
 of one image tower does not need the accuracy that OpenAI's 80-template ensemble buys.
 
-Tokens: the SAE replaces the tokens it was trained on (card.token_set: all = CLS and patches,
-as CLIP-Scope's SAEs; cls or patches = only those); the ablations replace the same tokens, and
-the other tokens stay clean.
+Tokens: the SAE replaces the tokens it was trained on (card.token_set: all = the prefix tokens
+and patches, as CLIP-Scope's SAEs; cls or patches = only those, where the tower's layout places
+them); the ablations replace the same tokens, and the other tokens stay clean.
 """
 
 from __future__ import annotations
@@ -51,7 +53,6 @@ from vitscope.support.errors import BadSetting, MissingInput
 from vitscope.support.outputs import check_output_path, json_with
 from vitscope.support.progress import status
 from vitscope.support.records import write_json_atomically
-from vitscope.train.loader import token_slice
 
 TEMPLATE = "a photo of a {}."
 """The zero-shot prompt of every label."""
@@ -98,22 +99,34 @@ class SpliceResult:
         ablated = getattr(self, ablation).cosine
         return None if ablated == 1 else (self.sae.cosine - ablated) / (1 - ablated)
 
+    @property
+    def scored_by(self) -> str:
+        """What the scores are: a model without a text tower has no zero-shot labels."""
+        if self.n_labels:
+            return "image-embedding cosine and zero-shot agreement"
+        return "image-embedding cosine only (no text tower)"
+
     def to_json(self) -> dict:
         recovered = {ablation: self.recovered(ablation) for ablation in EDITS[1:]}
-        return {**dataclasses.asdict(self), "cosine_recovered": recovered}
+        return {
+            **dataclasses.asdict(self),
+            "scored_by": self.scored_by,
+            "cosine_recovered": recovered,
+        }
 
     def lines(self) -> list[str]:
-        """A small table for the terminal."""
+        """A small table for the terminal; no zero-shot column without a text tower."""
         labels = f"{self.n_labels} labels" if self.n_labels else "no text tower"
+        agreement = f" {'zero-shot agreement':>20}" if self.n_labels else ""
         lines = [
             f"splice of {self.model} ({self.pretrained}) layer {self.layer}, "
-            f"{self.token_set} tokens, {self.n_images} images, {labels}",
-            f"{'':15} {'cosine':>8} {'zero-shot agreement':>20}",
+            f"{self.token_set} tokens, {self.n_images} images, {labels}: {self.scored_by}",
+            f"{'':15} {'image cosine':>12}{agreement}",
         ]
         for edit in EDITS:
             score: SpliceScore = getattr(self, edit)
-            agreement = "-" if score.agreement is None else f"{score.agreement:.3f}"
-            lines.append(f"{edit:15} {score.cosine:8.4f} {agreement:>20}")
+            shown = "-" if score.agreement is None else f"{score.agreement:.3f}"
+            lines.append(f"{edit:15} {score.cosine:12.4f}" + (f" {shown:>20}" if agreement else ""))
         recovered = ", ".join(
             f"{'-' if r is None else f'{r:.1%}'} vs {ablation.replace('_', ' ')}"
             for ablation, r in ((a, self.recovered(a)) for a in EDITS[1:])
@@ -132,9 +145,10 @@ def splice_eval(
     """Score the SAE's splice, mean ablation and zero ablation of its layer against the clean run.
 
     `images` are PIL images (preprocessed as stage one does) or a preprocessed (N, 3, H, W)
-    tensor. `model` defaults to the CLIP model the SAE's card names, loaded on `device`; a bare
-    `VisionTower` gives cosines only. `labels` default to ImageNet's class names. The mean of
-    mean ablation is over these images, per token position.
+    tensor. `model` defaults to the model the SAE's card names, loaded on `device`; a bare
+    `VisionTower`, or a model without a text tower (timm's), gives cosines only. `labels`
+    default to ImageNet's class names. The mean of mean ablation is over these images, per token
+    position.
     """
     card = sae.card
     if model is None:
@@ -143,7 +157,7 @@ def splice_eval(
     if card.layer is None or not 0 <= card.layer < tower.n_blocks:
         raise BadSetting(f"the SAE's layer {card.layer} is not a block of {tower.model}")
     batches = _pixel_batches(images, tower, batch_size)
-    tokens = token_slice(card.token_set, tower.n_tokens)  # type: ignore[arg-type]
+    tokens = tower.layout.token_set(card.token_set)  # type: ignore[arg-type]
     n_images = sum(len(b) for b in batches)
     status(f"splicing {n_images} images at layer {card.layer}: clean, {', '.join(EDITS)}")
 
@@ -167,7 +181,7 @@ def splice_eval(
     }
     progress.close()
     texts_LE = None
-    if isinstance(model, ClipModel):
+    if isinstance(model, ClipModel) and model.encode_text is not None:
         names = import_open_clip().IMAGENET_CLASSNAMES if labels is None else labels
         texts_LE = _text_embeddings(model, list(names), batch_size)
     scores = {edit: _score(emb_NE, clean_NE, texts_LE) for edit, emb_NE in embeddings.items()}
@@ -212,7 +226,7 @@ def splice_run(config: SpliceConfig) -> tuple[SpliceResult, Path]:
 def _card_clip(card: SAECard, device: str) -> ClipModel:
     if card.model is None or card.pretrained is None:
         raise BadSetting("the SAE's card does not name its model and weights; pass model=")
-    status(f"loading {card.model} ({card.pretrained}) with its text tower")
+    status(f"loading {card.model} ({card.pretrained}) with its text tower, if it has one")
     return load_clip(card.model, card.pretrained, resolve_device(device))
 
 

@@ -24,8 +24,8 @@ from vitscope.support.errors import BadSetting, Unreachable
 def check_model(model: str) -> None:
     if model not in import_open_clip().list_models():
         raise BadSetting(
-            f"unknown model {model!r}: expected an open_clip model (open_clip.list_models()) "
-            "or timm:NAME for a timm ViT (timm.list_models())"
+            f"unknown open_clip model {model!r}; see open_clip.list_models(), or name a timm "
+            "model as timm:NAME (timm.list_models())"
         )
 
 
