@@ -19,6 +19,10 @@ Images: img2dataset-shaped shards of scikit-image's photos (`bench/photo_shards.
 downloaded weights the model has seeded random weights: the same arithmetic, so the same speed.
 
     .venv/bin/python bench/cache_throughput.py          # CPU: ViT-B-32, layers 2,5,8,11, 128 images
+    .venv/bin/python bench/cache_throughput.py --model timm:vit_small_patch14_reg4_dinov2
+
+`--model` takes any family `vitscope cache` takes (README "Backbones"): open_clip names, SigLIP,
+PE-Core and EVA02 among them, and timm:NAME.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from vitscope.cache_spec.storage import ENCODINGS
 from vitscope.demo import DEMO_PRETRAINED, demo_weights
 from vitscope.pipeline import run as run_module
 from vitscope.pipeline import writer as writer_module
+from vitscope.pipeline.backbones.parts import import_timm
 from vitscope.pipeline.config import CacheConfig
 from vitscope.pipeline.dataset import ShardImages, shard_loader
 from vitscope.pipeline.model import (
@@ -253,14 +258,17 @@ def report(setup: Setup, decode: Timing, split: tuple[Timing, Timing], rounds: R
 
     a2, a3 = rounds.timings["a2"], rounds.timings["a3"]
     return [
-        f"{tower.model} ({tower.pretrained}; T={tower.n_tokens}, D={tower.d_model}), layers "
+        f"{tower.model} ({tower.pretrained}; T={tower.n_tokens} = "
+        f"{'+'.join(tower.layout.prefix) or 'no prefix'} + {tower.layout.grid[0]}x"
+        f"{tower.layout.grid[1]} patches, D={tower.d_model}), layers "
         f"{','.join(map(str, setup.layers))}, {tower.device.type}, "
         f"{str(tower.dtype).removeprefix('torch.')}; {setup.n_images} images in "
         f"{len(setup.shards)} shard(s) of up to {setup.shard_size}; batch {config.batch_size}, "
         f"{min(config.num_workers, len(setup.shards))} DataLoader worker(s), "
         f"{config.write_threads} write threads, chunks of {config.chunk_images}, storage "
         f"{config.storage}, codec {config.codec}; {os.cpu_count()} cores; open_clip "
-        f"{import_open_clip().__version__}, zarr {zarr.__version__}, numcodecs "
+        f"{import_open_clip().__version__}, timm {import_timm().__version__}, zarr "
+        f"{zarr.__version__}, numcodecs "
         f"{numcodecs.__version__}. Rounds: {len(a)} run, {len(used)} used"
         + ("." if rounds.judged else " (no --quiet-wait: others' CPU reported, not judged)."),
         "",
@@ -332,8 +340,8 @@ def parse_args() -> argparse.Namespace:
     defaults = CacheConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--model", default="ViT-B-32", help="open_clip model name")
-    add("--pretrained", default="auto", help="open_clip tag, weights file, 'none', or 'auto'")
+    add("--model", default="ViT-B-32", help="open_clip model name, or timm:NAME")
+    add("--pretrained", default="auto", help="the library's tag, weights file, 'none', or 'auto'")
     add("--layers", help="comma-separated blocks; default: the CLIP-Scope layers the model has")
     add("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     add("--images", type=int, default=128, help="distinct images to encode")

@@ -54,9 +54,11 @@ from vitscope.support.errors import BadSetting
 COMPATIBLE_FIELDS = tuple(
     f.name
     for f in dataclasses.fields(CacheAttrs)
-    if f.name not in ("shards", "spec_version", "source_shards")
+    if f.name not in ("shards", "spec_version", "source_shards", "prefix_tokens", "patch_grid")
 )
-"""Settings every run writing into one cache must share (shards may grow; see `create_or_open`)."""
+"""Settings every run writing into one cache must share (shards may grow; see `create_or_open`);
+the token layout too, compared as `token_layout` so that a cache written before spec 1.4 (which
+records none) resumes under a run that records CLS + the same square grid."""
 
 
 @dataclass(frozen=True)
@@ -412,6 +414,8 @@ def _check_compatible(path: Path | str, existing: CacheAttrs, wanted: CacheAttrs
         for name in COMPATIBLE_FIELDS
         if getattr(existing, name) != getattr(wanted, name)
     ]
+    if existing.token_layout != wanted.token_layout:
+        diffs.append(f"token layout {existing.token_layout} (this run: {wanted.token_layout})")
     if diffs:
         raise CacheSpecError(
             path,

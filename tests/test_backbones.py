@@ -5,6 +5,7 @@ Random seeded weights throughout: no weights can be fetched here."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import shutil
@@ -19,7 +20,8 @@ from PIL import Image
 
 from conftest import PHOTOS, TEST_MODEL, cache_config
 from vitscope.analysis.splice import cache_images, splice_eval
-from vitscope.cache_spec import open_cache
+from vitscope.cache_spec import CacheAttrs, create_or_open, open_cache
+from vitscope.cache_spec.errors import CacheSpecError
 from vitscope.cache_spec.tokens import TokenLayout
 from vitscope.demo import photo_dir
 from vitscope.pipeline.activations import ViTActivations
@@ -235,3 +237,35 @@ def test_no_weights_mean_the_model_s_published_default(tmp_path: Path):
     lines = done.stdout.strip().splitlines()
     assert lines[0].startswith("timm:vit_small_patch14_reg4_dinov2 (lvd142m): expected its")
     assert lines[1].startswith("ViT-B-32 (openai): expected its weights")
+
+
+def test_a_cache_from_before_the_layout_resumes_and_another_layout_is_refused(tmp_path: Path):
+    """Stage one now records CLS + 7x7 for ViT-S-32; a cache written before spec 1.4 records
+    nothing and reads as the same layout, so it resumes. A cache of another layout with the same
+    T (no prefix, 5x10 patches) is another model's: refused."""
+    recorded = CacheAttrs(
+        model=TEST_MODEL,
+        pretrained="none:seed=0",
+        image_size=224,
+        n_tokens=50,
+        d_model=8,
+        n_blocks=4,
+        layers=(3,),
+        storage="float32",
+        codec="zstd-1",
+        chunk_images=4,
+        rows_per_shard=8,
+        shards=("00000.tar",),
+        model_dtype="float32",
+        preprocess="",
+        prefix_tokens=("cls",),
+        patch_grid=(7, 7),
+    )
+    before = dataclasses.replace(recorded, spec_version="1.3", prefix_tokens=None, patch_grid=None)
+    create_or_open(tmp_path / "cache", before)
+    assert create_or_open(tmp_path / "cache", recorded).attrs.token_layout == recorded.token_layout
+    other = dataclasses.replace(recorded, prefix_tokens=(), patch_grid=(5, 10))
+    with pytest.raises(
+        CacheSpecError, match=r"token layout .*\(this run: TokenLayout\(prefix=\(\)"
+    ):
+        create_or_open(tmp_path / "cache", other)
