@@ -11,8 +11,9 @@ to ImageNet's 1000 class names (open_clip's IMAGENET_CLASSNAMES) in the single t
 "a photo of a {}.": one text per label keeps the text pass cheap, and agreement between two runs
 of one image tower does not need the accuracy that OpenAI's 80-template ensemble buys.
 
-Tokens: the SAE replaces the tokens it was trained on (card.token_set: all = CLS and patches,
-as CLIP-Scope's SAEs; cls or patches = only those); the ablations replace the same tokens, and
+Tokens: the SAE replaces the tokens it was trained on (card.token_set: all = the prefix tokens
+and patches, as CLIP-Scope's SAEs; cls or patches = only those, where the cache's token layout
+puts them); the ablations replace the same tokens, and
 the other tokens stay clean.
 """
 
@@ -35,6 +36,7 @@ from tqdm import tqdm
 from vitscope.analysis.config import SpliceConfig
 from vitscope.analysis.images import read_images
 from vitscope.cache_spec.store import Cache, open_cache
+from vitscope.cache_spec.tokens import TokenLayout
 from vitscope.pipeline.model import (
     BlockHook,
     ClipModel,
@@ -51,7 +53,6 @@ from vitscope.support.errors import BadSetting, MissingInput
 from vitscope.support.outputs import check_output_path, json_with
 from vitscope.support.progress import status
 from vitscope.support.records import write_json_atomically
-from vitscope.train.loader import token_slice
 
 TEMPLATE = "a photo of a {}."
 """The zero-shot prompt of every label."""
@@ -128,13 +129,16 @@ def splice_eval(
     labels: Sequence[str] | None = None,
     batch_size: int = 64,
     device: str = "auto",
+    layout: TokenLayout | None = None,
 ) -> SpliceResult:
     """Score the SAE's splice, mean ablation and zero ablation of its layer against the clean run.
 
     `images` are PIL images (preprocessed as stage one does) or a preprocessed (N, 3, H, W)
     tensor. `model` defaults to the CLIP model the SAE's card names, loaded on `device`; a bare
     `VisionTower` gives cosines only. `labels` default to ImageNet's class names. The mean of
-    mean ablation is over these images, per token position.
+    mean ablation is over these images, per token position. `layout` says which of the
+    tower's tokens the SAE's token set names (its cache's: `cache.attrs.token_layout`); without
+    it, CLS and a square grid.
     """
     card = sae.card
     if model is None:
@@ -143,7 +147,8 @@ def splice_eval(
     if card.layer is None or not 0 <= card.layer < tower.n_blocks:
         raise BadSetting(f"the SAE's layer {card.layer} is not a block of {tower.model}")
     batches = _pixel_batches(images, tower, batch_size)
-    tokens = token_slice(card.token_set, tower.n_tokens)  # type: ignore[arg-type]
+    layout = layout or TokenLayout.legacy(tower.n_tokens)
+    tokens = layout.token_set(card.token_set)  # type: ignore[arg-type]
     n_images = sum(len(b) for b in batches)
     status(f"splicing {n_images} images at layer {card.layer}: clean, {', '.join(EDITS)}")
 
@@ -204,7 +209,8 @@ def splice_run(config: SpliceConfig) -> tuple[SpliceResult, Path]:
     sae = load_sae(run, device=resolve_device(config.device))
     cache = open_cache(sae.card.cache_or(config.cache, run))
     images = cache_images(cache, config.images, Path(shards) if shards else None)
-    result = splice_eval(sae, images, labels=names, device=config.device)
+    layout = cache.attrs.token_layout
+    result = splice_eval(sae, images, labels=names, device=config.device, layout=layout)
     write_json_atomically(path, result.to_json())
     return result, path
 

@@ -24,7 +24,7 @@ from vitscope.support.run_log import drop_records_after
 from vitscope.train.checkpoint import CHECKPOINTS, checkpoint_dirs, load_checkpoint
 from vitscope.train.config import TrainConfig
 from vitscope.train.data_parallel import DataParallel
-from vitscope.train.loader import ActivationStream, Batch, token_slice
+from vitscope.train.loader import ActivationStream, Batch
 from vitscope.train.trainer import Member, fit, new_member
 
 RUN_FOLDER = holding(
@@ -88,7 +88,7 @@ def train(configs: list[TrainConfig]) -> list[Path]:
             members,
             batches,
             heldout_NTD,
-            token_slice(base.token_set, cache.attrs.n_tokens),
+            stream.token_slice,
             parallel,
         )
     finally:
