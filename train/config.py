@@ -80,7 +80,8 @@ class TrainConfig(RunOptions, Device):
     out: str = ""
     """Run folder (SAE, checkpoints, log, report); empty = runs/layerLL."""
     token_set: TokenSet = "all"
-    """Which tokens of each image: all (CLS and patches, as CLIP-Scope), cls, or patches."""
+    """Which tokens of each image: all (CLS, registers and patches, as CLIP-Scope), cls (refused
+    for models without one, e.g. SigLIP), or patches; the cache's token layout says where."""
     tokens: Annotated[int, AtLeast(1)] = 1_200_000_000
     """Training tokens in all (CLIP-Scope: 1.2 billion)."""
     architecture: Architecture = "topk"
