@@ -8,7 +8,6 @@ accumulators are saved every `checkpoint_every` chunks (state.safetensors beside
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from vitscope.support.errors import BadSetting
 from vitscope.support.outputs import check_output_path
 from vitscope.support.progress import status
 from vitscope.support.records import absolute, write_atomically
-from vitscope.train.loader import read_chunks, token_slice
+from vitscope.train.loader import read_chunks
 
 
 def analyze(config: AnalyzeConfig) -> Path:
@@ -55,9 +54,10 @@ def analyze(config: AnalyzeConfig) -> Path:
     chunks = cache.chunks()
     if config.max_images:
         chunks = first_images(chunks, config.max_images)
-    tokens = token_slice(sae.card.token_set, cache.attrs.n_tokens)  # type: ignore[arg-type]
+    tokens = cache.attrs.token_layout.token_set(sae.card.token_set)  # type: ignore[arg-type]
     n_tokens = len(range(cache.attrs.n_tokens)[tokens])
     meta, accumulator = _start(config, out, cache, layer, sae, chunks, n_tokens)
+    grid = meta.layout.grid if meta.layout else None
     status(f"encoding {sum(c.n_rows for c in chunks[meta.chunks_done :]):,} images into {out}")
     from tqdm import tqdm
 
@@ -75,9 +75,7 @@ def analyze(config: AnalyzeConfig) -> Path:
             relu = sae.activation == "relu"
             fired = codes.values > 0 if relu else torch.ones_like(codes.values, dtype=torch.bool)
             rows = torch.arange(ref.first_row, ref.first_row + ref.n_rows)
-            accumulator.add(
-                codes.indices.cpu(), codes.values.cpu(), fired.cpu(), rows, meta.patch_grid
-            )
+            accumulator.add(codes.indices.cpu(), codes.values.cpu(), fired.cpu(), rows, grid)
             meta = dataclasses.replace(
                 meta,
                 chunks_done=meta.chunks_done + 1,
@@ -147,12 +145,13 @@ def _start(
         n_features=sae.n_latents,
         top_n=config.top_n,
         n_tokens=n_tokens,
-        patch_grid=math.isqrt(n_tokens - (sae.card.token_set == "all")),
+        patch_grid=cache.attrs.token_layout.grid,
         chunks_total=len(chunks),
         chunks_done=0,
         images_seen=0,
         tokens_seen=0,
         complete=False,
+        prefix_tokens=cache.attrs.token_layout.prefix,
     )
     accumulator = FeatureAccumulator.empty(sae.n_latents, config.top_n, n_tokens)
     if not config.resume:

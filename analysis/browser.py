@@ -4,8 +4,9 @@
       index.html feature.html app.js style.css   copied from browser_assets/
       data/index.js          VS.index: site meta and features.parquet as columns (sort, search),
                              with the MS column when the analysis has one
-      data/block_NNNNN.js    VS.blocks[n]: 1024 features' top images as [row, peak, CLS], their
-                             patch maps (uint8 per feature, base64) and the images' captions
+      data/block_NNNNN.js    VS.blocks[n]: 1024 features' top images as [row, peak, [values of
+                             the prefix tokens: CLS, registers]], their patch maps (uint8 per
+                             feature, rows x cols, base64) and the images' captions
       data/layers.js         VS.layers: links to the other layers' browsers (`vitscope compare`),
                              kept when the site is written again
       data/games.js          VS.games: links to the run's sort-eval game pages, rewritten by
@@ -33,6 +34,7 @@ from PIL import Image, ImageOps
 from vitscope.analysis.files import Analysis
 from vitscope.analysis.images import iter_images
 from vitscope.cache_spec.store import Cache, open_cache
+from vitscope.cache_spec.tokens import CLS
 from vitscope.support.errors import BadSetting
 from vitscope.support.outputs import check_output_path, holding
 
@@ -146,8 +148,8 @@ def _write_index(analysis: Analysis, path: Path) -> None:
         "top_n": meta.top_n,
         "images_seen": meta.images_seen,
         "tokens_seen": meta.tokens_seen,
-        "cls": meta.token_set != "patches",
-        "grid": meta.patch_grid if meta.token_set != "cls" else 0,
+        "prefix": list(_prefix(analysis)),
+        "grid": list(meta.layout.grid) if meta.layout else None,
         "block": BLOCK_FEATURES,
         "ms": None
         if ms is None
@@ -163,12 +165,10 @@ def _write_blocks(analysis: Analysis, folder: Path) -> np.ndarray:
     feature, rank, row, value = (top[c].to_numpy() for c in ("feature", "rank", "row", "value"))
     captions = top["caption"].to_pylist()
     starts = np.searchsorted(feature, np.arange(meta.n_features + 1))
-    first_patch = 1 if meta.token_set == "all" else 0
-    n_patches = meta.patch_grid**2 if meta.token_set != "cls" else 0
+    n_prefix = len(_prefix(analysis))
     for first in range(0, meta.n_features, BLOCK_FEATURES):
         heat_BNT = analysis.heatmap_block(first, first + BLOCK_FEATURES)
-        cls_BN = heat_BNT[:, :, 0] if meta.token_set != "patches" else np.zeros(heat_BNT.shape[:2])
-        patches_BNP = heat_BNT[:, :, first_patch : first_patch + n_patches]
+        prefix_BNQ, patches_BNP = heat_BNT[:, :, :n_prefix], heat_BNT[:, :, n_prefix:]
         scale_B = patches_BNP.max(axis=(1, 2), initial=0.0)
         levels_BNP = np.clip(patches_BNP / np.where(scale_B > 0, scale_B, 1)[:, None, None], 0, 1)
         levels_BNP = (levels_BNP * 255).round().astype(np.uint8)
@@ -176,8 +176,9 @@ def _write_blocks(analysis: Analysis, folder: Path) -> np.ndarray:
         for b in range(len(heat_BNT)):
             lo, hi = starts[first + b], starts[first + b + 1]
             rows, ranks = row[lo:hi].tolist(), rank[lo:hi]  # heat follows the top list's order
-            peaks, cls = _rounded(value[lo:hi]), _rounded(cls_BN[b, ranks])
-            block["top"].append([list(entry) for entry in zip(rows, peaks, cls, strict=True)])
+            peaks = _rounded(value[lo:hi])
+            prefix = [_rounded(values) for values in prefix_BNQ[b, ranks]]
+            block["top"].append([list(entry) for entry in zip(rows, peaks, prefix, strict=True)])
             block["heat"].append(base64.b64encode(levels_BNP[b, ranks].tobytes()).decode())
             pairs = zip(rows, captions[lo:hi], strict=True)
             block["captions"].update({r: c for r, c in pairs if c is not None})
@@ -185,6 +186,13 @@ def _write_blocks(analysis: Analysis, folder: Path) -> np.ndarray:
         number = first // BLOCK_FEATURES
         _write_script(folder / f"block_{number:05d}.js", f"VS.blocks[{number}]", block)
     return np.unique(row)
+
+
+def _prefix(analysis: Analysis) -> tuple[str, ...]:
+    """The heatmaps' tokens before the patch grid, by name: CLS and the registers (none for
+    SigLIP or a patches-only SAE), or the CLS token alone for a CLS-only SAE."""
+    layout = analysis.meta.layout
+    return layout.prefix if layout else (CLS,)
 
 
 def _write_thumbnails(

@@ -23,10 +23,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 
+from vitscope.cache_spec.tokens import CLS, TokenLayout
 from vitscope.support.outputs import holding
 from vitscope.support.records import FileFormatError, parse_record, read_json, write_atomically
 
-ANALYSIS_VERSION = "1.2"
+ANALYSIS_VERSION = "1.3"
 META_FILE = "meta.json"
 FEATURES_FILE = "features.parquet"
 TOP_IMAGES_FILE = "top_images.parquet"
@@ -63,9 +64,10 @@ class AnalysisMeta:
     top_n: int
     """Top images kept per feature N."""
     n_tokens: int
-    """Tokens per image T in heatmaps.zarr (CLS first when present)."""
-    patch_grid: int
-    """Side of the patch grid (16 for ViT-L/14, 7 for ViT-B/32)."""
+    """Tokens per image T in heatmaps.zarr: the cache's tokens of the token set (`layout`)."""
+    patch_grid: int | tuple[int, ...]
+    """The cache's patch grid [rows, cols] (1.3); before, the side of a square grid (16 for
+    ViT-L/14, 7 for ViT-B/32)."""
     chunks_total: int
     """Chunks of committed rows in the cache when the pass started."""
     chunks_done: int
@@ -76,8 +78,24 @@ class AnalysisMeta:
     """Tokens encoded so far."""
     complete: bool
     """True once every chunk is in: only then are the parquet files and heatmaps written."""
+    prefix_tokens: tuple[str, ...] | None = None
+    """The cache's tokens before the patches: 'cls', 'reg0', ... (1.3). Absent: ('cls',)."""
     analysis_version: str = ANALYSIS_VERSION
     """major.minor of ANALYSIS.md; readers refuse another major."""
+
+    @property
+    def cache_layout(self) -> TokenLayout:
+        """The cache's token layout; a folder before 1.3 had CLIP's CLS + square grid."""
+        if isinstance(self.patch_grid, int):
+            return TokenLayout((CLS,), (self.patch_grid, self.patch_grid))
+        rows, cols = self.patch_grid
+        return TokenLayout(self.prefix_tokens or (), (rows, cols))
+
+    @property
+    def layout(self) -> TokenLayout | None:
+        """The layout of the heatmaps' T tokens (the token set's part of the cache's); None
+        when they are the CLS token alone."""
+        return self.cache_layout.subset(self.token_set)  # type: ignore[arg-type]
 
 
 def write_meta(folder: Path, meta: AnalysisMeta) -> None:

@@ -22,7 +22,7 @@ from vitscope.cache_spec.store import open_cache
 from vitscope.saes.sae import SAE
 from vitscope.support.errors import BadSetting
 from vitscope.support.progress import status
-from vitscope.train.loader import read_chunks, token_slice
+from vitscope.train.loader import read_chunks
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,13 @@ def sampled_frequencies(
         )
     cache = open_cache(cache_ref, layer=layer)
     chunks = first_images(cache.chunks(), config.images)
+    layout = cache.attrs.token_layout
     fired = [torch.zeros(sae.n_latents, dtype=torch.long) for sae in saes]
     tokens = [0] * len(saes)
     status(f"encoding {sum(c.n_rows for c in chunks):,} images of {cache_ref} for frequencies")
     for _, acts_CTD in read_chunks(cache, layer, chunks):
         for i, sae in enumerate(saes):
-            acts = acts_CTD[:, token_slice(sae.card.token_set, acts_CTD.shape[1])]  # type: ignore[arg-type]
+            acts = acts_CTD[:, layout.token_set(sae.card.token_set)]  # type: ignore[arg-type]
             with torch.no_grad():
                 codes = sae.encode(acts.to(sae.w_dec.device))
             # A ReLU SAE's kept latent fires when positive; CLIP-Scope's raw values whenever kept.

@@ -59,7 +59,7 @@ from vitscope.support.devices import resolve_device
 from vitscope.support.errors import BadSetting, MissingInput
 from vitscope.support.outputs import check_output_path
 from vitscope.support.progress import status
-from vitscope.train.loader import read_chunks, token_slice
+from vitscope.train.loader import read_chunks
 
 FEATURE_BLOCK = 4096
 """Features whose rows of R are updated (and scored) at once: bounds the (block, E) buffers."""
@@ -242,7 +242,7 @@ def _accumulate(
                 f"{path}: shard not found; pass --shards DIR where the cache's shards are now"
             )
     row_of = _rows_by_key(cache)
-    tokens = token_slice(sae.card.token_set, cache.attrs.n_tokens)  # type: ignore[arg-type]
+    tokens = cache.attrs.token_layout.token_set(sae.card.token_set)  # type: ignore[arg-type]
     dataset = ShardImages(todo, encoder.preprocess, config.batch_size, encoder.image_size)
     loader = shard_loader(dataset, config.num_workers, encoder.device.type == "cuda")
     # Rows still to embed per shard: its chunks are one run of rows (a prefix with --max-images),

@@ -22,11 +22,13 @@ from vitscope.analysis.files import (
 )
 from vitscope.analysis.images import read_images
 from vitscope.cache_spec.store import open_cache
+from vitscope.cache_spec.tokens import CLS, TokenLayout
 from vitscope.support.errors import BadSetting, MissingInput
 from vitscope.support.extras import require
 from vitscope.support.outputs import png_by, png_metadata
 from vitscope.support.progress import status
 from vitscope.support.run_log import LOG_FILE, LogRecord, read_log
+from vitscope.train.token_picture import draw_tokens
 
 require("matplotlib", "plots", "the analysis pictures")
 import matplotlib  # noqa: E402
@@ -45,7 +47,8 @@ def plot_analysis(folder: Path, shards: Path | None = None, grids: int = 4) -> l
     pictures = [plot_frequencies(analysis, folder / "frequencies.png")]
     run = Path(analysis.meta.sae)
     if (run / LOG_FILE).is_file():
-        pictures.append(plot_mse_by_token(run, folder / "mse_by_token.png"))
+        layout = analysis.meta.cache_layout
+        pictures.append(plot_mse_by_token(run, layout, folder / "mse_by_token.png"))
     if MORANS_COLUMN in analysis.features.column_names:  # analysis version 1.2 on
         pictures.append(save_figure(morans_i_figure(analysis), folder / "morans_i.png"))
     if analysis.monosemanticity is not None:
@@ -59,9 +62,9 @@ def plot_analysis(folder: Path, shards: Path | None = None, grids: int = 4) -> l
     return pictures
 
 
-def plot_mse_by_token(run_dir: Path, out: Path) -> Path:
+def plot_mse_by_token(run_dir: Path, layout: TokenLayout, out: Path) -> Path:
     """Held-out MSE of every token position as training progressed (see mse_by_token_figure)."""
-    return save_figure(mse_by_token_figure(run_dir), out)
+    return save_figure(mse_by_token_figure(run_dir, layout), out)
 
 
 def panel_windows(log: list[LogRecord], checkpoint_every: int | None) -> list[LogRecord]:
@@ -81,17 +84,17 @@ def panel_windows(log: list[LogRecord], checkpoint_every: int | None) -> list[Lo
     return [windows[round(i * (len(windows) - 1) / (MAX_PANELS - 1))] for i in range(MAX_PANELS)]
 
 
-def mse_by_token_figure(run_dir: Path) -> plt.Figure:
-    """One panel per checkpoint (or per logged window, see panel_windows), the patch grid as a
-    heatmap with CLS beside it, one colour scale for all panels."""
+def mse_by_token_figure(run_dir: Path, layout: TokenLayout) -> plt.Figure:
+    """One panel per checkpoint (or per logged window, see panel_windows), the patch grid of the
+    cache's `layout` as a heatmap with CLS and each register beside it, one colour scale for all
+    panels."""
     training = json.loads((run_dir / "cfg.json").read_text()).get("training", {})
     windows = panel_windows(read_log(run_dir), training.get("checkpoint_every"))
     values = np.array([w.heldout.mse_by_token for w in windows])
-    side = math.isqrt(values.shape[1] - 1)
-    if side * side != values.shape[1] - 1:
+    if values.shape[1] != layout.n_tokens:
         raise BadSetting(
-            f"{run_dir / LOG_FILE}: {values.shape[1]} token positions are not CLS and a square "
-            "patch grid (did the SAE train on --token-set patches?); see report.png instead"
+            f"{run_dir / LOG_FILE}: {values.shape[1]} token positions, but the cache analysed "
+            f"has {layout.n_tokens}; analyse the SAE on the cache it was trained on"
         )
     norm = matplotlib.colors.Normalize(vmin=float(values.min()), vmax=float(values.max()))
     cols = min(len(windows), 8)
@@ -100,16 +103,13 @@ def mse_by_token_figure(run_dir: Path) -> plt.Figure:
     for ax in axes.flat[len(windows) :]:
         ax.set_axis_off()
     for ax, window, mse in zip(axes.flat, windows, values, strict=False):
-        image = ax.imshow(mse[1:].reshape(side, side), cmap="magma", norm=norm)
-        cls = ax.inset_axes([1.04, 0.8, 0.18, 0.18])
-        cls.imshow([[mse[0]]], cmap="magma", norm=norm)
-        cls.set_title("CLS", fontsize=7)
-        for a in (ax, cls):
-            a.set_xticks([])
-            a.set_yticks([])
+        image = draw_tokens(ax, mse, layout, "magma", norm)
         ax.set_title(f"{window.tokens:,} tokens", fontsize=9)
     fig.colorbar(image, ax=axes.ravel().tolist(), label="held-out MSE (scaled units)", shrink=0.8)
-    fig.suptitle(f"{run_dir}: reconstruction MSE by token position ({side}x{side} patches)")
+    grid_rows, grid_cols = layout.grid
+    fig.suptitle(
+        f"{run_dir}: reconstruction MSE by token position ({grid_rows}x{grid_cols} patches)"
+    )
     return fig
 
 
@@ -143,12 +143,12 @@ def plot_frequencies_figure(analysis: Analysis) -> plt.Figure:
 def morans_i_figure(analysis: Analysis) -> plt.Figure:
     """Histogram of the features' Moran's I (ANALYSIS.md), over those that have one."""
     meta = analysis.meta
+    rows, cols = meta.cache_layout.grid
     return score_histogram(
         analysis.features[MORANS_COLUMN],
         "Moran's I of the patch activations (mean over images)",
         f"of {meta.n_features:,} features measured",
-        f"{meta.sae}: spatial coherence on the {meta.patch_grid}x{meta.patch_grid} grid, "
-        f"layer {meta.layer}",
+        f"{meta.sae}: spatial coherence on the {rows}x{cols} grid, layer {meta.layer}",
     )
 
 
@@ -210,8 +210,7 @@ def feature_grid_figure(analysis: Analysis, feature: int, shards: Path | None = 
     rows = math.ceil(len(top) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.4 * rows), squeeze=False)
     peak = float(heat_NT.max()) or 1.0
-    side = analysis.meta.patch_grid
-    first_patch = 1 if analysis.meta.token_set == "all" else 0
+    layout = analysis.meta.layout
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -221,8 +220,8 @@ def feature_grid_figure(analysis: Analysis, feature: int, shards: Path | None = 
     for ax, item, heat in zip(axes.flat, top, heat_NT, strict=False):
         image = images[item["row"]]
         ax.imshow(image)
-        if side:
-            patches = heat[first_patch : first_patch + side * side].reshape(side, side)
+        if layout:
+            patches = heat[layout.patches].reshape(layout.grid)
             grid = np.ma.masked_equal(patches, 0)  # where it does not fire, the photo shows
             ax.imshow(
                 grid,
@@ -234,11 +233,17 @@ def feature_grid_figure(analysis: Analysis, feature: int, shards: Path | None = 
                 interpolation="nearest",
             )
         caption = textwrap.shorten(item["caption"] or item["key"], 60)
-        cls = f", CLS {heat[0]:.2f}" if first_patch else ""
-        ax.set_title(f"{item['value']:.2f}{cls}", fontsize=8)
+        ax.set_title(f"{item['value']:.2f}{_prefix_values(heat, layout)}", fontsize=8)
         ax.set_xlabel("\n".join(textwrap.wrap(caption, 30)), fontsize=7)
     fig.suptitle(f"feature {feature}: top {len(top)} images by peak activation")
     return fig
+
+
+def _prefix_values(heat_T: np.ndarray, layout: TokenLayout | None) -> str:
+    """', CLS 1.20, reg0 0.00, ...': the heatmap's prefix tokens, which the overlay leaves out
+    (the CLS token alone when there is no grid)."""
+    names = layout.prefix if layout else (CLS,)
+    return "".join(f", {name} {value:.2f}" for name, value in zip(names, heat_T, strict=False))
 
 
 def save_figure(fig: plt.Figure, out: Path, made_as: str = "") -> Path:

@@ -8,7 +8,8 @@ feature's top images and where the other feature does not fire. A judge sees bot
 query and answers A or B; accuracy over usable answers, with a 95% Wilson interval (chance 0.5).
 
 Top images and "fires" come from one pass over the cache for the candidate features: by the
-feature's peak over all tokens (`token="all"`) or its CLS value (`token="cls"`). Answers are
+feature's peak over all tokens (`token="all"`) or its CLS value (`token="cls"`, wherever the
+cache's token layout puts CLS; refused for models without one). Answers are
 appended to answers.jsonl as they arrive, so an interrupted eval resumes where it stopped.
 """
 
@@ -60,7 +61,9 @@ def feature_peaks(
     threads: int = 4,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per image, each candidate feature's peak value (0 where it does not fire): (N, S) float32,
-    and the images' rows (N,). Only the S candidates are kept, never (N, F)."""
+    and the images' rows (N,). Only the S candidates are kept, never (N, F). CLS is where the
+    cache's token layout puts it; a model without one is a one-line error before any reading."""
+    tokens = cache.attrs.token_layout.token_set(token)
     chunks = cache.chunks()
     if max_images:
         chunks = chunks[: max(1, -(-max_images // cache.attrs.chunk_images))]
@@ -68,7 +71,7 @@ def feature_peaks(
     peaks, rows = [], []
     for ref, acts_CTD in read_chunks(cache, layer, chunks, threads):
         with torch.no_grad():
-            codes = sae.encode(acts_CTD[:, :1] if token == "cls" else acts_CTD)
+            codes = sae.encode(acts_CTD[:, tokens])
         n = codes.indices.shape[0]
         values = codes.values.float().clamp_min(0).reshape(n, -1)
         peak_CF = torch.zeros(n, sae.n_latents).scatter_reduce(

@@ -57,10 +57,15 @@ class FeatureAccumulator:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def add(
-        self, idx_CTK: Tensor, values_CTK: Tensor, fired_CTK: Tensor, rows_C: Tensor, grid: int
+        self,
+        idx_CTK: Tensor,
+        values_CTK: Tensor,
+        fired_CTK: Tensor,
+        rows_C: Tensor,
+        grid: tuple[int, int] | None,
     ) -> None:
         """Fold in one chunk's sparse codes (`fired` marks entries that count as firing); the
-        last grid² of the T tokens are the patch grid."""
+        last rows x cols of the T tokens are the patch `grid` (None: no grid, no Moran's I)."""
         n_images, n_tokens, _ = idx_CTK.shape
         n_features = self.fire_tokens_F.shape[0]
         image = torch.arange(n_images).view(-1, 1, 1).expand_as(idx_CTK)[fired_CTK]
@@ -73,9 +78,10 @@ class FeatureAccumulator:
         self.fire_images_F += torch.isfinite(peak_CF).sum(dim=0)
         self.act_sum_F += torch.bincount(feature, weights=value.double(), minlength=n_features)
         self.act_max_F = torch.maximum(self.act_max_F, peak_CF.amax(dim=0))
-        counted, moran = morans_i(image, token, feature, value, n_tokens, grid, n_features)
-        self.morans_sum_F.index_add_(0, counted, moran)
-        self.morans_images_F += torch.bincount(counted, minlength=n_features)
+        if grid is not None:
+            counted, moran = morans_i(image, token, feature, value, n_tokens, grid, n_features)
+            self.morans_sum_F.index_add_(0, counted, moran)
+            self.morans_images_F += torch.bincount(counted, minlength=n_features)
 
         entering = peak_CF > self.top_values_FN[:, -1]
         touched = entering.any(dim=0).nonzero().squeeze(1)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vitscope.cache_spec.store import Cache, ChunkRef
+from vitscope.cache_spec.tokens import TokenLayout
 
 OUTLIER_RATIO = 10.0
 """A token whose norm is above this many times the layer's median token norm is an outlier."""
@@ -32,7 +33,9 @@ class LayerNorms:
     """‖mean‖ / ‖std‖: the norm of the mean activation over the norm of the vector of
     per-dimension standard deviations (population std), over every sampled token."""
     norms_NT: np.ndarray
-    """L2 norm of every sampled token, by image and position (0 = CLS)."""
+    """L2 norm of every sampled token, by image and position (positions as in `layout`)."""
+    layout: TokenLayout
+    """Which token each position is: the prefix tokens (CLS, registers), then the patches."""
 
     @property
     def median(self) -> float:
@@ -62,9 +65,16 @@ class LayerNorms:
         order = np.argsort(-count_T, kind="stable")[:most]
         return [(int(t), count_T[t] / total) for t in order if count_T[t]]
 
+    def position_name(self, position: int) -> str:
+        """'cls', 'reg0', ... for the prefix tokens, 'patch r,c' for the patches."""
+        name = self.layout.position_names()[position]
+        return name if position < self.layout.n_prefix else f"patch {name}"
+
     def lines(self) -> list[str]:
         """Two lines for cache-info."""
-        at = ", ".join(f"{t} ({share:.0%})" for t, share in self.outlier_positions())
+        at = ", ".join(
+            f"{t} = {self.position_name(t)} ({share:.0%})" for t, share in self.outlier_positions()
+        )
         return [
             f"  layer {self.layer}: gamma = |mean| / |std| = {self.gamma:.3g} (std per dimension); "
             f"token norm median {self.median:.4g}, p99 {self.p99:.4g}, max {self.max:.4g}",
@@ -106,7 +116,7 @@ def layer_norms(cache: Cache, n_chunks: int = SAMPLE_CHUNKS) -> Iterator[LayerNo
                 moments.add(acts_ND.numpy())
                 norms.append(acts_ND.norm(dim=1).view(ref.n_rows, -1).numpy())
                 progress.update()
-            yield LayerNorms(layer, moments.gamma, np.concatenate(norms))
+            yield LayerNorms(layer, moments.gamma, np.concatenate(norms), cache.attrs.token_layout)
 
 
 class _Moments:

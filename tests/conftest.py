@@ -16,6 +16,7 @@ import torch
 
 from vitscope.cache_spec import CacheAttrs, ShardCommit, create_or_open
 from vitscope.cache_spec.layout import ROWS_SCHEMA
+from vitscope.cache_spec.tokens import TokenLayout
 from vitscope.demo import PHOTO_CAPTIONS, photo_dir, serve_folder, write_url_list
 from vitscope.pipeline.config import CacheConfig, DownloadConfig
 from vitscope.pipeline.download import download
@@ -31,6 +32,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 TEST_MODEL = "ViT-S-32"
 TEST_LAYERS = (2, 5, 11)
+REGISTERS = TokenLayout(("cls", "reg0", "reg1", "reg2", "reg3"), (3, 4))
+"""DINOv2-reg's kind of layout on a small non-square grid: CLS, 4 registers, 3 x 4 patches."""
+NO_CLS = TokenLayout((), (4, 4))
+"""SigLIP's kind: no prefix token at all, a 4 x 4 grid."""
 PHOTOS = sorted(PHOTO_CAPTIONS)[:23]
 """23 photos and one missing URL: three shards of eight samples, one of them failing to download."""
 
@@ -64,20 +69,20 @@ def cli_args(config: CacheConfig) -> list[str]:
 
 
 def brute_morans_i(grid_a: np.ndarray) -> float:
-    """Moran's I of a square grid of values the textbook way, what analysis/spatial.py must equal:
-    I = (n / W) Σ_ij w_ij z_i z_j / Σ z_i², w_ij = 1 for the 8 neighbours, every patch and every
-    neighbour one at a time."""
-    side = grid_a.shape[0]
+    """Moran's I of a (rows, cols) grid of values the textbook way, what analysis/spatial.py must
+    equal: I = (n / W) Σ_ij w_ij z_i z_j / Σ z_i², w_ij = 1 for the 8 neighbours, every patch and
+    every neighbour one at a time."""
+    rows, cols = grid_a.shape
     z = grid_a - grid_a.mean()
     cross = weights = 0.0
-    for r in range(side):
-        for c in range(side):
+    for r in range(rows):
+        for c in range(cols):
             for dr in (-1, 0, 1):
                 for dc in (-1, 0, 1):
-                    if (dr, dc) != (0, 0) and 0 <= r + dr < side and 0 <= c + dc < side:
+                    if (dr, dc) != (0, 0) and 0 <= r + dr < rows and 0 <= c + dc < cols:
                         cross += z[r, c] * z[r + dr, c + dc]
                         weights += 1
-    return side * side / weights * cross / (z * z).sum()
+    return rows * cols / weights * cross / (z * z).sum()
 
 
 def run_vitscope(*args: str, timeout: float = 300, **kwargs: object) -> subprocess.CompletedProcess:
@@ -137,11 +142,14 @@ def synthetic_cache(
     seed: int = 0,
     storage: str = "float32",
     codec: str = "zstd-1",
+    layout: TokenLayout | None = None,
 ) -> Path:
     """A cache written through the real cache_spec API without a model: float32 random activations
     whose channels 0 and 1 name the token (its row and its position), so tests can tell tokens
-    apart. The last `uncommitted_shards` shards are written but not committed."""
+    apart. The last `uncommitted_shards` shards are written but not committed. A `layout` is
+    recorded (and sets n_tokens); without one the cache is as before spec 1.4 (CLS + a square)."""
     n_shards = -(-n_images // rows_per_shard)
+    n_tokens = layout.n_tokens if layout else n_tokens
     attrs = CacheAttrs(
         model="synthetic",
         pretrained="none:seed=0",
@@ -157,6 +165,8 @@ def synthetic_cache(
         shards=tuple(f"{i:05d}.tar" for i in range(n_shards)),
         model_dtype="float32",
         preprocess="",
+        prefix_tokens=layout.prefix if layout else None,
+        patch_grid=layout.grid if layout else None,
     )
     store = create_or_open(path, attrs)
     generator = torch.Generator().manual_seed(seed)

@@ -15,14 +15,23 @@ import pytest
 from PIL import Image
 
 import vitscope
-from conftest import brute_morans_i, cache_config, run_vitscope
+from conftest import (
+    NO_CLS,
+    REGISTERS,
+    brute_morans_i,
+    cache_config,
+    run_vitscope,
+    small_config,
+    synthetic_cache,
+)
 from vitscope.analysis import analyze as analyze_module
 from vitscope.analysis.analyze import analyze
 from vitscope.analysis.compare import layer_row
 from vitscope.analysis.config import AnalyzeConfig
-from vitscope.analysis.files import load_analysis
+from vitscope.analysis.files import Analysis, load_analysis
 from vitscope.analysis.plots import (
     feature_grid_figure,
+    morans_i_figure,
     mse_by_token_figure,
     panel_windows,
     plot_analysis,
@@ -31,9 +40,12 @@ from vitscope.analysis.plots import (
 from vitscope.analysis.spatial import MAX_SHARE, MIN_PATCHES
 from vitscope.analysis.stats import FeatureAccumulator
 from vitscope.cache_spec import open_cache
+from vitscope.cache_spec.tokens import TokenLayout
 from vitscope.pipeline.run import cache
 from vitscope.pipeline.shards import list_shards
 from vitscope.support.run_log import read_log
+from vitscope.train.report import report_figure
+from vitscope.train.run import train
 
 
 @pytest.fixture(scope="module")
@@ -67,16 +79,25 @@ def test_spatial_coherence_equals_the_double_loop_over_every_image(
     """features.parquet's Moran's I: the mean over the images that count of the textbook I of
     the patch grid (CLS left out), for every feature; null where no image counts."""
     dense_NTF, _ = brute_force
-    analysis = load_analysis(photo_analysis)
-    grid = analysis.meta.patch_grid
-    patches_NFGG = dense_NTF[:, 1:].transpose(0, 2, 1).reshape(*dense_NTF.shape[::2], grid, grid)
+    measured = checked_morans_i(load_analysis(photo_analysis), dense_NTF)
+    assert 10 < measured < 64  # some features measured, some not
+
+
+def checked_morans_i(analysis: Analysis, dense_NTF: np.ndarray) -> int:
+    """Check every feature's Moran's I against the double loop over the (rows, cols) patches of
+    the analysis's layout; returns how many features have one."""
+    layout = analysis.meta.layout
+    assert layout is not None
+    rows, cols = layout.grid
+    patches_NF = dense_NTF[:, layout.patches].transpose(0, 2, 1)
+    patches_NFRC = patches_NF.reshape(*patches_NF.shape[:2], rows, cols)
     features = analysis.features.to_pydict()
     measured = 0
     for feature in range(analysis.meta.n_features):
         values = [
             brute_morans_i(patches)
-            for patches in patches_NFGG[:, feature]
-            if MIN_PATCHES <= np.count_nonzero(patches) <= int(MAX_SHARE * grid * grid)
+            for patches in patches_NFRC[:, feature]
+            if MIN_PATCHES <= np.count_nonzero(patches) <= int(MAX_SHARE * rows * cols)
         ]
         assert features["morans_images"][feature] == len(values)
         if values:
@@ -86,7 +107,7 @@ def test_spatial_coherence_equals_the_double_loop_over_every_image(
             measured += 1
         else:
             assert features["morans_i"][feature] is None
-    assert 10 < measured < analysis.meta.n_features  # some features measured, some not
+    return measured
 
 
 def test_top_images_are_the_highest_activations_with_their_token_maps(
@@ -153,7 +174,7 @@ def test_pictures_show_what_they_should(photo_analysis: Path, photo_sae: Path):
     for path in pictures:
         pixels = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
         assert pixels.std() > 10, f"{path} is nearly blank"
-    figure = mse_by_token_figure(photo_sae)
+    figure = mse_by_token_figure(photo_sae, load_analysis(photo_analysis).meta.cache_layout)
     panels = [ax for ax in figure.axes if ax.get_label() != "<colorbar>"]
     assert len(panels) == len(read_log(photo_sae)) == 2  # one per logged window
     assert all(len(ax.child_axes) == 1 for ax in panels)  # CLS beside each
@@ -178,15 +199,19 @@ def test_pictures_show_what_they_should(photo_analysis: Path, photo_sae: Path):
 def test_an_analysis_from_before_morans_i_still_draws_and_compares(
     photo_analysis: Path, photo_sae: Path, tmp_path: Path
 ):
-    """Version 1.1 folders have no Moran's I: no histogram, a blank cell in compare."""
+    """Version 1.1 folders have no Moran's I: no histogram, a blank cell in compare; nor a
+    token layout: their patch_grid is the side of the square after CLS."""
     run = shutil.copytree(photo_sae, tmp_path / "run", ignore=shutil.ignore_patterns("analysis"))
     old = shutil.copytree(photo_analysis, run / "analysis")
     features = pq.read_table(old / "features.parquet").drop(["morans_i", "morans_images"])
     pq.write_table(features, old / "features.parquet")
     meta = json.loads((old / "meta.json").read_text())
-    (old / "meta.json").write_text(json.dumps({**meta, "analysis_version": "1.1"}))
-    names = [p.name for p in plot_analysis(old, grids=0)]
-    assert names == ["frequencies.png", "mse_by_token.png"]
+    assert meta.pop("prefix_tokens") == ["cls"] and meta["patch_grid"] == [7, 7]
+    (old / "meta.json").write_text(json.dumps({**meta, "patch_grid": 7, "analysis_version": "1.1"}))
+    assert load_analysis(old).meta.layout == TokenLayout(("cls",), (7, 7))
+    names = [p.name for p in plot_analysis(old, grids=1)]
+    assert names == ["frequencies.png", "mse_by_token.png", names[2]]
+    assert names[2].startswith("feature_")
     row = layer_row(run)
     assert row.mean_morans_i is None and row.median_frequency is not None
 
@@ -393,3 +418,52 @@ def test_a_layer_other_than_the_saes_is_refused(photo_sae: Path, tmp_path: Path)
         "--layer 5), or analyse an SAE of layer 2"
     ]
     assert not out.exists()
+
+
+@pytest.fixture(scope="module", params=[REGISTERS, NO_CLS], ids=["registers", "no-cls"])
+def layout_analysis(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path, np.ndarray]:
+    """Another backbone's token layout end to end: an SAE trained on a synthetic cache that
+    records it, and its analysis; returns the run, the analysis folder, and the dense codes
+    (N, T, F) of every row."""
+    work = tmp_path_factory.mktemp("layout")
+    path = synthetic_cache(work / "cache", n_images=64, d_model=16, layout=request.param)
+    (run,) = train([small_config(path, work / "run", tokens=8192)])
+    folder = analyze(AnalyzeConfig(run=str(run), cache=str(path), device="cpu", grids=0))
+    acts_NTD = open_cache(path).read_rows(3, list(range(64)))
+    return run, folder, vitscope.load_sae(run).encode(acts_NTD).dense().numpy()
+
+
+def test_an_analysis_records_the_caches_layout_and_measures_on_its_grid(layout_analysis):
+    _, folder, dense_NTF = layout_analysis
+    analysis = load_analysis(folder)
+    layout = open_cache(analysis.meta.cache).attrs.token_layout
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["patch_grid"] == list(layout.grid) and meta["prefix_tokens"] == list(layout.prefix)
+    assert analysis.meta.layout == analysis.meta.cache_layout == layout  # token set: all
+    assert analysis.meta.n_tokens == layout.n_tokens
+    assert checked_morans_i(analysis, dense_NTF) > 0
+    rows, cols = layout.grid
+    assert f"on the {rows}x{cols} grid" in morans_i_figure(analysis).texts[0].get_text()
+
+
+def test_mse_by_token_and_the_report_draw_prefix_tokens_beside_the_grid(layout_analysis):
+    """Each prefix token (CLS, registers) its own labelled cell, the patches rows x cols."""
+    run, folder, _ = layout_analysis
+    layout = load_analysis(folder).meta.cache_layout
+    mse = np.asarray(read_log(run)[-1].heldout.mse_by_token)
+    panels = [ax for ax in mse_by_token_figure(run, layout).axes if ax.get_label() != "<colorbar>"]
+    report = report_figure(run, layout)
+    panels.append(next(ax for ax in report.axes if ax.get_title().startswith("MSE by token")))
+    for panel in (panels[-2], panels[-1]):  # both the last window
+        (grid,) = panel.get_images()
+        np.testing.assert_allclose(grid.get_array(), mse[layout.patches].reshape(layout.grid))
+        assert [cell.get_ylabel() for cell in panel.child_axes] == list(layout.prefix)
+        cells = [cell.get_images()[0].get_array()[0, 0] for cell in panel.child_axes]
+        np.testing.assert_allclose(cells, mse[: layout.n_prefix])
+    assert names_of(plot_analysis(folder, grids=0))[1] == "mse_by_token.png"
+
+
+def names_of(paths: list[Path]) -> list[str]:
+    return [path.name for path in paths]

@@ -21,11 +21,12 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from conftest import BROWSER_WAIT_S, run_vitscope, shown_features, wait_for
+from conftest import BROWSER_WAIT_S, NO_CLS, REGISTERS, run_vitscope, shown_features, wait_for
 from vitscope.analysis.browser import size_per_feature, write_browser
 from vitscope.analysis.files import AnalysisMeta, load_analysis, write_meta, write_results
 from vitscope.analysis.sorteval_config import SortEvalConfig
 from vitscope.cache_spec import open_cache
+from vitscope.cache_spec.tokens import TokenLayout
 
 
 @pytest.fixture(scope="module")
@@ -181,9 +182,12 @@ def test_index_links_the_runs_sort_eval_games_written_before_or_after_it(
     )
 
 
-def wide_analysis(folder: Path, cache: Path, n_features: int, top_n: int, grid: int) -> Path:
-    """An analysis folder of random statistics and heatmaps whose top images are real rows of
-    `cache` (so their thumbnails can be read): the width of a real SAE, quickly."""
+def wide_analysis(
+    folder: Path, cache: Path, n_features: int, top_n: int, layout: TokenLayout
+) -> Path:
+    """An analysis folder of random statistics and heatmaps over the tokens of `layout` whose top
+    images are real rows of `cache` (so their thumbnails can be read): the width of a real SAE,
+    quickly."""
     rows = open_cache(cache).rows_table()
     rows = rows.filter(pc.is_valid(rows["row"])).to_pydict()
     rng = np.random.default_rng(0)
@@ -211,7 +215,7 @@ def wide_analysis(folder: Path, cache: Path, n_features: int, top_n: int, grid: 
             **{c: np.asarray(rows[c], dtype=object)[pick] for c in ("shard", "key", "caption")},
         }
     )
-    n_tokens = 1 + grid * grid
+    n_tokens = layout.n_tokens
     folder.mkdir()
     write_results(
         folder, features, top_images, rng.random((n_features, top_n, n_tokens), dtype=np.float32)
@@ -224,12 +228,13 @@ def wide_analysis(folder: Path, cache: Path, n_features: int, top_n: int, grid: 
         n_features=n_features,
         top_n=top_n,
         n_tokens=n_tokens,
-        patch_grid=grid,
+        patch_grid=layout.grid,
         chunks_total=1,
         chunks_done=1,
         images_seen=20_000,
         tokens_seen=1_000_000,
         complete=True,
+        prefix_tokens=layout.prefix,
     )
     write_meta(folder, meta)
     return folder
@@ -239,7 +244,8 @@ def test_browser_at_65536_features(
     reference_cache: Path, chromium: webdriver.Chrome, tmp_path: Path
 ):
     n_features, top_n = 65_536, 9
-    folder = wide_analysis(tmp_path / "analysis", reference_cache, n_features, top_n, grid=7)
+    layout = TokenLayout(("cls",), (7, 7))
+    folder = wide_analysis(tmp_path / "analysis", reference_cache, n_features, top_n, layout)
     analysis = load_analysis(folder)
     started = time.perf_counter()
     site = write_browser(analysis, tmp_path / "site").parent
@@ -271,3 +277,42 @@ def test_browser_at_65536_features(
 
     chromium.get(f"{(site / 'feature.html').as_uri()}?f={n_features - 1}")
     assert len(wait_for(chromium, "#grid canvas")) == top_n
+
+
+@pytest.mark.parametrize("layout", [REGISTERS, NO_CLS], ids=["registers", "no-cls"])
+def test_a_feature_page_draws_the_layouts_grid_and_names_its_prefix_tokens(
+    reference_cache: Path, chromium: webdriver.Chrome, tmp_path: Path, layout: TokenLayout
+):
+    """DINOv2-reg: a 3 x 4 heatmap (raster order) with CLS and 4 registers as labelled cells
+    beside it; SigLIP: a 4 x 4 heatmap and no CLS anywhere."""
+    folder = wide_analysis(tmp_path / "analysis", reference_cache, 8, 4, layout)
+    analysis = load_analysis(folder)
+    site = write_browser(analysis, tmp_path / "site").parent
+    feature = 5
+    chromium.get(f"{(site / 'feature.html').as_uri()}?f={feature}")
+    wait_for(chromium, "#grid canvas")
+    rows, cols = layout.grid
+    assert chromium.find_element(By.ID, "message").text.startswith(f"heatmap: {rows}×{cols} ")
+    # Each canvas's alpha, pixel by pixel: the patches' levels on the feature's scale.
+    alpha = chromium.execute_script(
+        "return [...document.querySelectorAll('#grid canvas')].map(c => [c.width, c.height, "
+        "[...c.getContext('2d').getImageData(0, 0, c.width, c.height).data"
+        ".filter((_, i) => i % 4 === 3)]])"
+    )
+    heat_NT = analysis.heatmaps(feature)
+    patches_NP = heat_NT[:, layout.patches]
+    levels_NP = np.round(np.clip(patches_NP / patches_NP.max(), 0, 1) * 255)
+    assert [[w, h] for w, h, _ in alpha] == [[cols, rows]] * 4
+    np.testing.assert_array_equal([a for _, _, a in alpha], np.floor(levels_NP * 0.75 + 0.5))
+    cells = chromium.execute_script(
+        "return [...document.querySelectorAll('#grid figure')].map(f => [...f.querySelectorAll("
+        "'.prefix .token')].map(t => [t.dataset.token, t.textContent]))"
+    )
+    assert [[name for name, _ in figure] for figure in cells] == [list(layout.prefix)] * 4
+    shown = [[float(text.split()[1]) for _, text in figure] for figure in cells]
+    np.testing.assert_allclose(
+        np.reshape(shown, (4, layout.n_prefix)), heat_NT[:, : layout.n_prefix], rtol=6e-3
+    )
+    values = [v.text for v in chromium.find_elements(By.CSS_SELECTOR, "#grid .values")]
+    assert len(values) == 4 and not any("CLS" in v for v in values)
+    assert_screenshot(chromium, tmp_path / "feature.png")

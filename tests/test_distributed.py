@@ -23,7 +23,7 @@ from conftest import TEST_LAYERS, cache_config, cli_args, small_config
 from vitscope.cache_spec import open_cache
 from vitscope.cache_spec.layout import layer_array_name
 from vitscope.support.launch import Launch
-from vitscope.train.loader import Batch, token_slice
+from vitscope.train.loader import Batch
 from vitscope.train.run import INIT_SAMPLE_TOKENS, _first_batches, member_devices, training_stream
 from vitscope.train.trainer import fit, new_member
 
@@ -152,7 +152,7 @@ def test_two_ranks_train_the_sae_one_process_trains_on_their_global_batches(
     reference_cfg = dataclasses.replace(cfg, out=str(tmp_path / "one"))
     member = new_member(reference_cfg, 16, torch.cat(firsts).float(), device, cache.attrs)
     heldout, _ = streams[0].heldout_images(cfg.eval_images)
-    fit([member], global_batches, heldout, token_slice("all", cache.attrs.n_tokens))
+    fit([member], global_batches, heldout, cache.attrs.token_layout.token_set("all"))
     reference = load_file(reference_cfg.run_dir / "sae.safetensors")
     assert trained.keys() == reference.keys()
     for name, tensor in reference.items():

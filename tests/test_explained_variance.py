@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from vitscope.cache_spec.tokens import TokenLayout
 from vitscope.saes.card import SAECard
 from vitscope.saes.folder import load_sae_folder
 from vitscope.saes.model_card import model_card, run_metrics
@@ -146,7 +147,7 @@ def test_the_log_the_card_and_the_report_carry_both(trained):
     assert f"| held-out explained variance, CLIP-Scope's | {last.clipscope_ev:.4f} |" in card
     older = model_card(_card(run), {**metrics, "clipscope_ev": None}, "you/sae")
     assert "| held-out explained variance, CLIP-Scope's |" not in older  # a log before it
-    assert plot_run(run).stat().st_size > 0
+    assert plot_run(run, TokenLayout.legacy(TOKENS)).stat().st_size > 0
 
 
 def _card(run: Path) -> SAECard:

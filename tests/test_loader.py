@@ -10,12 +10,15 @@ import pytest
 import torch
 import zarr
 
-from conftest import synthetic_cache
+from conftest import NO_CLS, REGISTERS, small_config, synthetic_cache
 from vitscope.cache_spec import open_cache
 from vitscope.cache_spec.errors import CacheSpecError
 from vitscope.cache_spec.storage import ENCODINGS
+from vitscope.cache_spec.tokens import TokenLayout
+from vitscope.support.errors import BadSetting
 from vitscope.train.loader import ActivationStream, distinct_images
 from vitscope.train.readers import all_finite
+from vitscope.train.run import train
 
 
 @pytest.fixture(scope="module", params=["zstd-1", "none"])
@@ -157,3 +160,36 @@ def test_uncompressed_chunks_stream_their_stored_values(tmp_path: Path, storage:
         expected = cache.read_chunk(3, ref, stream.window_dtype).double().sum(dim=1)
         rows = slice(ref.first_row, ref.first_row + ref.n_rows)
         torch.testing.assert_close(sums[rows], expected)
+
+
+@pytest.mark.parametrize(
+    ("layout", "token_set", "positions"),
+    [
+        (REGISTERS, "all", range(17)),
+        (REGISTERS, "cls", [0]),
+        (REGISTERS, "patches", range(5, 17)),
+        (NO_CLS, "all", range(16)),
+        (NO_CLS, "patches", range(16)),
+    ],
+)
+def test_token_sets_follow_the_recorded_layout(
+    tmp_path: Path, layout: TokenLayout, token_set: str, positions: range
+):
+    """Registers are prefix tokens, not patches; without CLS the patches start at 0."""
+    cache = open_cache(synthetic_cache(tmp_path / "cache", n_images=12, layout=layout))
+    stream = ActivationStream(cache, 3, tokens=token_set, batch_size=4, heldout_fraction=0.1)
+    train_rows = {
+        r for ref in stream.train_chunks for r in range(ref.first_row, ref.first_row + ref.n_rows)
+    }
+    assert Counter(one_epoch(stream)) == Counter((r, p) for r in train_rows for p in positions)
+    heldout_NTD, _ = stream.heldout_images(4)
+    assert heldout_NTD[0, stream.token_slice, 1].tolist() == list(map(float, positions))
+
+
+def test_cls_tokens_of_a_model_without_cls_is_one_line_before_any_work(tmp_path: Path):
+    cache = synthetic_cache(tmp_path / "cache", n_images=12, layout=NO_CLS)
+    out = tmp_path / "run"
+    with pytest.raises(BadSetting, match="no CLS token") as caught:
+        train([small_config(cache, out, token_set="cls")])
+    assert "\n" not in str(caught.value)
+    assert not out.exists()

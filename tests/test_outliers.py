@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_training import cli_flags
 
-from conftest import run_vitscope, small_config, synthetic_cache
+from conftest import REGISTERS, run_vitscope, small_config, synthetic_cache
 from vitscope.cache_spec.outliers import OUTLIER_RATIO, layer_norms
 from vitscope.cache_spec.store import open_cache
 from vitscope.saes.model_card import model_card
@@ -31,8 +31,12 @@ def outlier_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic cache of 24 images of 5 tokens whose position 2 carries 50x norms in 9
     images and position 4 in 3 more: rewritten through the real write path."""
     path = synthetic_cache(tmp_path_factory.mktemp("outliers") / "cache", 24, d_model=16)
+    return with_outliers(path, {LOUD_POSITION: range(9), 4: range(9, 12)})
+
+
+def with_outliers(path: Path, loud: dict[int, range]) -> Path:
+    """The cache with 50x norms at each position of `loud` in its rows."""
     store = open_cache(path)
-    loud = {LOUD_POSITION: range(9), 4: range(9, 12)}
     for ref in store.chunks():
         chunk = store.read_chunk(3, ref)
         for position, rows in loud.items():
@@ -81,6 +85,17 @@ def test_gamma_and_norms_match_a_hand_computation(which, reference_cache, outlie
         assert stats.outlier_positions() == [(LOUD_POSITION, 0.75), (4, 0.25)]
 
 
+def test_outlier_positions_name_registers_and_patches_by_the_layout(tmp_path: Path):
+    """DINOv2-reg's layout: position 2 is the register reg1, position 9 the patch at row 1,
+    column 0 of the 3 x 4 grid (not 'patch 2,0' as CLS + a 4 x 4 reading would have it)."""
+    path = synthetic_cache(tmp_path / "cache", 24, d_model=16, layout=REGISTERS)
+    (stats,) = layer_norms(open_cache(with_outliers(path, {2: range(9), 9: range(9, 12)})))
+    assert stats.outlier_positions() == [(2, 0.75), (9, 0.25)]
+    assert stats.lines()[1].endswith(
+        "at positions 2 = reg1 (75%), 9 = patch 1,0 (25%) (share of them)"
+    )
+
+
 def test_the_sample_is_spread_over_the_cache(outlier_cache):
     """Two chunks of six: the first and the last, so a cache's tail is looked at too."""
     store = open_cache(outlier_cache)
@@ -104,8 +119,8 @@ def test_cache_info_prints_gamma_norms_and_outlier_positions(outlier_cache, tmp_
     )
     assert f"median {stats.median:.4g}, p99 {stats.p99:.4g}, max {stats.max:.4g}" in result.stdout
     assert (
-        f"10.00% of tokens above {OUTLIER_RATIO:g}x the median, at positions 2 (75%), 4 (25%)"
-        in result.stdout
+        f"10.00% of tokens above {OUTLIER_RATIO:g}x the median, at positions 2 = patch 0,1 "
+        "(75%), 4 = patch 1,1 (25%)" in result.stdout
     )
     assert (tmp_path / "n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

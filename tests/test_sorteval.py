@@ -18,7 +18,7 @@ import torch
 from openai_server import serve_openai
 from PIL import Image
 
-from conftest import run_vitscope
+from conftest import NO_CLS, run_vitscope, synthetic_cache
 from vitscope.analysis.judge_clip import ClipJudge
 from vitscope.analysis.sorteval import (
     GRID,
@@ -32,6 +32,7 @@ from vitscope.analysis.sorteval import (
 )
 from vitscope.cache_spec.store import open_cache
 from vitscope.saes.load import load_sae
+from vitscope.support.errors import BadSetting
 
 KEY = "sk-judge-secret-for-tests"
 
@@ -117,6 +118,16 @@ def test_cls_peaks_are_the_cls_tokens_codes(photo_analysis: Path, reference_cach
     np.testing.assert_allclose(peaks, dense[:, features].numpy(), rtol=1e-5, atol=1e-6)
     every, _ = feature_peaks(sae, cache, 5, features, "all")
     assert (every >= peaks - 1e-6).all() and (every > peaks + 1e-6).any()
+
+
+def test_cls_peaks_of_a_model_without_cls_are_one_line_before_any_reading(
+    photo_analysis: Path, tmp_path: Path
+):
+    """SigLIP's layout has no CLS: --token cls cannot mean token 0, a patch."""
+    cache = open_cache(synthetic_cache(tmp_path / "cache", n_images=8, layout=NO_CLS))
+    with pytest.raises(BadSetting, match="no CLS token") as caught:
+        feature_peaks(load_sae(photo_analysis.parent), cache, 3, np.arange(4), "cls")
+    assert "\n" not in str(caught.value)
 
 
 def test_compose_grid_places_nine_images_in_reading_order():

@@ -13,17 +13,18 @@ from vitscope.analysis.spatial import MAX_SHARE, MIN_PATCHES, degrees, morans_i
 
 
 def sparse_morans_i(
-    dense_ITF: np.ndarray, grid: int, prefix: int = 1
+    dense_ITF: np.ndarray, grid: int | tuple[int, int], prefix: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
     """What the pass computes from a chunk's firing entries (non-zero values of dense codes)."""
+    rows, cols = (grid, grid) if isinstance(grid, int) else grid
     image, token, feature = np.nonzero(dense_ITF)
     features, values = morans_i(
         *(torch.from_numpy(a) for a in (image, token, feature, dense_ITF[image, token, feature])),
         n_tokens=dense_ITF.shape[1],
-        grid=grid,
+        grid=(rows, cols),
         n_features=dense_ITF.shape[2],
     )
-    assert dense_ITF.shape[1] == prefix + grid * grid
+    assert dense_ITF.shape[1] == prefix + rows * cols
     return features.numpy(), values.numpy()
 
 
@@ -99,4 +100,30 @@ def test_patches_only_and_no_grid():
 
 
 def test_degrees_count_the_8_neighbours():
-    assert degrees(3).reshape(3, 3).tolist() == [[3, 5, 3], [5, 8, 5], [3, 5, 3]]
+    assert degrees((3, 3)).reshape(3, 3).tolist() == [[3, 5, 3], [5, 8, 5], [3, 5, 3]]
+    assert degrees((2, 3)).reshape(2, 3).tolist() == [[3, 5, 3], [3, 5, 3]]
+
+
+def test_a_grid_of_rows_by_cols_after_registers_equals_the_double_loop():
+    """DINOv2-reg's layout: CLS and 4 registers (left out, firing or not), then 3 x 4 patches;
+    a square reading of the same 16 tokens (4 x 4 after CLS) would give other numbers."""
+    rng = np.random.default_rng(2)
+    rows, cols, prefix, n_images = 3, 4, 5, 6
+    dense = rng.random((n_images, prefix + rows * cols, 1)) * (
+        rng.random((n_images, prefix + rows * cols, 1)) < 0.6
+    )
+    features, values = sparse_morans_i(dense, (rows, cols), prefix=prefix)
+    expected = []
+    for image in range(n_images):
+        patches = dense[image, prefix:, 0].reshape(rows, cols)
+        if MIN_PATCHES <= np.count_nonzero(patches) <= int(MAX_SHARE * rows * cols):
+            expected.append(brute_morans_i(patches))
+    assert len(expected) >= 3 and features.tolist() == [0] * len(expected)
+    np.testing.assert_allclose(values, expected, rtol=1e-9, atol=1e-12)
+    blob = np.zeros((rows, cols))
+    blob[:, :2] = [[1, 2], [3, 4], [5, 6]]  # the left half: coherent on 3 x 4
+    dense = np.concatenate([np.full(prefix, 9.0), blob.ravel()])[None, :, None]
+    assert sparse_morans_i(dense, (rows, cols), prefix=prefix)[1].tolist() == pytest.approx(
+        [brute_morans_i(blob)]
+    )
+    assert brute_morans_i(blob) > 0.2

@@ -11,13 +11,13 @@ from typing import Annotated, Any, ClassVar, Literal, get_type_hints
 import tomllib
 import torch
 
+from vitscope.cache_spec.tokens import TokenSet
 from vitscope.saes.architectures import ARCHITECTURES, Architecture
 from vitscope.saes.card import Activation, InputNorm, Options
 from vitscope.saes.kernels import SelectionPrecision
 from vitscope.support.configs import Above, AtLeast, check_bounds, load_config, parse_field
 from vitscope.support.errors import BadSetting, MissingInput
 from vitscope.support.shared_options import Device, Overwrite, Resume
-from vitscope.train.loader import TokenChoice
 
 SWEEPABLE = ("architecture", "k", "n_latents", "k_aux", "lr", "seed")
 """Settings that may differ between the SAEs of one sweep; all others are shared, because every
@@ -79,8 +79,9 @@ class TrainConfig(RunOptions, Device):
     """Cached layer to train on (residual stream after this block)."""
     out: str = ""
     """Run folder (SAE, checkpoints, log, report); empty = runs/layerLL."""
-    token_set: TokenChoice = "all"
-    """Which tokens of each image: all (CLS and patches, as CLIP-Scope), cls, or patches."""
+    token_set: TokenSet = "all"
+    """Which tokens of each image: all (CLS, registers and patches, as CLIP-Scope), cls (refused
+    for models without one, e.g. SigLIP), or patches; the cache's token layout says where."""
     tokens: Annotated[int, AtLeast(1)] = 1_200_000_000
     """Training tokens in all (CLIP-Scope: 1.2 billion)."""
     architecture: Architecture = "topk"

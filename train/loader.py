@@ -22,7 +22,6 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -30,10 +29,9 @@ from torch import Tensor
 
 from vitscope.cache_spec.errors import CacheSpecError
 from vitscope.cache_spec.store import Cache, ChunkRef
+from vitscope.cache_spec.tokens import TokenSet
 from vitscope.support.errors import BadSetting, MissingInput
 from vitscope.train.readers import ChunkReaders, all_finite
-
-TokenChoice = Literal["all", "cls", "patches"]
 
 BATCHES_AHEAD = 8
 """Batches gathered ahead of the trainer; reading runs a whole window ahead of that."""
@@ -106,7 +104,7 @@ class ActivationStream:
         self,
         cache: Cache,
         layer: int,
-        tokens: TokenChoice = "all",
+        tokens: TokenSet = "all",
         batch_size: int = 4096,
         buffer_tokens: int = 2**19,
         seed: int = 0,
@@ -133,8 +131,9 @@ class ActivationStream:
                 f"{cache.path}: {len(train_chunks)} training chunks cannot be shared by {parts} "
                 "ranks; use fewer ranks or a larger cache"
             )
-        n_tokens = cache.attrs.n_tokens
-        self.tokens_per_image = len(range(n_tokens)[token_slice(tokens, n_tokens)])
+        self.token_slice = cache.attrs.token_layout.token_set(tokens)
+        """The tokens of each image it streams (a one-line error for CLS on a model without)."""
+        self.tokens_per_image = len(range(cache.attrs.n_tokens)[self.token_slice])
         full_chunk_tokens = cache.attrs.chunk_images * self.tokens_per_image
         self.chunks_per_window = max(1, -(-buffer_tokens // full_chunk_tokens))
         self.epoch_tokens = sum(c.n_rows for c in self.train_chunks) * self.tokens_per_image
@@ -220,7 +219,7 @@ class ActivationStream:
             if not ok:
                 raise non_finite_error(self.cache, self.layer, ref)
         n_tokens = self.cache.attrs.n_tokens
-        chosen = np.arange(n_tokens)[token_slice(self.tokens, n_tokens)]
+        chosen = np.arange(n_tokens)[self.token_slice]
         slot_tokens = self.cache.attrs.chunk_images * n_tokens
         source = np.concatenate(
             [
@@ -306,10 +305,6 @@ def _put(batch: Batch, ready: queue.Queue, stop: threading.Event) -> bool:
         except queue.Full:
             continue
     return False
-
-
-def token_slice(tokens: TokenChoice, n_tokens: int) -> slice:
-    return {"all": slice(0, n_tokens), "cls": slice(0, 1), "patches": slice(1, n_tokens)}[tokens]
 
 
 def _row_order(ref: ChunkRef) -> int:

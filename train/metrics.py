@@ -3,7 +3,7 @@
 Held-out MSE is in the SAE's scaled units (E‖x − x̄‖² = 1 on training data). FVU (fraction of
 variance unexplained) = Σ‖x̂ − x‖² / Σ‖x − mean(x)‖² and explained variance = 1 − FVU, beside
 CLIP-Scope's own definition (`clipscope_ev`), both in the activations' units
-(train/explained_variance.py). The reconstruction MSE of every token position (CLS first) is
+(train/explained_variance.py). The reconstruction MSE of every token position (prefix first) is
 reported too, since where an SAE fails inside the image is a finding of its own, and so is the
 MSE on outlier tokens (norms far above the median, train/outliers.py) apart from the ordinary ones.
 """

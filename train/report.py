@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 
+from vitscope.cache_spec.tokens import TokenLayout
 from vitscope.support.run_log import read_log
+from vitscope.train.token_picture import draw_tokens
 
 
-def plot_run(run_dir: Path) -> Path:
-    """Four panels: held-out FVU and train MSE; L0 and dead latents; speed; MSE by token."""
+def plot_run(run_dir: Path, layout: TokenLayout) -> Path:
+    """report.png (see report_figure)."""
+    fig = report_figure(run_dir, layout)
+    path = run_dir / "report.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def report_figure(run_dir: Path, layout: TokenLayout) -> plt.Figure:
+    """Four panels: held-out FVU and train MSE; L0 and dead latents; speed; MSE by token, at
+    the tokens' places in the cache's `layout`."""
     log = read_log(run_dir)
     tokens = [r.tokens for r in log]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
@@ -43,26 +55,15 @@ def plot_run(run_dir: Path) -> Path:
     wait.plot(tokens, [100 * r.loader_wait_fraction for r in log], color="tab:red")
     wait.set_ylabel("waiting for data (%)")
 
-    _plot_token_mse(positions, log[-1].heldout.mse_by_token)
+    _plot_token_mse(positions, log[-1].heldout.mse_by_token, layout)
     fig.suptitle(f"{run_dir}  (last: {log[-1].tokens:,} tokens)")
     fig.tight_layout()
-    path = run_dir / "report.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def _plot_token_mse(ax: plt.Axes, mse_by_token: tuple[float, ...]) -> None:
-    """CLS apart, patches on their grid when they form a square (they do for ViTs)."""
-    patches = mse_by_token[1:]
-    side = math.isqrt(len(patches))
-    if side * side == len(patches) and side > 1:
-        grid = [patches[row * side : (row + 1) * side] for row in range(side)]
-        image = ax.imshow(grid, cmap="magma")
-        plt.colorbar(image, ax=ax, label="held-out MSE")
-        ax.set_title(f"MSE by patch position (CLS: {mse_by_token[0]:.3g})")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    else:
-        ax.bar(range(len(mse_by_token)), mse_by_token)
-        ax.set(xlabel="token position (0 = CLS)", ylabel="held-out MSE", title="MSE by token")
+def _plot_token_mse(ax: plt.Axes, mse_by_token: tuple[float, ...], layout: TokenLayout) -> None:
+    """The patches on their grid, CLS and the registers each a cell beside it."""
+    image = draw_tokens(ax, np.asarray(mse_by_token), layout, "magma")
+    plt.colorbar(image, ax=ax, label="held-out MSE", location="left")
+    rows, cols = layout.grid
+    ax.set_title(f"MSE by token position ({rows}x{cols} patches)")

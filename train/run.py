@@ -14,6 +14,7 @@ import torch
 
 from vitscope.cache_spec.layout import CacheAttrs
 from vitscope.cache_spec.store import Cache, open_cache
+from vitscope.cache_spec.tokens import TokenLayout
 from vitscope.support.devices import resolve_device
 from vitscope.support.errors import BadSetting, MissingInput, OutputExists
 from vitscope.support.extras import has_module
@@ -24,7 +25,7 @@ from vitscope.support.run_log import drop_records_after
 from vitscope.train.checkpoint import CHECKPOINTS, checkpoint_dirs, load_checkpoint
 from vitscope.train.config import TrainConfig
 from vitscope.train.data_parallel import DataParallel
-from vitscope.train.loader import ActivationStream, Batch, token_slice
+from vitscope.train.loader import ActivationStream, Batch
 from vitscope.train.trainer import Member, fit, new_member
 
 RUN_FOLDER = holding(
@@ -88,14 +89,14 @@ def train(configs: list[TrainConfig]) -> list[Path]:
             members,
             batches,
             heldout_NTD,
-            token_slice(base.token_set, cache.attrs.n_tokens),
+            stream.token_slice,
             parallel,
         )
     finally:
         parallel.close()
     run_dirs = [member.run_dir for member in members]
     if launch.is_main:
-        _draw_reports(run_dirs)
+        _draw_reports(run_dirs, cache.attrs.token_layout)
     return run_dirs
 
 
@@ -140,7 +141,7 @@ def training_stream(
     )
 
 
-def _draw_reports(run_dirs: list[Path]) -> None:
+def _draw_reports(run_dirs: list[Path], layout: TokenLayout) -> None:
     """report.png per run; a missing matplotlib costs the picture, never the trained SAE."""
     if not has_module("matplotlib"):
         status("no report.png: matplotlib is not installed (pip install 'vitscope[plots]')")
@@ -148,7 +149,7 @@ def _draw_reports(run_dirs: list[Path]) -> None:
     from vitscope.train.report import plot_run
 
     for run_dir in run_dirs:
-        plot_run(run_dir)
+        plot_run(run_dir, layout)
 
 
 def resume_member(

@@ -21,7 +21,9 @@ from vitscope.support.errors import BadSetting
 
 @dataclass
 class ImageFeatures:
-    """An SAE's features on N images of T tokens (CLS at 0, then patches in raster order)."""
+    """An SAE's features on N images of T tokens: the model's prefix tokens (CLS and registers,
+    where it has them; none in SigLIP), then the patches in raster order, as the cache's
+    `attrs.token_layout` (a `TokenLayout`) names them."""
 
     codes: SparseCodes
     """Per image and token, the active features by value, largest first: (N, T, K)."""

@@ -7,7 +7,6 @@ look at before training SAEs on a layer. Drawn from cache-info's sample (cache_s
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import matplotlib
@@ -18,27 +17,29 @@ import numpy as np
 
 from vitscope.cache_spec.outliers import OUTLIER_RATIO, LayerNorms
 from vitscope.cache_spec.store import Cache
+from vitscope.cache_spec.tokens import TokenLayout
 from vitscope.support.errors import MissingInput
 from vitscope.support.outputs import png_by, png_metadata
+from vitscope.train.token_picture import draw_tokens
 
 CACHE_PLOT = png_by("a cache-info plot")
 
 
 def plot_cache(cache: Cache, layers: list[LayerNorms], out: Path) -> Path:
-    """Per layer (a column): mean norm by patch position on the image grid (CLS in the title),
-    the histogram of token norms (median and outlier threshold marked), and the share of each
-    position's tokens that are outliers."""
+    """Per layer (a column): mean norm by patch position on the image grid (CLS and registers
+    each a cell beside it), the histogram of token norms (median and outlier threshold marked),
+    and the share of each position's tokens that are outliers."""
     if not layers:
         raise MissingInput(f"{cache.path}: no committed rows to plot")
     fig, axes = plt.subplots(3, len(layers), figsize=(3.4 * len(layers), 9.6), squeeze=False)
     for column, stats in zip(axes.T, layers, strict=True):
         mean_T = stats.norms_NT.mean(axis=0)
-        _by_position(fig, column[0], mean_T, "viridis")
-        column[0].set_title(f"layer {stats.layer}: mean |x|, CLS {mean_T[0]:.3g}")
+        _by_position(fig, column[0], mean_T, stats.layout, "viridis")
+        column[0].set_title(f"layer {stats.layer}: mean |x|{_cls(mean_T, stats.layout, '.3g')}")
         _histogram(column[1], stats)
         share_T = stats.outliers_NT.mean(axis=0)
-        _by_position(fig, column[2], share_T, "magma")
-        column[2].set_title(f"outlier share by position, CLS {share_T[0]:.0%}")
+        _by_position(fig, column[2], share_T, stats.layout, "magma")
+        column[2].set_title(f"outlier share by position{_cls(share_T, stats.layout, '.0%')}")
     fig.suptitle(f"{cache.path}: token norms ({cache.attrs.model})")
     fig.tight_layout()
     fig.savefig(out, dpi=90, metadata=png_metadata(CACHE_PLOT.what))
@@ -46,16 +47,17 @@ def plot_cache(cache: Cache, layers: list[LayerNorms], out: Path) -> Path:
     return out
 
 
-def _by_position(fig: plt.Figure, ax: plt.Axes, value_T: np.ndarray, cmap: str) -> None:
-    """Patch values on the image grid when the patches make a square, else bars (CLS first)."""
-    side = math.isqrt(len(value_T) - 1)
-    if side * side != len(value_T) - 1:
-        ax.bar(range(len(value_T)), value_T)
-        return
-    image = ax.imshow(value_T[1:].reshape(side, side), cmap=cmap)
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    ax.set_xticks([])
-    ax.set_yticks([])
+def _by_position(
+    fig: plt.Figure, ax: plt.Axes, value_T: np.ndarray, layout: TokenLayout, cmap: str
+) -> None:
+    """Patch values on the image grid, the prefix tokens each a labelled cell beside it."""
+    image = draw_tokens(ax, value_T, layout, cmap)
+    fig.colorbar(image, ax=ax, fraction=0.046, location="left")
+
+
+def _cls(value_T: np.ndarray, layout: TokenLayout, spec: str) -> str:
+    """', CLS <value>' for a title, or nothing for a model without CLS."""
+    return f", CLS {value_T[layout.cls_index]:{spec}}" if layout.has_cls else ""
 
 
 def _histogram(ax: plt.Axes, stats: LayerNorms) -> None:

@@ -168,14 +168,16 @@ function showTopImages(meta, block, i) {
     return;
   }
   const scale = block.scale[i];
+  const [rows, cols] = meta.grid || [0, 0];
   message.textContent = meta.grid
-    ? `heatmap: ${meta.grid}×${meta.grid} patches, 0 to ${format(scale)} (this feature's largest)`
+    ? `heatmap: ${rows}×${cols} patches, 0 to ${format(scale)} (this feature's largest)` +
+      (meta.prefix.length ? `; beside it ${meta.prefix.join(", ")}` : "")
     : "";
-  const cells = meta.grid * meta.grid;
+  const cells = rows * cols;
   const levels = Uint8Array.from(atob(block.heat[i]), (c) => c.charCodeAt(0));
   const grid = document.getElementById("grid");
   grid.style.gridTemplateColumns = `repeat(${Math.ceil(Math.sqrt(meta.top_n))}, auto)`;
-  top.forEach(([row, peak, cls], rank) => {
+  top.forEach(([row, peak, prefix], rank) => {
     const figure = document.createElement("figure");
     const tile = document.createElement("div");
     tile.className = "tile";
@@ -183,32 +185,54 @@ function showTopImages(meta, block, i) {
     img.src = `images/${row}.jpg`;
     img.alt = `row ${row}`;
     tile.append(img);
-    if (cells) tile.append(heatCanvas(meta.grid, levels.subarray(rank * cells, (rank + 1) * cells)));
+    if (cells) tile.append(heatCanvas(rows, cols, levels.subarray(rank * cells, (rank + 1) * cells)));
     const caption = document.createElement("figcaption");
     const values = document.createElement("div");
     values.className = "values";
-    values.textContent =
-      `#${rank + 1} · peak ${format(peak)}` + (meta.cls ? ` · CLS ${format(cls)}` : "") + ` · row ${row}`;
+    values.textContent = `#${rank + 1} · peak ${format(peak)} · row ${row}`;
     const text = document.createElement("div");
     text.className = "caption";
     text.textContent = block.captions[row] || "";
     caption.append(values, text);
-    figure.append(tile, caption);
+    figure.append(tile, prefixCells(meta.prefix, prefix, scale), caption);
     grid.append(figure);
   });
 }
 
-/* One patch per canvas pixel (the CSS stretches it over the image): yellow-red, alpha by level. */
-function heatCanvas(side, levels) {
+/* The heatmap's colour of a level 0..255: yellow-red, alpha by level. */
+function heatColour(level) {
+  return [255, Math.round(level * 0.85), 0, Math.round(level * 0.75)];
+}
+
+/* One patch per canvas pixel, rows x cols (the CSS stretches it over the image). */
+function heatCanvas(rows, cols, levels) {
   const canvas = document.createElement("canvas");
-  canvas.width = canvas.height = side;
+  canvas.width = cols;
+  canvas.height = rows;
   const context = canvas.getContext("2d");
-  const pixels = context.createImageData(side, side);
-  levels.forEach((level, p) => {
-    pixels.data.set([255, Math.round(level * 0.85), 0, Math.round(level * 0.75)], p * 4);
-  });
+  const pixels = context.createImageData(cols, rows);
+  levels.forEach((level, p) => pixels.data.set(heatColour(level), p * 4));
   context.putImageData(pixels, 0, 0);
   return canvas;
+}
+
+/* The tokens before the patch grid (CLS, registers), each a labelled cell in the heatmap's
+   colours on the same scale (the patches' largest value; beyond it, full). */
+function prefixCells(names, values, scale) {
+  const strip = document.createElement("div");
+  strip.className = "prefix";
+  names.forEach((name, q) => {
+    const share = scale > 0 ? values[q] / scale : Number(values[q] > 0);
+    const level = Math.round(255 * Math.min(1, Math.max(0, share)));
+    const [r, g, b, a] = heatColour(level);
+    const cell = document.createElement("span");
+    cell.className = "token";
+    cell.dataset.token = name;
+    cell.style.background = `rgba(${r}, ${g}, ${b}, ${a / 255})`;
+    cell.textContent = `${name} ${format(values[q])}`;
+    strip.append(cell);
+  });
+  return strip;
 }
 
 function showLayers() {
