@@ -122,6 +122,37 @@ def load_clip(
 
 
 @dataclass
+class TextTower:
+    """An open_clip model's text side, whatever its image tower: prompts -> embeddings in the
+    space of its image embeddings (features named in words, `vitscope search`)."""
+
+    clip: nn.Module
+    """The whole open_clip model; `clip.encode_text(ids, normalize=True)` embeds."""
+    tokenizer: Callable[[list[str]], Tensor]
+    """Texts -> token ids (N, context) on the CPU."""
+    device: torch.device
+
+
+def has_text_tower(model: str) -> bool:
+    """Every open_clip model has one (CLIP, SigLIP, PE-Core, CoCa, ...); timm's ViTs have none."""
+    return not model.startswith("timm:")
+
+
+def load_text_tower(
+    model: str, pretrained: str, device: str = "cpu", dtype: ModelDtype = "auto", seed: int = 0
+) -> TextTower:
+    """`model`'s text tower with `pretrained` weights (the same rules and seed as
+    `load_vision_tower`, so random weights match the image tower a cache was made with)."""
+    if not has_text_tower(model):
+        raise BadSetting(f"{model} has no text tower; only a CLIP-family model embeds text")
+    clip, _, _ = _create_clip(model, pretrained, seed)
+    torch_device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    clip = clip.to(device=torch_device, dtype=torch_dtype).eval().requires_grad_(False)
+    return TextTower(clip, import_open_clip().get_tokenizer(model), torch_device)
+
+
+@dataclass
 class ImageEncoder:
     """Any open_clip model's image tower (a ViT or not), for final image embeddings only."""
 
