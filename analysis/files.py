@@ -9,6 +9,8 @@ the pictures, the browser and notebooks read.
       heatmaps.zarr      (F, N, T) float16: each top image's activation on every token
       state.safetensors  only while the pass is incomplete: the accumulators, for --resume
       monosemanticity.parquet, monosemanticity.json   `vitscope monosemanticity`: MS per feature
+      labels.parquet, vocabulary.parquet, feature_embeddings.npy, labels.json   and, with a CLIP
+                         model, the features named in words (analysis/label_files.py)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import zarr
 from vitscope.support.outputs import holding
 from vitscope.support.records import FileFormatError, parse_record, read_json, write_atomically
 
-ANALYSIS_VERSION = "1.2"
+ANALYSIS_VERSION = "1.3"
 META_FILE = "meta.json"
 FEATURES_FILE = "features.parquet"
 TOP_IMAGES_FILE = "top_images.parquet"

@@ -23,7 +23,7 @@ from vitscope.analysis.label_files import (
 from vitscope.analysis.text_labels import embed_texts, ranked_features
 from vitscope.pipeline.model import load_text_tower
 from vitscope.support.devices import resolve_device
-from vitscope.support.errors import BadSetting
+from vitscope.support.errors import BadSetting, MissingInput
 from vitscope.support.progress import status
 
 
@@ -43,6 +43,11 @@ def search(config: SearchConfig) -> tuple[LabelsMeta, list[SearchHit]]:
     if not config.text.strip():
         raise BadSetting('expected a text to search for, found an empty one; pass e.g. "a red car"')
     folder = config.folder
+    if not folder.is_dir():
+        raise MissingInput(
+            f"expected the analysis folder of {config.run} at {folder}, found none",
+            fix=f"run `vitscope monosemanticity {config.run}`, or pass --analysis",
+        )
     meta = need_labels(folder, "vitscope search")
     features_FE = torch.from_numpy(read_feature_embeddings(folder).astype("float32"))
     status(f"embedding the text with {meta.encoder}'s text tower ({meta.encoder_weights})")
