@@ -149,7 +149,7 @@ def why_unnamed(folder: Path) -> str:
 def read_vocabulary(folder: Path) -> tuple[list[str], np.ndarray]:
     """The labels and their (L, E) float32 text embeddings."""
     table = pq.read_table(folder / VOCABULARY_FILE)
-    embeddings = table["embedding"].combine_chunks().flatten().to_numpy()
+    embeddings = np.array(table["embedding"].combine_chunks().flatten(), dtype=np.float32)
     return table["label"].to_pylist(), embeddings.reshape(table.num_rows, -1)
 
 
