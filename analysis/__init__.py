@@ -7,7 +7,8 @@ folder, ANALYSIS.md), `images` (reading top images back from the webdataset shar
 (PNG pictures), `browser` (the static feature browser), `sorteval` and `sorteval_run` (the sort
 eval) with its judges `judge_clip`, `judge_http` and the game page for people, `splice`
 (the SAE spliced into the vision tower), `monosemanticity` (the MonoSemanticity Score of every
-feature), `compare` (layers side by side). The calls a user makes: `vitscope analyze RUN`,
-`browse`, `sorteval`, `splice`, `monosemanticity`, `compare`. Stages never import
-this folder.
+feature), `text_labels`, `label_files`, `browser_labels` and `search` (features named in words
+by a CLIP text tower, and found by text), `compare` (layers side by side). The calls a user
+makes: `vitscope analyze RUN`, `browse`, `sorteval`, `splice`, `monosemanticity`, `search`,
+`compare`. Stages never import this folder.
 """

@@ -7,6 +7,8 @@
       data/block_NNNNN.js    VS.blocks[n]: 1024 features' top images as [row, peak, [values of
                              the prefix tokens: CLS, registers]], their patch maps (uint8 per
                              feature, rows x cols, base64) and the images' captions
+      data/labels.js         VS.labels: each feature's best labels and, for the search box, the
+                             features nearest each label (or why there are none)
       data/layers.js         VS.layers: links to the other layers' browsers (`vitscope compare`),
                              kept when the site is written again
       data/games.js          VS.games: links to the run's sort-eval game pages, rewritten by
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from vitscope.analysis.browser_labels import labels_data
 from vitscope.analysis.files import Analysis
 from vitscope.analysis.images import iter_images
 from vitscope.cache_spec.store import Cache, open_cache
@@ -49,6 +52,8 @@ it there."""
 INDEX_FILE = "data/index.js"
 LAYERS_FILE = "data/layers.js"
 """VS.layers: links to the browsers of the same cache's other layers (`vitscope compare`)."""
+LABELS_DATA = "data/labels.js"
+"""VS.labels: the features' words and, per label, the features nearest it (browser_labels.py)."""
 GAMES_FILE = "data/games.js"
 """VS.games: links to the run's sort-eval game pages, whichever of browse and sorteval ran last."""
 GAME_PAGES = "*/game/sortgame.html"
@@ -78,6 +83,7 @@ def write_browser(
         shutil.copy(ASSETS / name, partial / name)
     (partial / "data").mkdir()
     _write_index(analysis, partial / INDEX_FILE)
+    _write_script(partial / LABELS_DATA, "VS.labels", labels_data(analysis.folder))
     _write_script(partial / GAMES_FILE, "VS.games", game_links(run or analysis.folder.parent, out))
     _keep_layer_links(out, partial)
     rows = _write_blocks(analysis, partial / "data")

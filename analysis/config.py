@@ -1,5 +1,5 @@
-"""Settings of the analysis commands (analyze, monosemanticity, compare, grid, browse, splice): one
-frozen dataclass per command."""
+"""Settings of the analysis commands (analyze, monosemanticity, compare, grid, browse, search,
+splice): one frozen dataclass per command."""
 
 from __future__ import annotations
 
@@ -78,6 +78,12 @@ class MonosemanticityConfig(Shards, Device, Overwrite):
     """DataLoader workers decoding and preprocessing images (one shard each at a time)."""
     read_threads: Annotated[int, AtLeast(1)] = 4
     """Threads reading and decompressing chunks ahead of the SAE's encoder."""
+    labels: str = ""
+    """Words that name the features, one label a line; empty = ImageNet's class names (on a CPU
+    their 7,000 prompts take minutes through a large text tower)."""
+    top_labels: Annotated[int, AtLeast(0)] = 5
+    """Labels kept per feature, by the encoder's text tower (a CLIP model's; skipped for one
+    without); 0 = name none."""
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -142,6 +148,28 @@ class BrowseConfig(Shards, Overwrite):
 
     def __post_init__(self) -> None:
         check_bounds(self)
+
+
+@dataclass(frozen=True)
+class SearchConfig(Device):
+    """The features whose images' embedding is nearest a text's, under the text tower of the
+    model that named them (`vitscope monosemanticity`)."""
+
+    run: str
+    """The SAE that was scored: a run folder (or what `vitscope monosemanticity` was given)."""
+    text: str
+    """Any text: "a red car"; embedded in the same prompts as the vocabulary."""
+    analysis: str = ""
+    """Analysis folder; empty = RUN/analysis (or ./analysis for a non-folder SAE)."""
+    top: Annotated[int, AtLeast(1)] = 10
+    """Features listed, nearest first."""
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+    @property
+    def folder(self) -> Path:
+        return AnalyzeConfig(run=self.run, out=self.analysis).out_dir
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ the pictures, the browser and notebooks read.
       heatmaps.zarr      (F, N, T) float16: each top image's activation on every token
       state.safetensors  only while the pass is incomplete: the accumulators, for --resume
       monosemanticity.parquet, monosemanticity.json   `vitscope monosemanticity`: MS per feature
+      labels.parquet, vocabulary.parquet, feature_embeddings.npy, labels.json   and, with a CLIP
+                         model, the features named in words (analysis/label_files.py)
 """
 
 from __future__ import annotations

@@ -50,6 +50,8 @@ from vitscope.analysis.files import (
     write_monosemanticity,
 )
 from vitscope.analysis.images import ImageSourceError, shard_paths
+from vitscope.analysis.label_files import remove_labels
+from vitscope.analysis.text_labels import name_features, vocabulary
 from vitscope.cache_spec.store import Cache, ChunkRef, open_cache
 from vitscope.pipeline.dataset import ShardBatch, ShardImages, shard_loader
 from vitscope.pipeline.model import ImageEncoder, load_image_encoder
@@ -130,19 +132,40 @@ class MSAccumulator:
 
     def scores(self) -> Tensor:
         """(F,) float64 MS of every feature, NaN where undefined, in [-1, 1]."""
-        n, lo = self.n_images, self.act_min_F.double()
-        lo = torch.where(torch.isfinite(lo), lo, 0.0)
+        n, lo = self.n_images, self._lowest()
         shifted_sum = self.act_sum_F - n * lo  # Σ (r − lo)
         shifted_sq = self.act_sq_F - 2 * lo * self.act_sum_F + n * lo.square()  # Σ (r − lo)²
         norm_sq = torch.empty_like(shifted_sum)  # ||Σ (r − lo) e||²
         for first in range(0, len(norm_sq), FEATURE_BLOCK):
             part = slice(first, first + FEATURE_BLOCK)
-            weighted = self.weighted_FE[part].double() - lo[part, None] * self.emb_sum_E
-            norm_sq[part] = weighted.square().sum(dim=1)
+            norm_sq[part] = self._shifted_weighted(part, lo).square().sum(dim=1)
         weights = shifted_sum.square() - shifted_sq  # Σ_{n≠m} (r_n − lo)(r_m − lo)
         defined = weights > 1e-9 * shifted_sum.square()
         ms = (norm_sq - shifted_sq) / torch.where(defined, weights, 1.0)
         return torch.where(defined, ms.clamp(-1, 1), float("nan"))
+
+    def feature_embeddings(self) -> Tensor:
+        """(F, E) float16: each feature's activation-weighted image embedding Σ (r − lo) e, unit
+        norm (analysis/text_labels.py says why the shift); a zero row where Σ (r − lo) is 0 (no
+        image, or the same value on every one: exactly 0, P and N·lo being sums of float32
+        values in float64)."""
+        lo = self._lowest()
+        spread_F = self.act_sum_F - self.n_images * lo > 0
+        out_FE = torch.zeros(self.weighted_FE.shape, dtype=torch.float16, device=lo.device)
+        for first in range(0, len(out_FE), FEATURE_BLOCK):
+            part = slice(first, first + FEATURE_BLOCK)
+            unit = torch.nn.functional.normalize(self._shifted_weighted(part, lo), dim=1)
+            out_FE[part] = torch.where(spread_F[part, None], unit, 0.0).half()
+        return out_FE
+
+    def _lowest(self) -> Tensor:
+        """(F,) float64 lo = min r (0 before any image)."""
+        lo = self.act_min_F.double()
+        return torch.where(torch.isfinite(lo), lo, 0.0)
+
+    def _shifted_weighted(self, part: slice, lo: Tensor) -> Tensor:
+        """(len(part), E) float64 Σ (r − lo) e of the features in `part`."""
+        return self.weighted_FE[part].double() - lo[part, None] * self.emb_sum_E
 
 
 def monosemanticity_scores(acts_NF: Tensor, emb_NE: Tensor) -> Tensor:
@@ -157,9 +180,11 @@ def monosemanticity(
     config: MonosemanticityConfig,
 ) -> tuple[Path, MonosemanticityMeta, np.ndarray]:
     """Score every feature over the evaluation images; write monosemanticity.parquet and .json
-    into the analysis folder; returns the folder, the meta and MS per feature (NaN: none)."""
+    into the analysis folder, then name the features with the encoder's text tower if it has one
+    (analysis/text_labels.py); returns the folder, the meta and MS per feature (NaN: none)."""
     out = config.out_dir
     check_output_path(out, "--out", overwrite=config.overwrite, own=ANALYSIS_FOLDER)
+    words = vocabulary(config.labels) if config.top_labels else None  # a bad file: before work
     device = resolve_device(config.device)
     sae = load_sae(config.run, device=device)
     layer = layer_of(config, sae)
@@ -172,6 +197,7 @@ def monosemanticity(
         raise MissingInput(f"{cache.path}: no committed rows to score the features on")
     encoder = _encoder(config, cache, device)
     acc = MSAccumulator.empty(sae.n_latents, encoder.embed_dim, device)
+    remove_labels(out)  # an earlier run's words would name this run's features
     _accumulate(acc, config, cache, layer, sae, encoder, chunks)
     meta = MonosemanticityMeta(
         sae=str(config.run),
@@ -186,6 +212,8 @@ def monosemanticity(
     )
     ms_F = acc.scores().cpu().numpy()
     write_monosemanticity(out, meta, ms_F)
+    if words is not None:
+        name_features(out, acc.feature_embeddings(), meta, words, config.top_labels, device)
     return out, meta, ms_F
 
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from vitscope.cache_spec.tokens import TokenLayout
 from vitscope.pipeline import backbones
+from vitscope.pipeline.backbones import timm_vit
 from vitscope.pipeline.backbones.parts import import_open_clip as import_open_clip
 from vitscope.support.errors import BadSetting
 
@@ -111,6 +112,37 @@ def load_clip(
         return ClipModel(tower, None, None)
     clip = built.clip.to(device=tower.device, dtype=tower.dtype).eval().requires_grad_(False)
     return ClipModel(tower, clip.encode_text, built.tokenizer())
+
+
+@dataclass
+class TextTower:
+    """An open_clip model's text side, whatever its image tower: prompts -> embeddings in the
+    space of its image embeddings (features named in words, `vitscope search`)."""
+
+    clip: nn.Module
+    """The whole open_clip model; `clip.encode_text(ids, normalize=True)` embeds."""
+    tokenizer: Callable[[list[str]], Tensor]
+    """Texts -> token ids (N, context) on the CPU."""
+    device: torch.device
+
+
+def has_text_tower(model: str) -> bool:
+    """Every open_clip model has one (CLIP, SigLIP, PE-Core, CoCa, ...); timm's ViTs have none."""
+    return not model.startswith(timm_vit.PREFIX)
+
+
+def load_text_tower(
+    model: str, pretrained: str, device: str = "cpu", dtype: ModelDtype = "auto", seed: int = 0
+) -> TextTower:
+    """`model`'s text tower with `pretrained` weights (the same rules and seed as
+    `load_vision_tower`, so random weights match the image tower a cache was made with)."""
+    built = backbones.build(model, pretrained, seed)
+    if built.clip is None or built.tokenizer is None:
+        raise BadSetting(f"{model} has no text tower; only a CLIP-family model embeds text")
+    torch_device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    clip = built.clip.to(device=torch_device, dtype=torch_dtype).eval().requires_grad_(False)
+    return TextTower(clip, built.tokenizer(), torch_device)
 
 
 @dataclass

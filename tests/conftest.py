@@ -260,6 +260,28 @@ def photo_analysis(photo_sae: Path, reference_cache: Path) -> Path:
     return analyze(AnalyzeConfig(run=str(photo_sae), cache=str(reference_cache), device="cpu"))
 
 
+PHOTO_LABELS = ("a tabby cat", "a motorcycle", "the moon", "a cup of coffee", "a rocket", "text")
+"""The vocabulary that names the scored photo SAE's features (a few labels: seconds of text)."""
+
+
+@pytest.fixture(scope="session")
+def scored_run(photo_sae: Path, photo_analysis: Path, tmp_path_factory) -> Path:
+    """A copy of the analysed photo SAE, scored by the command line with the cache's model, its
+    features named by that model's text tower from PHOTO_LABELS."""
+    from vitscope.analysis.files import MS_FILE
+
+    root = tmp_path_factory.mktemp("ms")
+    run = Path(shutil.copytree(photo_sae, root / "run"))
+    (root / "labels.txt").write_text("\n".join(PHOTO_LABELS) + "\n")
+    result = run_vitscope(
+        *("monosemanticity", str(run), "--device", "cpu", "--num-workers", "2"),
+        *("--batch-size", "5", "--labels", str(root / "labels.txt"), "--top-labels", "3"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "MS of " in result.stdout and str(run / "analysis" / MS_FILE) in result.stdout
+    return run
+
+
 @pytest.fixture(scope="session")
 def chromium(tmp_path_factory: pytest.TempPathFactory):
     """Debian's headless Chromium through Selenium, saving downloads to `.download_dir`."""

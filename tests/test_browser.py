@@ -255,8 +255,8 @@ def test_browser_at_65536_features(
     print(f"\n65,536 features: {written_s:.1f} s, {per_feature:,.0f} bytes/feature, {files} files")
     assert 0 < per_feature < 4096
     n_images = len(pc.unique(analysis.top_images["row"]))
-    # assets, index, layer and game links, blocks, thumbnails
-    assert files == 4 + 3 + n_features // 1024 + n_images
+    # assets, index, labels (here: why there are none), layer and game links, blocks, thumbnails
+    assert files == 4 + 4 + n_features // 1024 + n_images
 
     chromium.get((site / "index.html").as_uri())
     wait_for(chromium, "#features tbody tr")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -129,28 +128,22 @@ def test_a_feature_on_unrelated_images_scores_their_mean_similarity():
     assert ms == pytest.approx(mean_similarity, abs=0.01)
 
 
-@pytest.fixture(scope="module")
-def scored_run(photo_sae: Path, photo_analysis: Path, tmp_path_factory) -> Path:
-    """A copy of the analysed photo SAE, scored by the command line with the cache's model."""
-    run = Path(shutil.copytree(photo_sae, tmp_path_factory.mktemp("ms") / "run"))
-    result = run_vitscope(
-        "monosemanticity", str(run), "--device", "cpu", "--num-workers", "2", "--batch-size", "5"
-    )
-    assert result.returncode == 0, result.stderr
-    assert "MS of " in result.stdout and str(run / "analysis" / MS_FILE) in result.stdout
-    return run
-
-
-def brute_force_pass(run: Path, cache_path: Path, rows: list[int]) -> np.ndarray:
-    """MS of the SAE's features over the cache's `rows`, everything held in memory: dense codes'
-    max over tokens, the cache's model's embeddings of the images read back, pair by pair."""
+def pass_inputs(run: Path, cache_path: Path, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """What the MS pass folds in for the cache's `rows`, held in memory: image activations (N, F),
+    the dense codes' max over tokens, and the cache's model's embeddings (N, E) of the images
+    read back."""
     cache = open_cache(cache_path)
     sae = vitscope.load_sae(run)
     acts_NF = sae.encode(cache.read_rows(5, rows)).dense().amax(dim=1).numpy()
     encoder = load_image_encoder(cache.attrs.model, cache.attrs.pretrained)
     images = read_images(cache, rows)
     pixels = torch.stack([model_input(images[r], encoder.preprocess) for r in rows])
-    return brute_force_ms(acts_NF, encoder.embed(pixels).numpy())
+    return acts_NF, encoder.embed(pixels).numpy()
+
+
+def brute_force_pass(run: Path, cache_path: Path, rows: list[int]) -> np.ndarray:
+    """MS of the SAE's features over the cache's `rows`, pair by pair."""
+    return brute_force_ms(*pass_inputs(run, cache_path, rows))
 
 
 def stored_ms(folder: Path) -> np.ndarray:
@@ -190,7 +183,12 @@ def test_max_images_scores_the_first_whole_chunks(
 
     monkeypatch.setattr(dataset_module, "read_samples", read_samples)
     config = MonosemanticityConfig(
-        run=str(photo_sae), out=str(tmp_path), max_images=10, device="cpu", num_workers=0
+        run=str(photo_sae),
+        out=str(tmp_path),
+        max_images=10,
+        device="cpu",
+        num_workers=0,
+        top_labels=0,
     )
     out, meta, ms = monosemanticity(config)
     chunks = open_cache(reference_cache).chunks()[:3]

@@ -20,6 +20,7 @@ from vitscope.analysis.config import (
     ConsistencyConfig,
     GridConfig,
     MonosemanticityConfig,
+    SearchConfig,
     SpliceConfig,
 )
 from vitscope.analysis.sorteval_config import SortEvalConfig
@@ -48,6 +49,7 @@ COMMANDS = {
     "pull": PullConfig,
     "to-saelens": ExportConfig,
     "browse": BrowseConfig,
+    "search": SearchConfig,
     "splice": SpliceConfig,
 }
 """Every command, with the config dataclass its flags, TOML keys and help derive from."""
@@ -61,6 +63,7 @@ REQUIRED = {
     "grid": ["analysis", "--feature", "0"],
     "consistency": ["run_a", "run_b"],
     "browse": ["run"],
+    "search": ["run", "text"],
     "splice": ["run"],
     "cache-info": ["path"],
 }

@@ -18,6 +18,7 @@ from vitscope.analysis.files import (
     AnalysisMeta,
     MonosemanticityMeta,
 )
+from vitscope.analysis.label_files import LABELS_SCHEMA, VOCABULARY_SCHEMA, LabelsMeta
 from vitscope.cache_spec import CacheAttrs, ShardCommit, open_cache
 from vitscope.cache_spec.layout import ROWS_SCHEMA, STORAGES
 from vitscope.cache_spec.storage import ENCODINGS
@@ -92,6 +93,7 @@ def test_analysis_tables_match_the_code():
     for heading, record in [
         ("## `meta.json`", AnalysisMeta),
         ("### `monosemanticity.json`", MonosemanticityMeta),
+        ("### `labels.json`", LabelsMeta),
     ]:
         hints = get_type_hints(record)
         documented = [(name, kind) for name, kind, _ in spec_table(heading, ANALYSIS)]
@@ -102,6 +104,8 @@ def test_analysis_tables_match_the_code():
         ("## `features.parquet`", FEATURES_SCHEMA),
         ("## `top_images.parquet`", TOP_IMAGES_SCHEMA),
         ("### `monosemanticity.parquet`", MS_SCHEMA),
+        ("### `labels.parquet`", LABELS_SCHEMA),
+        ("### `vocabulary.parquet`", VOCABULARY_SCHEMA),
     ]:
         documented = [(name, kind) for name, kind, _ in spec_table(heading, ANALYSIS)]
         assert documented == [(f.name, str(f.type)) for f in schema]

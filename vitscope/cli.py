@@ -18,6 +18,7 @@ from vitscope.analysis.config import (
     ConsistencyConfig,
     GridConfig,
     MonosemanticityConfig,
+    SearchConfig,
     SpliceConfig,
 )
 from vitscope.analysis.sorteval_config import SortEvalConfig
@@ -143,6 +144,7 @@ def run_monosemanticity(config: MonosemanticityConfig) -> None:
     import numpy as np
 
     from vitscope.analysis.files import MS_FILE
+    from vitscope.analysis.label_files import LABELS_FILE, read_labels_meta
     from vitscope.analysis.monosemanticity import monosemanticity
     from vitscope.analysis.plots import plot_monosemanticity
 
@@ -154,6 +156,12 @@ def run_monosemanticity(config: MonosemanticityConfig) -> None:
         f"({meta.encoder} embeddings){mean}: {out / MS_FILE}"
     )
     print(f"picture: {plot_monosemanticity(out)}")
+    named = read_labels_meta(out)
+    if named is not None:
+        print(
+            f"named {named.n_named:,} features with their {named.top_labels} best of "
+            f"{named.about}: {out / LABELS_FILE}"
+        )
 
 
 add_config_command(
@@ -162,8 +170,28 @@ add_config_command(
     MonosemanticityConfig,
     run_monosemanticity,
     help="MonoSemanticity Score of every feature: activation-weighted mean cosine similarity of "
-    "the images it fires on, under an image encoder (default: the cache's own model).",
+    "the images it fires on, under an image encoder (default: the cache's own model); with a "
+    "CLIP model, each feature named by the labels its text tower puts nearest its images.",
     arguments=("run",),
+)
+
+
+@one_line_errors
+def run_search(config: SearchConfig) -> None:
+    from vitscope.analysis.search import search, search_lines
+
+    meta, hits = search(config)
+    print("\n".join(search_lines(config.text, meta, hits)))
+
+
+add_config_command(
+    app,
+    "search",
+    SearchConfig,
+    run_search,
+    help='The features nearest a text ("a red car") under the text tower that named them '
+    "(`vitscope monosemanticity` with a CLIP model): cosine, MS and best label of each.",
+    arguments=("run", "text"),
 )
 
 

@@ -141,6 +141,7 @@ def run_demo(config: DemoConfig) -> None:
     from vitscope.analysis.compare import compare
     from vitscope.analysis.config import AnalyzeConfig, MonosemanticityConfig, SpliceConfig
     from vitscope.analysis.files import load_analysis
+    from vitscope.analysis.label_files import LABELS_FILE, read_labels_meta
     from vitscope.analysis.monosemanticity import monosemanticity
     from vitscope.analysis.plots import plot_analysis
     from vitscope.analysis.sorteval_config import SortEvalConfig
@@ -227,9 +228,13 @@ def run_demo(config: DemoConfig) -> None:
         )
         print(f"SAE on layer {layer}: {run}/sae.safetensors; curves: {run}/report.png")
         analysis = analyze(AnalyzeConfig(run=str(run)))
-        _, _, ms_F = monosemanticity(MonosemanticityConfig(run=str(run), num_workers=2))
+        ms_config = MonosemanticityConfig(run=str(run), num_workers=2, labels=str(labels))
+        folder, _, ms_F = monosemanticity(ms_config)
         defined = ms_F[ms_F == ms_F]  # NaN: no MS
         print(f"MonoSemanticity Score of {len(defined)} features: mean {defined.mean():.3f}")
+        named = read_labels_meta(folder)
+        if named is not None:  # the photos' captions as the words: 24 labels, seconds of text
+            print(f"features named by {named.about}: {folder / LABELS_FILE}")
         for picture in plot_analysis(analysis):
             print(f"picture: {picture}")
         spliced, _ = splice_run(SpliceConfig(run=str(run), labels=str(labels)))

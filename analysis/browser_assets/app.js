@@ -26,6 +26,106 @@ function shownColumns(features) {
   return COLUMNS.filter(([name]) => name in features);
 }
 
+/* The features' words (data/labels.js): named by `vitscope monosemanticity` with a CLIP model's
+   text tower, else VS.labels.missing says why there are none. */
+function named() {
+  return Boolean(VS.labels && VS.labels.vocabulary);
+}
+
+/* Feature f's best labels, best first, as [label, score]. */
+function bestLabels(f) {
+  const top = VS.labels.top[f];
+  const labels = [];
+  for (let i = 0; i < top.length; i += 2) labels.push([VS.labels.vocabulary[top[i]], top[i + 1]]);
+  return labels;
+}
+
+function labelText([label, score]) {
+  return `${label} ${score.toFixed(3)}`;
+}
+
+function escapeHtml(text) {
+  const span = document.createElement("span");
+  span.textContent = text;
+  return span.innerHTML;
+}
+
+const STOP_WORDS = new Set(["a", "an", "the", "of", "in", "on", "with", "and", "photo"]);
+
+function words(text) {
+  return text.toLowerCase().split(/[^\p{L}\p{N}]+/u).filter((w) => w && !STOP_WORDS.has(w));
+}
+
+/* The vocabulary labels that best match the typed text, best first: the label itself, then
+   labels holding the text's words in a run ("car" -> "sports car", not "scarf"), then labels
+   the text holds so ("a red car" -> "car"), then labels the text is a piece of ("tab" ->
+   "tabby cat"), then labels sharing words with it (by the share of the label's words); shorter
+   labels first among equals. */
+function matchLabels(text, most) {
+  const query = text.trim().toLowerCase();
+  const queryRun = ` ${words(query).join(" ")} `;
+  const found = [];
+  VS.labels.vocabulary.forEach((label, index) => {
+    const name = label.toLowerCase();
+    const labelWords = words(name);
+    const labelRun = ` ${labelWords.join(" ")} `;
+    let score = 0;
+    if (name === query) score = 5;
+    else if (queryRun.trim() && labelRun.includes(queryRun)) score = 4;
+    else if (labelWords.length && queryRun.includes(labelRun)) score = 3;
+    else if (query && name.includes(query)) score = 2;
+    else if (labelWords.length) {
+      score = labelWords.filter((w) => queryRun.includes(` ${w} `)).length / labelWords.length;
+    }
+    if (score > 0) found.push({ index, label, score });
+  });
+  found.sort((a, b) => b.score - a.score || a.label.length - b.label.length || a.index - b.index);
+  return found.slice(0, most);
+}
+
+/* The search box on the index: typed text -> the best matching labels, each with the features
+   nearest it (ranked by `vitscope browse`), linked to their pages. */
+function setUpSearch() {
+  const form = document.querySelector("form.search");
+  const note = document.getElementById("search-note");
+  if (!named()) {
+    note.textContent = `no text search: ${VS.labels ? VS.labels.missing : "no data/labels.js"}`;
+    return;
+  }
+  form.hidden = false;
+  note.textContent = `features named by ${VS.labels.about}`;
+  note.classList.toggle("warning", VS.labels.random);
+  const results = document.getElementById("search-results");
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    results.replaceChildren();
+    const matches = matchLabels(form.text.value, 3);
+    if (matches.length === 0) {
+      results.textContent = `no label matches "${form.text.value}"; try a word of the vocabulary`;
+    }
+    for (const { index, label } of matches) {
+      const section = document.createElement("section");
+      section.className = "match";
+      const heading = document.createElement("h3");
+      heading.textContent = label;
+      const list = document.createElement("ol");
+      const ranked = VS.labels.search[index];
+      for (let i = 0; i < ranked.length; i += 2) {
+        const item = document.createElement("li");
+        const link = document.createElement("a");
+        link.href = featureUrl(ranked[i]);
+        link.textContent = `feature ${ranked[i]}`;
+        const best = bestLabels(ranked[i]);
+        const rest = ` ${ranked[i + 1].toFixed(3)}` + (best.length ? ` · ${best[0][0]}` : "");
+        item.append(link, rest);
+        list.append(item);
+      }
+      section.append(heading, list);
+      results.append(section);
+    }
+  });
+}
+
 function format(value) {
   if (value === null || Number.isNaN(value)) return "–";
   if (Number.isInteger(value)) return value.toLocaleString("en-US");
@@ -57,6 +157,16 @@ function showIndex() {
   const shown = shownColumns(features);
   const columns = {};
   for (const [name] of shown) columns[name] = Float64Array.from(features[name], (v) => v ?? NaN);
+  if (named()) {
+    // The best label's text, sorted by its score (features without a label last).
+    shown.push(["label", "best label"]);
+    columns.label = Float64Array.from(VS.labels.top, (top) => (top.length ? top[1] : NaN));
+  }
+  const cell = (name, f) => {
+    if (name !== "label") return format(features[name][f]);
+    const best = bestLabels(f);
+    return best.length ? escapeHtml(labelText(best[0])) : "–";
+  };
   const hash = new URLSearchParams(location.hash.slice(1));
   const state = {
     sort: hash.get("sort") in columns ? hash.get("sort") : "feature",
@@ -115,7 +225,7 @@ function showIndex() {
     const end = Math.min((state.page + 1) * PAGE_ROWS, n);
     for (let i = state.page * PAGE_ROWS; i < end; i++) {
       const f = order[i];
-      const cells = shown.slice(1).map(([name]) => `<td>${format(features[name][f])}</td>`);
+      const cells = shown.slice(1).map(([name]) => `<td data-col="${name}">${cell(name, f)}</td>`);
       rows.push(`<tr><td><a href="${featureUrl(f)}">${f}</a></td>${cells.join("")}</tr>`);
     }
     document.querySelector("#features tbody").innerHTML = rows.join("");
@@ -125,6 +235,7 @@ function showIndex() {
   }
 
   setUpJump(n);
+  setUpSearch();
   sort();
   render();
 }
@@ -148,6 +259,7 @@ function showFeature() {
     ([name, label]) => `<tr><th>${label}</th><td data-col="${name}">${format(features[name][f])}</td></tr>`,
   );
   document.querySelector("#stats tbody").innerHTML = stats.join("");
+  showLabels(f);
   document.getElementById("overlay").addEventListener("change", (event) => {
     document.body.classList.toggle("no-overlay", !event.target.checked);
   });
@@ -158,6 +270,28 @@ function showFeature() {
   script.onload = () => showTopImages(meta, VS.blocks[number], f - number * meta.block);
   script.onerror = () => (message.textContent = `cannot load ${script.src}`);
   document.head.append(script);
+}
+
+/* The feature's best labels with their cosines, and what named them (or why nothing did). */
+function showLabels(f) {
+  const section = document.getElementById("labels");
+  if (!named()) {
+    section.textContent = `no labels: ${VS.labels ? VS.labels.missing : "no data/labels.js"}`;
+    return;
+  }
+  const best = bestLabels(f);
+  const list = document.createElement("ol");
+  for (const pair of best) {
+    const item = document.createElement("li");
+    item.textContent = labelText(pair);
+    list.append(item);
+  }
+  const about = document.createElement("p");
+  about.className = VS.labels.random ? "about warning" : "about";
+  about.textContent = best.length
+    ? `labels: ${VS.labels.about}`
+    : "no labels: this feature is the same on every image";
+  section.replaceChildren(about, list);
 }
 
 function showTopImages(meta, block, i) {
