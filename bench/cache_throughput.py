@@ -416,10 +416,10 @@ def main() -> None:
             "b": lambda: cache_run(setup, "cache_profiled", Profile(tower.device)),
         }
         profiled = alternate(profiles, 1, 3 if quiet > 0 else 1, quiet)  # redone if disturbed
-    finally:
+        body = [*report(setup, decode, split, rounds), "", *profile_table(profiled)]
+    finally:  # the report counts the shards, so it is written before they go
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    body = [*report(setup, decode, split, rounds), "", *profile_table(profiled)]
     publish(args.out, tower.device, command_line(), body, append=args.append)
 
 
