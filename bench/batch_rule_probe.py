@@ -55,10 +55,10 @@ def keep_rule(choose: Callable[[BatchTopKSAE, int], KeepRule | None]) -> Iterato
     original = BatchTopKSAE._rule
     steps = {"done": 0}
 
-    def rule(sae: BatchTopKSAE) -> KeepRule:
+    def rule(sae: BatchTopKSAE, scale_B: torch.Tensor | None) -> KeepRule:
         steps["done"] += sae.training
         chosen = choose(sae, steps["done"])
-        return original(sae) if chosen is None else chosen
+        return original(sae, scale_B) if chosen is None else chosen
 
     BatchTopKSAE._rule = rule  # type: ignore[method-assign]
     try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -231,8 +232,9 @@ def first_batches(train_ND, args):
 
 
 def variant(text: str) -> dict[str, str]:
-    """`lr=1e-3,k_aux=128` -> settings of TrainConfig (parsed and checked by load_config)."""
-    return dict(item.split("=", 1) for item in text.split(","))
+    """`lr=1e-3,k_aux=128` -> settings of TrainConfig (parsed and checked by load_config); a
+    comma not followed by `name=` belongs to the value (`matryoshka_prefixes=0.25,0.5`)."""
+    return dict(item.split("=", 1) for item in re.split(r",(?=\w+=)", text))
 
 
 @dataclass(frozen=True)

@@ -40,9 +40,11 @@ def problem(n_tokens: int = 96, d: int = 32, seed: int = 0):
     return x, generator
 
 
-def new_sae(architecture: str, n_latents: int = 500) -> SAE:
-    widths = {"matryoshka_widths": WIDTHS} if architecture == "matryoshka" else {}
-    options = ARCHITECTURES[architecture].Options(k=6, **widths)
+def new_sae(architecture: str, n_latents: int = 500, batch_rank: str = "raw") -> SAE:
+    extra = {"matryoshka_widths": WIDTHS} if architecture == "matryoshka" else {}
+    if architecture != "topk":
+        extra["batch_rank"] = batch_rank
+    options = ARCHITECTURES[architecture].Options(k=6, **extra)
     sae = build_sae(SAECard(32, n_latents, options), seed=3)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
@@ -50,26 +52,34 @@ def new_sae(architecture: str, n_latents: int = 500) -> SAE:
     return sae
 
 
-def reference_kept(dense_BF: torch.Tensor, rule: str) -> torch.Tensor:
-    """Each rule by its definition: the batch's 8 · B largest positive values, or those > 1.5."""
+def reference_kept(dense_BF: torch.Tensor, rule: str, scale_B: torch.Tensor) -> torch.Tensor:
+    """Each rule by its definition on the keys pre / s: the batch's 8 · B largest positive ones,
+    or those > 1.5 / 8."""
+    keys_BF = dense_BF / scale_B[:, None]
     if rule == "threshold":
-        return dense_BF > 1.5
+        return keys_BF > 1.5 / 8
     kept = torch.zeros(dense_BF.numel(), dtype=torch.bool)
-    kept[dense_BF.flatten().topk(8 * len(dense_BF)).indices] = True
+    kept[keys_BF.flatten().topk(8 * len(dense_BF)).indices] = True
     return kept.view(dense_BF.shape) & (dense_BF > 0)
 
 
+@pytest.mark.parametrize("rank", ["raw", "relative"])
 @pytest.mark.parametrize("rule", ["batch", "threshold"])
 @pytest.mark.parametrize("n_latents", [300, 5000])
-def test_kept_preacts_apply_the_rule_to_every_latent(rule: str, n_latents: int):
-    """Flat and padded, float32 and bfloat16 selection; 5,000 latents make the batch rule's
+def test_kept_preacts_apply_the_rule_to_every_latent(rank: str, rule: str, n_latents: int):
+    """Flat and padded, float32 and bfloat16 selection, raw keys or relative to each token's
+    scale (tokens of norms 1/8 .. 8 times another's); 5,000 latents make the batch rule's
     sampled guess stride over the product."""
     x, generator = problem()
     w = torch.randn(n_latents, 32, generator=generator) / 32**0.5
     b = torch.randn(n_latents, generator=generator) * 0.1
     dense_BF = dense_preacts(x, w, b)
-    keep = batch_topk_rule(8) if rule == "batch" else threshold_rule(1.5)
-    expected = dense_BF.clamp_min(0) * reference_kept(dense_BF, rule)
+    scale_B = torch.ones(len(x))
+    if rank == "relative":
+        scale_B = 2.0 ** torch.randint(-3, 4, (len(x),), generator=generator).float()
+    given = None if rank == "raw" else scale_B
+    keep = batch_topk_rule(8, given) if rule == "batch" else threshold_rule(1.5 / 8, given)
+    expected = dense_BF.clamp_min(0) * reference_kept(dense_BF, rule, scale_B)
     preacts_N, rows = kept_preacts(x, w, b, keep, "float32")
     assert len(rows.idx) == int((expected > 0).sum())
     torch.testing.assert_close(dense_codes(preacts_N.clamp_min(0), rows, n_latents), expected)
@@ -85,13 +95,16 @@ def test_kept_preacts_apply_the_rule_to_every_latent(rule: str, n_latents: int):
     torch.testing.assert_close(preacts_N, dense_BF[rows.token_of_entry(), rows.idx])
 
 
+@pytest.mark.parametrize("batch_rank", ["raw", "relative"])
 @pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_sparse_paths_have_the_dense_loss_and_gradients(architecture: str, mode: str):
+def test_sparse_paths_have_the_dense_loss_and_gradients(
+    architecture: str, mode: str, batch_rank: str
+):
     x, _ = problem()
     results = {}
     for dense in (True, False):
-        sae = new_sae(architecture)
+        sae = new_sae(architecture, batch_rank=batch_rank)
         sae.train(mode == "train")
         sae.get_buffer("threshold").fill_(0.8)
         dead = torch.zeros(500, dtype=torch.bool)
@@ -126,23 +139,36 @@ def test_sparse_paths_have_the_dense_loss_and_gradients(architecture: str, mode:
     assert torch.equal(s_threshold, d_threshold)
 
 
-def test_threshold_is_the_running_mean_of_the_smallest_kept_activation():
-    sae = new_sae("batchtopk")
+def token_scale(sae: SAE, x_centered: torch.Tensor) -> torch.Tensor:
+    """s of each token by the definition: 1 for raw ranking, else the centred norm."""
+    if sae.card.options.batch_rank == "raw":
+        return torch.ones(len(x_centered))
+    return x_centered.norm(dim=1)
+
+
+@pytest.mark.parametrize("batch_rank", ["raw", "relative"])
+def test_threshold_is_the_running_mean_of_the_smallest_kept_key(batch_rank: str):
+    sae = new_sae("batchtopk", batch_rank=batch_rank)
     smallest = []
     for seed in range(3):
-        out = sae.autoencode(problem(seed=seed)[0])
-        smallest.append(float(out.z_N.detach()[out.z_N > 0].min()))
+        x = problem(seed=seed)[0]
+        out = sae.autoencode(x)
+        keys = (
+            out.z_N.detach() / token_scale(sae, x - sae.b_pre.detach())[out.rows.token_of_entry()]
+        )
+        smallest.append(float(keys[out.z_N > 0].min()))
     expected = smallest[0]
     for value in smallest[1:]:
         expected += sae.card.options.threshold_rate * (value - expected)
     assert float(sae.get_buffer("threshold")) == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("batch_rank", ["raw", "relative"])
 @pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka"])
 def test_inference_codes_of_a_vector_do_not_depend_on_its_neighbours(
-    architecture: str, monkeypatch: pytest.MonkeyPatch
+    architecture: str, batch_rank: str, monkeypatch: pytest.MonkeyPatch
 ):
-    sae = new_sae(architecture)
+    sae = new_sae(architecture, batch_rank=batch_rank)
     sae.autoencode(problem()[0])  # a training step's batch sets the threshold
     sae.eval()
     acts = problem(seed=5)[0] / float(sae.input_scale)
@@ -152,8 +178,10 @@ def test_inference_codes_of_a_vector_do_not_depend_on_its_neighbours(
     monkeypatch.setattr("vitscope.saes.sae.ENCODE_ROWS", 7)  # blocks keeping different widths
     torch.testing.assert_close(sae.encode(acts).dense(), together)
     threshold = float(sae.get_buffer("threshold"))
-    preacts = dense_preacts(acts - sae.b_pre, sae.w_enc, sae.b_enc)
-    torch.testing.assert_close(together, preacts * (preacts > threshold))
+    centred = acts - sae.b_pre
+    preacts = dense_preacts(centred, sae.w_enc, sae.b_enc)
+    keys = preacts / token_scale(sae, centred)[:, None]
+    torch.testing.assert_close(together, preacts * (keys > threshold))
     torch.testing.assert_close(sae(acts), sae.decode(sae.encode(acts)))
 
 

@@ -15,6 +15,7 @@ from vitscope.saes.architectures import ARCHITECTURES, build_sae
 from vitscope.saes.card import SAECard
 from vitscope.saes.sae import dense_codes, losses
 from vitscope.saes.saelens import export_saelens
+from vitscope.support.errors import BadSetting
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,15 @@ def test_an_sae_that_keeps_raw_values_is_not_exported_as_a_different_function(
     result = run_vitscope("to-saelens", str(clipscope_checkpoint), str(tmp_path / "out"))
     assert result.returncode == 1
     assert "SAELens' TopK SAE applies ReLU" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_relative_batch_rule_is_not_exported_as_a_jumprelu(tmp_path: Path):
+    """θ · ‖x − b_pre‖ is no per-latent threshold: refused in one line naming the fix."""
+    options = ARCHITECTURES["batchtopk"].Options(k=4, batch_rank="relative")
+    sae = build_sae(SAECard(16, 128, options), seed=1)
+    with pytest.raises(BadSetting, match="train with --batch-rank raw"):
+        export_saelens(sae, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

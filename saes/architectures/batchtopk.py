@@ -1,14 +1,21 @@
 """BatchTopK (Bussmann et al., "BatchTopK Sparse Autoencoders", 2024): the B·k largest
 pre-activations of a whole training batch, so a token may use more or fewer than k latents:
 
-    training:   z = relu(batchtopk_{B·k}(W_enc · (x − b_pre) + b_enc))   ranked over the batch
-    inference:  z = pre · [pre > θ]                                      each vector alone
+    training:   z = relu(batchtopk_{B·k}(pre / s))   pre = W_enc · (x − b_pre) + b_enc, ranked
+                                                      over the batch
+    inference:  z = pre · [pre / s > θ]               each vector alone
 
-θ replaces the batch at inference (a JumpReLU), so one image's codes do not depend on its
-neighbours. It is a running mean of the smallest kept activation of each training batch,
-θ ← θ + r · (min z⁺ − θ) with r = `threshold_rate` (0.2), as SAELens estimates it (its
-topk_threshold_lr, 0.01 there), except that the first batch sets θ (SAELens starts from 0, which
-weighs 0.99^steps on that 0).
+with s = 1 (`batch_rank` raw: the paper's and SAELens' rule) or s = ‖x − b_pre‖ (`batch_rank`
+relative, vitscope's training default): a token's pre-activations ranked as shares of its own
+size. Raw ranking hands a big token many latents, since every pre-activation's interference from
+the other features grows with the token's norm; on planted features it recovered 34% of the
+directions where TopK recovered 98%, and the relative rule 95% (BENCHMARKS.md, issue 23).
+
+θ replaces the batch at inference (a JumpReLU; relative: a threshold proportional to the token's
+centred norm), so one image's codes do not depend on its neighbours. It is a running mean of the
+smallest kept key pre / s of each training batch, θ ← θ + r · (min − θ) with r = `threshold_rate`
+(0.2), as SAELens estimates it (its topk_threshold_lr, 0.01 there), except that the first batch
+sets θ (SAELens starts from 0, which weighs 0.99^steps on that 0).
 
 A varying number of latents per token, flat (kernels.Rows: B·k entries per batch);
 `sae.train()` applies the batch rule (and updates θ), `sae.eval()` and `encode` the threshold,
@@ -18,7 +25,7 @@ as BatchNorm uses batch statistics in training and running ones at inference.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -33,6 +40,10 @@ from vitscope.saes.kernels import (
 )
 from vitscope.saes.sae import SAE, SAELensLayout
 from vitscope.support.configs import Above
+from vitscope.support.errors import BadSetting
+
+
+BatchRank = Literal["relative", "raw"]
 
 
 @dataclass(frozen=True)
@@ -43,45 +54,67 @@ class BatchTopKOptions(Options):
     down all through training, so θ lags it: after 256 steps, SAELens' rate 0.01 (its
     topk_threshold_lr) left inference L0 7-14% under k, 0.05 7%, 0.2 2% (bench/threshold_lag.py,
     BENCHMARKS.md)."""
+    batch_rank: BatchRank = "raw"
+    """What the batch rule ranks and θ thresholds: raw pre-activations (Bussmann et al., SAELens),
+    or relative ones, each divided by its token's centred norm ‖x − b_pre‖. Absent from a card:
+    raw, what every SAE before format 1.3 computes; `vitscope train` defaults to relative."""
 
 
 SAMPLED_PREACTS = 2**16
 """Pre-activations the batch rule samples to guess its cut before the exact pass."""
 
 
-def batch_topk_rule(k: int) -> KeepRule:
-    """BatchTopK's training rule: the B·k largest positive pre-activations of the whole batch.
+def batch_topk_rule(k: int, scale_B: Tensor | None = None) -> KeepRule:
+    """BatchTopK's training rule: the B·k largest positive keys pre / s of the whole batch, s the
+    token's `scale_B` (None: 1, raw pre-activations).
 
-    Found without sorting B·F values: a strided sample of the product guesses a cut a little
-    below the B·k-th largest, one pass keeps everything above it (lowered until at least B·k
-    pass, or every positive value does), and the B·k largest are chosen among those.
+    Found without sorting B·F values: a strided sample of the keys guesses a cut a little below
+    the B·k-th largest, one pass keeps everything above it (lowered until at least B·k pass, or
+    every positive value does), and the B·k largest are chosen among those.
     """
 
     def keep(product_BF: Tensor) -> Tensor:
         n_keep = k * len(product_BF)
         flat = product_BF.view(-1)
         stride = max(1, len(flat) // SAMPLED_PREACTS) | 1  # odd: not in step with a power-of-2 F
-        sample = flat[::stride].sort(descending=True).values
+        sampled_S = torch.arange(0, len(flat), stride, device=flat.device)
+        sample = keys(product_BF, sampled_S, scale_B).sort(descending=True).values
         expected = n_keep / stride
         rank = int(1.25 * expected + 3 * expected**0.5) + 1
         while True:
             guess = float(sample[rank]) if rank < len(sample) else 0.0
-            passed_N = (flat > 0).nonzero() if guess <= 0 else (flat >= guess).nonzero()
+            passed_N = above(product_BF, max(guess, 0.0), scale_B, strictly=guess <= 0)
             if len(passed_N) >= n_keep or guess <= 0:
                 break
             rank *= 2
-        passed_N = passed_N.squeeze(1)
         if len(passed_N) > n_keep:
-            best = flat[passed_N].topk(n_keep, sorted=False).indices
+            best = keys(product_BF, passed_N, scale_B).topk(n_keep, sorted=False).indices
             passed_N = passed_N[best].sort().values
         return passed_N
 
     return keep
 
 
-def threshold_rule(threshold: Tensor | float) -> KeepRule:
-    """BatchTopK's inference rule (a JumpReLU): every pre-activation above the threshold."""
-    return lambda product_BF: (product_BF.view(-1) > threshold).nonzero().squeeze(1)
+def keys(product_BF: Tensor, flat_N: Tensor, scale_B: Tensor | None) -> Tensor:
+    """The batch rule's keys at flat positions of the product: pre-activations, over their
+    token's scale when there is one."""
+    values_N = product_BF.view(-1)[flat_N]
+    return values_N if scale_B is None else values_N / scale_B[flat_N // product_BF.shape[1]]
+
+
+def above(
+    product_BF: Tensor, cut: Tensor | float, scale_B: Tensor | None, strictly: bool = True
+) -> Tensor:
+    """Flat positions (ascending) whose key pre / s is above `cut` (or at it, not `strictly`),
+    compared as pre against cut · s: one pass over the product, no (B, F) division."""
+    bound = cut if scale_B is None else cut * scale_B[:, None]
+    mask_BF = product_BF > bound if strictly else product_BF >= bound
+    return mask_BF.view(-1).nonzero().squeeze(1)
+
+
+def threshold_rule(threshold: Tensor | float, scale_B: Tensor | None = None) -> KeepRule:
+    """BatchTopK's inference rule (a JumpReLU): every key pre / s above the threshold."""
+    return lambda product_BF: above(product_BF, threshold, scale_B)
 
 
 class BatchTopKSAE(SAE):
@@ -101,18 +134,30 @@ class BatchTopKSAE(SAE):
 
     @torch.no_grad()
     def _encode_rows(self, x_centered: Tensor) -> tuple[Tensor, Rows]:
-        """Inference's codes: the pre-activations above θ (> 0, so they are the activations)."""
-        return kept_preacts(x_centered, self.w_enc, self.b_enc, self._rule(), self.selection)
+        """Inference's codes: the keys above θ (> 0, so their pre-activations are the
+        activations)."""
+        rule = self._rule(self._token_scale(x_centered))
+        return kept_preacts(x_centered, self.w_enc, self.b_enc, rule, self.selection)
 
     def _select(self, x_centered: Tensor, dense: bool) -> tuple[Tensor, Rows]:
-        z_N, rows = self._kept(x_centered, self._rule(), dense)
+        scale_B = self._token_scale(x_centered)
+        z_N, rows = self._kept(x_centered, self._rule(scale_B), dense)
         if self.training:
-            self._update_threshold(z_N)
+            keys_N = z_N if scale_B is None else z_N / scale_B[rows.token_of_entry()]
+            self._update_threshold(keys_N.detach())
         return z_N, rows
 
-    def _rule(self) -> KeepRule:
+    def _token_scale(self, x_centered: Tensor) -> Tensor | None:
+        """Each token's s: its centred norm when the rule is relative, else none (s = 1)."""
+        if self.card.options.batch_rank == "raw":
+            return None
+        return x_centered.detach().norm(dim=1).clamp_min(torch.finfo(x_centered.dtype).tiny)
+
+    def _rule(self, scale_B: Tensor | None) -> KeepRule:
         """The batch's top B·k in training, θ at inference (as BatchNorm's two modes)."""
-        return batch_topk_rule(self.k) if self.training else threshold_rule(self.threshold)
+        if self.training:
+            return batch_topk_rule(self.k, scale_B)
+        return threshold_rule(self.threshold, scale_B)
 
     def _kept(self, x_centered: Tensor, keep: KeepRule, dense: bool) -> tuple[Tensor, Rows]:
         """relu of the kept pre-activations, flat (B·k entries in all for the batch rule)."""
@@ -130,9 +175,9 @@ class BatchTopKSAE(SAE):
         return z_N, rows
 
     @torch.no_grad()
-    def _update_threshold(self, z_N: Tensor) -> None:
-        """θ's running mean of the smallest kept activation; a batch that keeps none leaves θ."""
-        positive = torch.where(z_N > 0, z_N, float("inf"))
+    def _update_threshold(self, keys_N: Tensor) -> None:
+        """θ's running mean of the smallest kept key; a batch that keeps none leaves θ."""
+        positive = torch.where(keys_N > 0, keys_N, float("inf"))
         none = positive.new_full((1,), float("inf"))  # a batch may keep nothing
         smallest = torch.cat((positive, none)).min().to(self.threshold.dtype)
         moved = torch.where(
@@ -143,7 +188,14 @@ class BatchTopKSAE(SAE):
         self.threshold.copy_(torch.where(smallest.isinf(), self.threshold, moved))
 
     def saelens_layout(self) -> SAELensLayout:
-        """SAELens saves its BatchTopK SAEs as JumpReLU ones: θ in every latent's threshold."""
+        """SAELens saves its BatchTopK SAEs as JumpReLU ones: θ in every latent's threshold. A
+        relative rule's threshold θ · ‖x − b_pre‖ is no JumpReLU's, so it is refused."""
+        if self.card.options.batch_rank != "raw":
+            raise BadSetting(
+                f"{self.describe()} thresholds pre-activations relative to each token's norm "
+                "(batch_rank relative), which SAELens' JumpReLU cannot compute; to export it, "
+                "train with --batch-rank raw"
+            )
         return SAELensLayout(
             {"architecture": "jumprelu"},
             {"threshold": self.get_buffer("threshold").float().cpu().repeat(self.n_latents)},
