@@ -42,7 +42,6 @@ from vitscope.saes.sae import SAE, SAELensLayout
 from vitscope.support.configs import Above
 from vitscope.support.errors import BadSetting
 
-
 BatchRank = Literal["relative", "raw"]
 
 
