@@ -91,7 +91,7 @@ def row(
     label: str,
     arch: str,
     planted: bool,
-    **settings: float,
+    **settings: float | str,
 ) -> str:
     """Train one SAE and describe it: recovery, FVU, L0, latent rates, encoder norms."""
     cfg = TrainConfig(
@@ -174,12 +174,17 @@ def main() -> None:
         "SAE | matched > 0.9 | rarest quarter > 0.9 | held-out FVU | held-out L0 (mean ± sd)"
         " | latent firing rate q10 / q50 / q90 | latents unused | encoder row norm q10 / q50 / q90"
     )
+    oracle = "rule at the planted dictionary | held-out FVU, least squares on the support | L0"
     body = [
         f"Planted world: {args.directions} directions in d_in {args.d_in} (seed 7, base knobs),"
         f" {args.latents} latents, k = {args.k}, batch {args.batch}, {steps} steps from scratch;"
         f" held out: 32,768 tokens. One torch thread.",
         "",
         *md_table(header, rows),
+        "",
+        f"Each rule at the planted dictionary ({ORACLE_TOKENS:,} held-out tokens):",
+        "",
+        *md_table(oracle, oracle_rows(world, heldout_ND, args.k)),
     ]
     publish(args.out, torch.device("cpu"), command_line(), body)
 
@@ -195,24 +200,78 @@ def type_of(name: str) -> type:
 
 
 def fixed_rows(args, world, train_ND, heldout_ND, steps: int) -> list[str]:
-    """Each architecture from scratch, the two rule experiments, the planted starts."""
-    rows = [
-        row(args, world, train_ND, heldout_ND, f"{arch}, from scratch", arch, False)
-        for arch in ("topk", "batchtopk", "matryoshka")
-    ]
+    """Each architecture from scratch (the batch rules ranking raw and relative keys), the two
+    rule experiments on raw keys, the planted starts."""
+    rows = [row(args, world, train_ND, heldout_ND, "topk, from scratch", "topk", False)]
+    for arch in ("batchtopk", "matryoshka"):
+        for rank in RANKS:
+            label = f"{arch} ({rank}), from scratch"
+            rows.append(row(args, world, train_ND, heldout_ND, label, arch, False, batch_rank=rank))
     with keep_rule(warm_start(args.warmup, steps)):
-        label = f"batchtopk, TopK's rule for the first {args.warmup:.0%} of steps"
-        rows.append(row(args, world, train_ND, heldout_ND, label, "batchtopk", False))
+        label = f"batchtopk (raw), TopK's rule for the first {args.warmup:.0%} of steps"
+        rows.append(row(args, world, train_ND, heldout_ND, label, "batchtopk", False, **RAW))
     with keep_rule(normalised):
         label = "batchtopk ranking pre-activations / encoder row norm (inference: top k)"
-        rows.append(row(args, world, train_ND, heldout_ND, label, "batchtopk", False))
+        rows.append(row(args, world, train_ND, heldout_ND, label, "batchtopk", False, **RAW))
     short = train_ND[: args.planted_tokens]
     args.tokens = args.planted_tokens
-    for arch in ("topk", "batchtopk"):
-        label = f"{arch}, from the planted dictionary, {args.planted_tokens:,} tokens"
-        rows.append(row(args, world, short, heldout_ND, label, arch, True))
+    for arch, rank in (("topk", "raw"), ("batchtopk", "raw"), ("batchtopk", "relative")):
+        name = arch if arch == "topk" else f"{arch} ({rank})"
+        label = f"{name}, from the planted dictionary, {args.planted_tokens:,} tokens"
+        rows.append(row(args, world, short, heldout_ND, label, arch, True, batch_rank=rank))
     args.tokens = steps * args.batch
     return rows
+
+
+RANKS = ("raw", "relative")
+"""The batch rule's keys: raw pre-activations (Bussmann et al., SAELens) or relative ones."""
+RAW = {"batch_rank": "raw"}
+
+
+def oracle_rows(world: PlantedWorld, heldout_ND: torch.Tensor, k: int) -> list[str]:
+    """Each rule's support at the planted dictionary itself (encoder = decoder = the true
+    directions, b_pre = the true offset), each token then decoded by least squares on its
+    support: the best FVU a rule allows with the dictionary already right, at L0 k on average.
+    Apart from the dictionary's learning, this is what the rule costs."""
+    centred_ND = heldout_ND[:ORACLE_TOKENS] - world.offset_D
+    preacts_NF = centred_ND @ world.dirs_FD.T
+    scale_N = centred_ND.norm(dim=1)
+    n_keep = k * len(preacts_NF)
+    supports = {
+        "topk (each token's k largest)": preacts_NF.topk(k, dim=1).indices,
+        "batch rule, raw keys": _batch_support(preacts_NF, n_keep),
+        "batch rule, relative keys (pre / ‖x − b_pre‖)": _batch_support(
+            preacts_NF / scale_N[:, None], n_keep
+        ),
+    }
+    total = (centred_ND - centred_ND.mean(dim=0)).pow(2).sum()
+    rows = []
+    for name, support in supports.items():
+        error = sum(
+            _least_squares_error(world.dirs_FD[latents], token)
+            for latents, token in zip(support, centred_ND, strict=True)
+        )
+        sizes = torch.tensor([len(latents) for latents in support], dtype=torch.float32)
+        rows.append(f"{name} | {float(error / total):.4f} | {sizes.mean():.1f} ± {sizes.std():.1f}")
+    return rows
+
+
+ORACLE_TOKENS = 4096
+"""Held-out tokens the oracle decodes one by one."""
+
+
+def _batch_support(keys_NF: torch.Tensor, n_keep: int) -> list[torch.Tensor]:
+    """Each token's latents among the batch's n_keep largest keys."""
+    cut = keys_NF.flatten().kthvalue(keys_NF.numel() - n_keep).values
+    return [row.nonzero().squeeze(1) for row in keys_NF > cut]
+
+
+def _least_squares_error(atoms_KD: torch.Tensor, token_D: torch.Tensor) -> torch.Tensor:
+    """‖x − Aᵀc‖² for the non-negative part of the least-squares c on the atoms."""
+    if len(atoms_KD) == 0:
+        return token_D.pow(2).sum()
+    coef = torch.linalg.lstsq(atoms_KD.T, token_D[:, None]).solution.clamp_min(0)
+    return (token_D - (atoms_KD.T @ coef).squeeze(1)).pow(2).sum()
 
 
 if __name__ == "__main__":
