@@ -273,3 +273,19 @@ def test_the_registry_refuses_a_name_twice_and_names_the_choices(tmp_path: Path)
     with pytest.raises(SAEFormatError, match=expected) as err:
         vitscope.load_sae(tmp_path / "sae")
     assert "\n" not in str(err.value)
+
+
+def test_matryoshka_prefix_weight_scales_the_inner_losses_only():
+    x, _ = problem()
+    terms = {}
+    for weight in (1.0, 0.25):
+        options = ARCHITECTURES["matryoshka"].Options(
+            k=6, matryoshka_widths=WIDTHS, prefix_weight=weight
+        )
+        sae = build_sae(SAECard(32, 500, options), seed=3)
+        out = sae.autoencode(x)
+        inner = sum((recon - x).pow(2).sum(dim=1).mean() for recon in out.prefix_recons)
+        terms[weight] = losses(sae, out, x, aux_coefficient=0.0)
+        torch.testing.assert_close(terms[weight]["prefix_mse"], weight * inner)
+    torch.testing.assert_close(terms[0.25]["mse"], terms[1.0]["mse"])
+    assert float(terms[0.25]["loss"]) < float(terms[1.0]["loss"])

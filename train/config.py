@@ -93,6 +93,8 @@ class TrainConfig(RunOptions, Device):
     matryoshka_prefixes: tuple[float, ...] = (1 / 16, 1 / 4)
     """matryoshka: the inner prefixes' sizes as fractions of n_latents, ascending (all of it is
     the outermost); their reconstruction losses are summed with the full one."""
+    prefix_weight: Annotated[float, AtLeast(0)] = 1.0
+    """matryoshka: the weight of each inner prefix's reconstruction loss (SAELens: 1)."""
     batch_rank: BatchRank = "relative"
     """batchtopk, matryoshka: what the batch rule ranks (and θ thresholds at inference): relative
     = each pre-activation over its token's centred norm, raw = the pre-activations themselves

@@ -1,7 +1,8 @@
 """Matryoshka-BatchTopK (Bussmann et al., "Learning Multi-Level Features with Matryoshka SAEs",
 2025; as SAELens' matryoshka_batchtopk): BatchTopK codes whose nested prefixes [0, m) of the
-dictionary must each reconstruct too. The loss adds ‖x − (W_dec[:m]ᵀ z[:m] + b_pre)‖², unweighted,
-for every inner width m of `matryoshka_widths` to the full reconstruction's. With the codes'
+dictionary must each reconstruct too. The loss adds w · ‖x − (W_dec[:m]ᵀ z[:m] + b_pre)‖² for every
+inner width m of `matryoshka_widths` to the full reconstruction's, w = `prefix_weight` (SAELens:
+1, unweighted). With the codes'
 indices ascending, a band of latents [m_i-1, m_i) is a slice of each token's entries: each band
 is decoded once by SparseDecode and the prefixes are their running sums. At inference it is a
 BatchTopK SAE.
@@ -10,13 +11,14 @@ BatchTopK SAE.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from torch import Tensor
 
 from vitscope.saes.architectures.batchtopk import BatchTopKOptions, BatchTopKSAE
 from vitscope.saes.kernels import Rows, SparseDecode
 from vitscope.saes.sae import SAEOutput, dense_codes
+from vitscope.support.configs import AtLeast
 from vitscope.support.errors import BadSetting
 
 
@@ -26,6 +28,9 @@ class MatryoshkaOptions(BatchTopKOptions):
     matryoshka_widths: tuple[int, ...] = ()
     """The nested prefix sizes whose reconstruction losses are summed, ascending, the last =
     n_latents."""
+    prefix_weight: Annotated[float, AtLeast(0)] = 1.0
+    """w: each inner prefix's reconstruction loss is weighted by it. Absent from a card: 1, how
+    every SAE before format 1.3 was trained (and SAELens trains); it shapes training only."""
 
     def check(self, n_latents: int) -> None:
         widths = self.matryoshka_widths
@@ -62,11 +67,11 @@ class MatryoshkaSAE(BatchTopKSAE):
         return recons
 
     def extra_losses(self, out: SAEOutput, x_BD: Tensor) -> dict[str, Tensor]:
-        """prefix_mse: the inner prefixes' reconstruction MSEs, summed."""
+        """prefix_mse: the inner prefixes' reconstruction MSEs, summed, times `prefix_weight`."""
         prefix_mse = x_BD.new_zeros(())
         for recon in out.prefix_recons:
             prefix_mse = prefix_mse + (recon - x_BD).pow(2).sum(dim=1).mean()
-        return {"prefix_mse": prefix_mse}
+        return {"prefix_mse": self.card.options.prefix_weight * prefix_mse}
 
     def _saelens_details(self) -> dict[str, Any]:
         widths = list(self.card.options.matryoshka_widths)
