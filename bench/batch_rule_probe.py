@@ -180,8 +180,7 @@ def main() -> None:
         f" {args.latents} latents, k = {args.k}, batch {args.batch}, {steps} steps from scratch;"
         f" held out: 32,768 tokens. One torch thread.",
         "",
-        *md_table(header, rows),
-        "",
+        *([*md_table(header, rows), ""] if rows else []),
         f"Each rule at the planted dictionary ({ORACLE_TOKENS:,} held-out tokens):",
         "",
         *md_table(oracle, oracle_rows(world, heldout_ND, args.k)),

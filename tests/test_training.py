@@ -42,14 +42,19 @@ def test_default_recipe_recovers_rare_planted_features(recipe: str, tmp_path: Pa
     assert passed == (recipe == "defaults"), found  # the thresholds tell the recipes apart
 
 
+@pytest.mark.parametrize("batch_rank", ["relative", "raw"])
 @pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka"])
-def test_batch_architectures_recover_planted_features(architecture: str, tmp_path: Path):
-    """TopK's recipe with the batch rules learns planted directions (mean best cosine 0.79 and
-    0.68, random rows ~0.3) and reconstructs through the inference threshold (FVU 0.16, 0.15),
-    but in this short run matches fewer than TopK (54% and 20% against 99%; BENCHMARKS.md has
-    the benchmark's full length, issue 23)."""
-    found, fvu = planted_run(tmp_path, architecture=architecture)
-    assert found.mean_max_cosine > 0.6 and found.matched > 0.12 and fvu < 0.18, found
+def test_batch_architectures_recover_planted_features(
+    architecture: str, batch_rank: str, tmp_path: Path
+):
+    """The defaults' batch rule (relative to each token's norm) matches planted directions
+    nearly as TopK does; ranking raw pre-activations (the paper's and SAELens' rule) starves
+    latents and does not. Measured at this size: relative 98.4% / 97.7% matched, 93.8% /
+    95.3% of the rarest quarter, FVU 0.102 (batchtopk / matryoshka); raw 55.1% / 19.5%, 9.4% /
+    0%, FVU 0.125 / 0.137 (TopK: 99.2%, 96.9%, 0.100)."""
+    found, fvu = planted_run(tmp_path, architecture=architecture, batch_rank=batch_rank)
+    passed = found.matched >= 0.9 and found.rarest_quarter_matched >= 0.85 and fvu < 0.11
+    assert passed == (batch_rank == "relative"), (found, fvu)
 
 
 def planted_run(tmp_path: Path, **settings: object) -> tuple[Recovery, float]:

@@ -28,8 +28,11 @@ batch is shared: the data (cache, layer, token set, batch, order) and the schedu
 DEAD_TOKENS_AT_MOST = 10_000_000
 """Gao et al.'s dead-latent window, the automatic one's ceiling."""
 
-LR_AT_16K_LATENTS = 1.5e-3
-"""The automatic learning rate at 2^14 latents; measured on bench/planted.py."""
+LR_AT_16K_LATENTS = {"topk": 2.5e-3}
+"""The automatic learning rate at 2^14 latents of each architecture, where it is not
+`BATCH_RULE_LR_AT_16K_LATENTS`; measured on bench/planted.py (BENCHMARKS.md, issue 23)."""
+BATCH_RULE_LR_AT_16K_LATENTS = 1.5e-3
+"""The batch rules' (and any other architecture's): theirs recovered fewest at TopK's rate."""
 
 CLIP_SCOPE = {
     "tokens": 1_200_000_000,
@@ -93,8 +96,10 @@ class TrainConfig(RunOptions, Device):
     matryoshka_prefixes: tuple[float, ...] = (1 / 16, 1 / 4)
     """matryoshka: the inner prefixes' sizes as fractions of n_latents, ascending (all of it is
     the outermost); their reconstruction losses are summed with the full one."""
-    prefix_weight: Annotated[float, AtLeast(0)] = 1.0
-    """matryoshka: the weight of each inner prefix's reconstruction loss (SAELens: 1)."""
+    prefix_weight: Annotated[float, AtLeast(0)] = 0.1
+    """matryoshka: the weight of each inner prefix's reconstruction loss (SAELens: 1). At 1 the
+    inner prefixes pull the dictionary toward a few broad latents: on planted features 0.1
+    recovered 99% of the directions where 1 recovered 80% (BENCHMARKS.md, issue 23)."""
     batch_rank: BatchRank = "relative"
     """batchtopk, matryoshka: what the batch rule ranks (and θ thresholds at inference): relative
     = each pre-activation over its token's centred norm, raw = the pre-activations themselves
@@ -113,8 +118,11 @@ class TrainConfig(RunOptions, Device):
     """Applied to the k kept pre-activations: relu (Gao et al.) or none (CLIP-Scope)."""
     input_norm: InputNorm = "scale"
     """scale: one fixed factor, E|x|^2 = 1; standardize: each batch per feature (CLIP-Scope)."""
-    unit_decoder: bool = True
-    """Keep decoder rows at unit norm (Gao et al.); CLIP-Scope left them free."""
+    unit_decoder: bool = False
+    """Keep decoder rows at unit norm (Gao et al.), or leave their norms free (SAELens,
+    CLIP-Scope). Free norms recovered more planted directions in every world (crowded, as many
+    directions as latents: 74% -> 78% at TopK's rate, the rarest quarter 33% -> 37%) at a
+    held-out FVU 0.01 higher (BENCHMARKS.md, issue 23)."""
     encoder_init_scale: Annotated[float, Above(0)] = 0.1
     """Encoder rows start as the decoder rows times this. 0.1 (SAELens' decoder_init_norm, with
     its encoder the decoder's transpose) against Gao et al.'s 1: Adam's steps, the same size
@@ -124,12 +132,12 @@ class TrainConfig(RunOptions, Device):
     batch_size: Annotated[int, AtLeast(1)] = 4096
     """Tokens per step."""
     lr: Annotated[float, AtLeast(0)] = 0.0
-    """Peak Adam learning rate; 0 = automatic, 1.5e-3 / sqrt(n_latents / 2^14) (7.5e-4 at 65,536
-    latents): Gao et al.'s scaling with width, its constant the best of a sweep (1e-4 .. 8e-3
-    at 4,096 latents, checked at 8,192) on bench/planted.py's rare features (BENCHMARKS.md)."""
+    """Peak Adam learning rate; 0 = automatic, c / sqrt(n_latents / 2^14): Gao et al.'s scaling
+    with width, c = 2.5e-3 for topk (1.25e-3 at 65,536 latents) and 1.5e-3 for the batch rules,
+    each near the best of a sweep on bench/planted.py's five worlds (BENCHMARKS.md, issue 23)."""
     adam_eps: Annotated[float, Above(0)] = 6.25e-10
     """Adam epsilon, as in Gao et al."""
-    warmup_fraction: Annotated[float, AtLeast(0)] = 0.01
+    warmup_fraction: Annotated[float, AtLeast(0)] = 0.05
     """Share of training with a linear learning-rate warm-up from 0."""
     decay_fraction: Annotated[float, AtLeast(0)] = 0.2
     """Share of training, at the end, with a linear decay of the learning rate to 0."""
@@ -241,7 +249,8 @@ class TrainConfig(RunOptions, Device):
     @property
     def peak_lr(self) -> float:
         """`lr`, or when 0 the learning rate scaled with the width (see `lr`)."""
-        return self.lr or LR_AT_16K_LATENTS / math.sqrt(self.n_latents / 2**14)
+        at_16k = LR_AT_16K_LATENTS.get(self.architecture, BATCH_RULE_LR_AT_16K_LATENTS)
+        return self.lr or at_16k / math.sqrt(self.n_latents / 2**14)
 
 
 @dataclass(frozen=True)
