@@ -288,4 +288,4 @@ def test_matryoshka_prefix_weight_scales_the_inner_losses_only():
         terms[weight] = losses(sae, out, x, aux_coefficient=0.0)
         torch.testing.assert_close(terms[weight]["prefix_mse"], weight * inner)
     torch.testing.assert_close(terms[0.25]["mse"], terms[1.0]["mse"])
-    assert float(terms[0.25]["loss"]) < float(terms[1.0]["loss"])
+    assert float(terms[0.25]["loss"].detach()) < float(terms[1.0]["loss"].detach())
