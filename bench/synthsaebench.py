@@ -16,9 +16,9 @@ minutes here and lower the features' overlap loss by a few per cent. Generating 
 SAELens trains as SynthSAEBench's runner does (its SAETrainerConfig, constant learning rate,
 default initialisation) and is scored as the inference SAE it saves (JumpReLU for the batch
 rules); vitscope's `fit` trains at its defaults apart from sizes; every trainer gets every
-learning rate of `--lrs` (auto: vitscope's rule for the width). All are scored by
-`eval_sae_on_synthetic_data` on the same held-out samples (vitscope's SAE through its inference
-`encode`, as dense codes).
+learning rate of `--lrs` (auto: vitscope's rule for each architecture, width and batch). All
+are scored by `eval_sae_on_synthetic_data` on the same held-out samples (vitscope's SAE
+through its inference `encode`, as dense codes).
 
     .venv/bin/python bench/synthsaebench.py
 """
@@ -234,8 +234,6 @@ def main() -> None:
     args.tokens = args.pool * args.epochs
     drawn = time.perf_counter() - started
     log(f"{args.pool + args.heldout:,} samples in {drawn:.0f} s; L0 {true_l0:.1f}, k {args.k}")
-    auto = vitscope_cfg(args, cache="(tensors)").peak_lr
-    lrs = [auto if text == "auto" else float(text) for text in args.lrs.split(",")]
     peer = f"SAELens {sae_lens.__version__}"
     work = Path(tempfile.mkdtemp(prefix="synthsaebench-"))
     trainers = {
@@ -245,7 +243,8 @@ def main() -> None:
     rows = []
     try:
         for architecture in args.trainers.split(","):
-            for lr in lrs:
+            auto = vitscope_cfg(args, cache="(tensors)", architecture=architecture).peak_lr
+            for lr in [auto if text == "auto" else float(text) for text in args.lrs.split(",")]:
                 for who, train in trainers.items():
                     sae, timing = train(architecture, lr)
                     cells = row(f"{who} {architecture}", lr, sae, model, heldout_features)
