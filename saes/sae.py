@@ -9,9 +9,9 @@ sparse autoencoders", 2024, for TopK):
 stored with the SAE. Users call `encode(a)`, `decode(codes)` and `sae(a)`, all in the
 activations' own units; training calls `autoencode(x)` on scaled inputs. Shapes: B tokens,
 D = d_in, F = n_latents, K = k. W_enc and W_dec are both (F, D): row f of W_dec is latent f's
-direction (unit norm at the start; kept so with `unit_decoder`); W_enc starts as W_dec (the trainer then scales it,
-`encoder_init_scale`). The sparse path (saes/kernels.py) and the dense path compute the same
-function and the same gradients. Each architecture (saes/architectures/)
+direction (unit norm at the start; kept so with `unit_decoder`); W_enc starts as W_dec (the
+trainer then scales it, `encoder_init_scale`). The sparse path (saes/kernels.py) and the dense
+path compute the same function and the same gradients. Each architecture (saes/architectures/)
 subclasses `SAE` with its options, its keep rule and, where it has them, extra loss terms.
 """
 

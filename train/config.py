@@ -99,12 +99,13 @@ class TrainConfig(RunOptions, Device):
     prefix_weight: Annotated[float, AtLeast(0)] = 0.1
     """matryoshka: the weight of each inner prefix's reconstruction loss (SAELens: 1). At 1 the
     inner prefixes pull the dictionary toward a few broad latents: on planted features 0.1
-    recovered 99% of the directions where 1 recovered 80% (BENCHMARKS.md, issue 23)."""
+    recovered 98% of the directions where 1 recovered 80% (BENCHMARKS.md, issue 23)."""
     batch_rank: BatchRank = "relative"
     """batchtopk, matryoshka: what the batch rule ranks (and θ thresholds at inference): relative
     = each pre-activation over its token's centred norm, raw = the pre-activations themselves
     (Bussmann et al., SAELens). Raw ranking gives big tokens many latents and starves the rest:
-    on planted features it recovered 34% of the directions, relative 95% (BENCHMARKS.md)."""
+    on planted features it recovered 34% of the directions, relative 95% with the same recipe
+    (BENCHMARKS.md, issue 23)."""
     k: Annotated[int, AtLeast(1)] = 32
     """Active latents per token (batchtopk, matryoshka: on average over a batch)."""
     n_latents: Annotated[int, AtLeast(1)] = 65536
@@ -115,16 +116,16 @@ class TrainConfig(RunOptions, Device):
     aux_coefficient: Annotated[float, AtLeast(0)] = 1 / 128
     """Weight of the AuxK loss (Gao et al.: 1/32); 0 trains no dead latent. At 1/32 with free
     decoder norms the revived latents fit noise: on planted features with 3x the noise, held-out
-    FVU 0.2175 against 0.2074 at 1/128, recovery unchanged (BENCHMARKS.md, issue 23)."""
+    FVU 0.2170 against 0.2065 at 1/128 (three seeds), recovery unchanged (BENCHMARKS.md)."""
     activation: Activation = "relu"
     """Applied to the k kept pre-activations: relu (Gao et al.) or none (CLIP-Scope)."""
     input_norm: InputNorm = "scale"
     """scale: one fixed factor, E|x|^2 = 1; standardize: each batch per feature (CLIP-Scope)."""
     unit_decoder: bool = False
     """Keep decoder rows at unit norm (Gao et al.), or leave their norms free (SAELens,
-    CLIP-Scope). Free norms recovered more planted directions in every world (crowded, as many
-    directions as latents: 74% -> 78% at TopK's rate, the rarest quarter 33% -> 37%) at a
-    held-out FVU 0.01 higher (BENCHMARKS.md, issue 23)."""
+    CLIP-Scope). Free norms recovered more planted directions (crowded, as many directions as
+    latents, three seeds: 74% -> 78%, the rarest quarter 33% -> 37%) at a held-out FVU 0.016
+    higher, which AuxK at 1/128 more than won back (BENCHMARKS.md, issue 23)."""
     encoder_init_scale: Annotated[float, Above(0)] = 0.1
     """Encoder rows start as the decoder rows times this. 0.1 (SAELens' decoder_init_norm, with
     its encoder the decoder's transpose) against Gao et al.'s 1: Adam's steps, the same size
