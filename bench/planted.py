@@ -135,8 +135,11 @@ def outliers(text: str) -> tuple[float, float]:
 
 
 def saelens_sae(args, architecture: str):
-    """SAELens' training SAE of `architecture` with its defaults (k and width set)."""
+    """SAELens' training SAE of `architecture` with its defaults (k and width set; its AuxK weight
+    `--peer-aux` when given)."""
     sizes = dict(d_in=args.d_in, d_sae=args.latents, k=args.k)
+    if getattr(args, "peer_aux", None) is not None:
+        sizes["aux_loss_coefficient"] = args.peer_aux
     if architecture == "matryoshka":
         widths = [round(f * args.latents) for f in MATRYOSHKA_PREFIXES] + [args.latents]
         cfg = MatryoshkaBatchTopKTrainingSAEConfig(**sizes, matryoshka_widths=widths)
@@ -170,6 +173,7 @@ def saelens_run(
         lr=float(lr),
         lr_end=float(lr),  # required; the default schedule is constant
         dead_feature_window=int(dead_feature_window),
+        lr_warm_up_steps=round(args.peer_warmup * args.tokens / args.batch),
     )
     provider = (b.acts_BD for b in tensor_batches(train_ND, args.batch, seed=args.seed))
     timing = timed(SAETrainer(cfg, sae, provider).fit)
@@ -401,6 +405,10 @@ def main() -> None:
         "--peer-windows", default="1000", help="SAELens' dead_feature_window grid (steps)"
     )
     parser.add_argument("--runs", default="saelens-mean,fit", help=f"any of {','.join(RUNS)}")
+    parser.add_argument("--peer-aux", type=float, help="SAELens' aux_loss_coefficient (its: 1)")
+    parser.add_argument(
+        "--peer-warmup", type=float, default=0.0, help="SAELens' warm-up, a share of the steps"
+    )
     parser.add_argument(
         "--variant", type=variant, action="append", default=[], help="a fit row: KEY=VALUE,..."
     )
