@@ -99,7 +99,8 @@ class TrainConfig(RunOptions, Device):
     prefix_weight: Annotated[float, AtLeast(0)] = 0.1
     """matryoshka: the weight of each inner prefix's reconstruction loss (SAELens: 1). At 1 the
     inner prefixes pull the dictionary toward a few broad latents: on planted features 0.1
-    recovered 98% of the directions where 1 recovered 80% (BENCHMARKS.md, issue 23)."""
+    recovered 92% of the directions where 1 recovered 80%, the recipe otherwise the same
+    (BENCHMARKS.md, issue 23)."""
     batch_rank: BatchRank = "relative"
     """batchtopk, matryoshka: what the batch rule ranks (and θ thresholds at inference): relative
     = each pre-activation over its token's centred norm, raw = the pre-activations themselves
@@ -125,7 +126,7 @@ class TrainConfig(RunOptions, Device):
     """Keep decoder rows at unit norm (Gao et al.), or leave their norms free (SAELens,
     CLIP-Scope). Free norms recovered more planted directions (crowded, as many directions as
     latents, three seeds: 74% -> 78%, the rarest quarter 33% -> 37%) at a held-out FVU 0.016
-    higher, which AuxK at 1/128 more than won back (BENCHMARKS.md, issue 23)."""
+    higher at AuxK 1/32, 0.005 higher at 1/128 (BENCHMARKS.md, issue 23)."""
     encoder_init_scale: Annotated[float, Above(0)] = 0.1
     """Encoder rows start as the decoder rows times this. 0.1 (SAELens' decoder_init_norm, with
     its encoder the decoder's transpose) against Gao et al.'s 1: Adam's steps, the same size
@@ -253,7 +254,7 @@ class TrainConfig(RunOptions, Device):
 
     @property
     def peak_lr(self) -> float:
-        """`lr`, or when 0 the learning rate scaled with the width (see `lr`)."""
+        """`lr`, or when 0 the architecture's rate scaled with the width and batch (see `lr`)."""
         at_16k = LR_AT_16K_LATENTS.get(self.architecture, BATCH_RULE_LR_AT_16K_LATENTS)
         return self.lr or at_16k * math.sqrt(self.batch_size / 4096 / (self.n_latents / 2**14))
 

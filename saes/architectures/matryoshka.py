@@ -1,11 +1,10 @@
 """Matryoshka-BatchTopK (Bussmann et al., "Learning Multi-Level Features with Matryoshka SAEs",
 2025; as SAELens' matryoshka_batchtopk): BatchTopK codes whose nested prefixes [0, m) of the
-dictionary must each reconstruct too. The loss adds w · ‖x − (W_dec[:m]ᵀ z[:m] + b_pre)‖² for every
-inner width m of `matryoshka_widths` to the full reconstruction's, w = `prefix_weight` (SAELens:
-1, unweighted). With the codes'
-indices ascending, a band of latents [m_i-1, m_i) is a slice of each token's entries: each band
-is decoded once by SparseDecode and the prefixes are their running sums. At inference it is a
-BatchTopK SAE.
+dictionary must each reconstruct too. The loss adds w · ‖x − (W_dec[:m]ᵀ z[:m] + b_pre)‖² for
+every inner width m of `matryoshka_widths` to the full reconstruction's, w = `prefix_weight`
+(SAELens: 1, unweighted). With the codes' indices ascending, a band of latents [m_i-1, m_i) is a
+slice of each token's entries: each band is decoded once by SparseDecode and the prefixes are
+their running sums. At inference it is a BatchTopK SAE.
 """
 
 from __future__ import annotations
