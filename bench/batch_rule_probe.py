@@ -2,7 +2,7 @@
 planted world (train/synthetic.py), trained by `fit` at vitscope's defaults, from scratch and
 from the planted dictionary itself, with what the trained SAE looks like inside.
 
-Four questions, one row each:
+Five questions, one row (or table) each:
 - from scratch: how many directions each architecture recovers, and how its latents' firing
   rates and encoder norms spread (a batch rule ranks raw pre-activations across the batch, so a
   latent with a small encoder row may never be kept, and never get a gradient);
@@ -11,7 +11,10 @@ Four questions, one row each:
 - `--normalised`: BatchTopK that ranks pre-activations divided by their encoder row's norm
   (does removing the norm's advantage stop the starvation?);
 - from the planted dictionary (encoder = decoder = the true directions): the held-out FVU of
-  each keep rule at the same L0 when the dictionary is already right.
+  each keep rule at the same L0 when the dictionary is already right;
+- at the dictionaries trained from scratch (TopK's, and the batch rules' with relative keys): the
+  held-out FVU of each rule with that SAE's own encoder and decoder, so that what a rule costs
+  and what the dictionary it learnt costs can be told apart.
 
     .venv/bin/python bench/batch_rule_probe.py --out BENCHMARKS-probe.md
 """
@@ -30,6 +33,7 @@ from common import command_line, md_table, publish
 
 from vitscope.saes.architectures.batchtopk import BatchTopKSAE, batch_topk_rule
 from vitscope.saes.kernels import KeepRule
+from vitscope.saes.sae import SAE
 from vitscope.train.config import TrainConfig
 from vitscope.train.loader import tensor_batches
 from vitscope.train.synthetic import PlantedWorld, planted_tokens, planted_world, recovery
@@ -92,7 +96,7 @@ def row(
     arch: str,
     planted: bool,
     **settings: float | str,
-) -> str:
+) -> tuple[str, SAE]:
     """Train one SAE and describe it: recovery, FVU, L0, latent rates, encoder norms."""
     cfg = TrainConfig(
         cache="(tensors)",
@@ -129,7 +133,7 @@ def row(
     found = recovery(world, sae.w_dec)
     rates = torch.quantile(rate_F, QUANTILES)
     print(f"{label}: matched {found.matched:.1%} in {seconds:.0f} s", flush=True)
-    return " | ".join(
+    text = " | ".join(
         [
             label,
             f"{found.matched:.1%}",
@@ -141,6 +145,7 @@ def row(
             " / ".join(f"{float(v):.2f}" for v in norms),
         ]
     )
+    return text, sae
 
 
 def main() -> None:
@@ -165,11 +170,13 @@ def main() -> None:
     heldout_ND, _ = planted_tokens(world, 32768, 12)
     steps = args.tokens // args.batch
     rows = [
-        row(args, world, train_ND, heldout_ND, f"batchtopk, {text}", "batchtopk", False, **kv)
+        row(args, world, train_ND, heldout_ND, f"batchtopk, {text}", "batchtopk", False, **kv)[0]
         for text, kv in map(settings, args.variant)
     ]
+    at_trained = []
     if not args.only_variants:
-        rows += fixed_rows(args, world, train_ND, heldout_ND, steps)
+        fixed, at_trained = fixed_rows(args, world, train_ND, heldout_ND, steps)
+        rows += fixed
     header = (
         "SAE | matched > 0.9 | rarest quarter > 0.9 | held-out FVU | held-out L0 (mean ± sd)"
         " | latent firing rate q10 / q50 / q90 | latents unused | encoder row norm q10 / q50 / q90"
@@ -185,6 +192,15 @@ def main() -> None:
         "",
         *md_table(oracle, oracle_rows(world, heldout_ND, args.k)),
     ]
+    if at_trained:
+        trained = "dictionary trained from scratch | " + " | ".join(TRAINED_RULES)
+        body += [
+            "",
+            "Each rule at the dictionaries trained above (their own encoder and decoder, held-out "
+            f"FVU, batches of {args.batch:,}, L0 {args.k} on average):",
+            "",
+            *md_table(trained, at_trained),
+        ]
     publish(args.out, torch.device("cpu"), command_line(), body)
 
 
@@ -198,28 +214,37 @@ def type_of(name: str) -> type:
     return type(getattr(TrainConfig, name))
 
 
-def fixed_rows(args, world, train_ND, heldout_ND, steps: int) -> list[str]:
+def fixed_rows(args, world, train_ND, heldout_ND, steps: int) -> tuple[list[str], list[str]]:
     """Each architecture from scratch (the batch rules ranking raw and relative keys), the two
-    rule experiments on raw keys, the planted starts."""
-    rows = [row(args, world, train_ND, heldout_ND, "topk, from scratch", "topk", False)]
+    rule experiments on raw keys, the planted starts; and each rule at the dictionaries trained
+    from scratch with relative keys or TopK's rule."""
+    trained = {"topk": row(args, world, train_ND, heldout_ND, "topk, from scratch", "topk", False)}
     for arch in ("batchtopk", "matryoshka"):
         for rank in RANKS:
             label = f"{arch} ({rank}), from scratch"
-            rows.append(row(args, world, train_ND, heldout_ND, label, arch, False, batch_rank=rank))
+            trained[f"{arch} ({rank})"] = row(
+                args, world, train_ND, heldout_ND, label, arch, False, batch_rank=rank
+            )
+    rows = [text for text, _ in trained.values()]
     with keep_rule(warm_start(args.warmup, steps)):
         label = f"batchtopk (raw), TopK's rule for the first {args.warmup:.0%} of steps"
-        rows.append(row(args, world, train_ND, heldout_ND, label, "batchtopk", False, **RAW))
+        rows.append(row(args, world, train_ND, heldout_ND, label, "batchtopk", False, **RAW)[0])
     with keep_rule(normalised):
         label = "batchtopk ranking pre-activations / encoder row norm (inference: top k)"
-        rows.append(row(args, world, train_ND, heldout_ND, label, "batchtopk", False, **RAW))
+        rows.append(row(args, world, train_ND, heldout_ND, label, "batchtopk", False, **RAW)[0])
     short = train_ND[: args.planted_tokens]
     args.tokens = args.planted_tokens
     for arch, rank in (("topk", "raw"), ("batchtopk", "raw"), ("batchtopk", "relative")):
         name = arch if arch == "topk" else f"{arch} ({rank})"
         label = f"{name}, from the planted dictionary, {args.planted_tokens:,} tokens"
-        rows.append(row(args, world, short, heldout_ND, label, arch, True, batch_rank=rank))
+        rows.append(row(args, world, short, heldout_ND, label, arch, True, batch_rank=rank)[0])
     args.tokens = steps * args.batch
-    return rows
+    at_trained = [
+        f"{name} | " + " | ".join(rules_at_dictionary(sae, heldout_ND, args.k, args.batch))
+        for name, (_, sae) in trained.items()
+        if name == "topk" or "relative" in name
+    ]
+    return rows, at_trained
 
 
 RANKS = ("raw", "relative")
@@ -257,6 +282,34 @@ def oracle_rows(world: PlantedWorld, heldout_ND: torch.Tensor, k: int) -> list[s
 
 ORACLE_TOKENS = 4096
 """Held-out tokens the oracle decodes one by one."""
+
+
+TRAINED_RULES: dict[str, Callable[[int, torch.Tensor], KeepRule]] = {
+    "each token's top k": lambda k, scale_B: per_token_topk(k),
+    "batch rule, raw keys": lambda k, scale_B: batch_topk_rule(k),
+    "batch rule, relative keys": batch_topk_rule,
+}
+"""The keep rules compared at each trained dictionary: (k, each token's centred norm) -> rule."""
+
+
+def rules_at_dictionary(sae: SAE, heldout_ND: torch.Tensor, k: int, batch: int) -> list[str]:
+    """The held-out FVU of each rule with a trained SAE's own encoder and decoder, in batches of
+    the training's size (a batch rule's cut is the batch's): whether a rule or the dictionary it
+    learnt costs reconstruction."""
+    x_ND = sae.training_inputs(heldout_ND)
+    total = (x_ND - x_ND.mean(dim=0)).pow(2).sum()
+    errors = dict.fromkeys(TRAINED_RULES, 0.0)
+    with torch.no_grad():
+        for x_BD in x_ND.split(batch):
+            centred_BD = x_BD - sae.b_pre
+            product_BF = centred_BD @ sae.w_enc.T + sae.b_enc
+            for name, make in TRAINED_RULES.items():
+                kept_N = make(k, centred_BD.norm(dim=1))(product_BF)
+                codes_BF = torch.zeros_like(product_BF).view(-1)
+                codes_BF[kept_N] = product_BF.view(-1)[kept_N].relu()
+                recon_BD = codes_BF.view_as(product_BF) @ sae.w_dec + sae.b_pre
+                errors[name] += float((recon_BD - x_BD).pow(2).sum())
+    return [f"{error / float(total):.4f}" for error in errors.values()]
 
 
 def _batch_support(keys_NF: torch.Tensor, n_keep: int) -> list[torch.Tensor]:

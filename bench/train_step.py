@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 from common import command_line, publish, timed
 
-from vitscope.saes.architectures import ARCHITECTURES, build_sae
+from vitscope.saes.architectures import build_sae
 from vitscope.saes.card import SAECard
 from vitscope.saes.kernels import SelectionPrecision
 from vitscope.saes.sae import SAE, losses
+from vitscope.train.config import TrainConfig
 
 
 def make_step(sae: SAE, dense: bool, dead_F: torch.Tensor | None, k_aux: int):
@@ -49,11 +50,12 @@ def make_step(sae: SAE, dense: bool, dead_F: torch.Tensor | None, k_aux: int):
 def bench_sae(
     args: argparse.Namespace, architecture: str = "topk", selection: SelectionPrecision = "float32"
 ) -> SAE:
-    """The benchmark's SAE of `architecture`, seed 0 (Matryoshka: prefixes 1/16 and 1/4)."""
-    widths = (args.latents // 16, args.latents // 4, args.latents)
-    prefixes = {"matryoshka_widths": widths} if architecture == "matryoshka" else {}
-    options = ARCHITECTURES[architecture].Options(k=args.k, **prefixes)
-    return build_sae(SAECard(args.d, args.latents, options), selection=selection)
+    """The benchmark's SAE of `architecture`, seed 0, with the options `vitscope train` gives it
+    (the batch rules' relative keys, Matryoshka's prefixes 1/16 and 1/4)."""
+    cfg = TrainConfig(
+        cache="(tensors)", layer=0, architecture=architecture, k=args.k, n_latents=args.latents
+    )
+    return build_sae(SAECard(args.d, args.latents, cfg.sae_options()), selection=selection)
 
 
 def time_steps(step, batches: list[torch.Tensor], repeats: int) -> list[float]:
