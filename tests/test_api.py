@@ -54,6 +54,8 @@ def test_a_run_from_before_the_sae_format_still_loads_and_gives_its_outputs():
         ("sae-v1.1-matryoshka", "matryoshka"),
         ("sae-v1.2-batchtopk", "batchtopk"),
         ("sae-v1.2-matryoshka", "matryoshka"),
+        ("sae-v1.3-batchtopk", "batchtopk"),
+        ("sae-v1.3-matryoshka", "matryoshka"),
     ],
 )
 def test_an_sae_folder_of_every_format_version_still_loads_and_gives_its_outputs(
