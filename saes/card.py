@@ -18,7 +18,7 @@ from vitscope.support.errors import BadSetting, MissingInput
 from vitscope.support.records import FileFormatError
 
 SAE_FORMAT = "vitscope-sae"
-SAE_FORMAT_VERSION = "1.3"
+SAE_FORMAT_VERSION = "1.4"
 RESID_POST = "resid_post"
 """The hook of cache_spec/SPEC.md: the residual stream after transformer block `layer`."""
 

@@ -76,7 +76,7 @@ def test_an_sae_folder_of_every_format_version_still_loads_and_gives_its_outputs
 def test_a_trained_sae_records_what_it_belongs_to(photo_sae: Path, reference_cache: Path):
     card = json.loads((photo_sae / "cfg.json").read_text())
     attrs = open_cache(reference_cache).attrs
-    assert card["format_version"] == "1.3" and card["architecture"] == "topk"
+    assert card["format_version"] == "1.4" and card["architecture"] == "topk"
     assert (card["model"], card["pretrained"]) == (attrs.model, attrs.pretrained)
     assert (card["layer"], card["hook"], card["token_set"]) == (5, "resid_post", "all")
     assert card["tokens_trained"] == 4096 and card["cache_spec_version"] == attrs.spec_version

@@ -95,7 +95,7 @@ def test_kept_preacts_apply_the_rule_to_every_latent(rank: str, rule: str, n_lat
     torch.testing.assert_close(preacts_N, dense_BF[rows.token_of_entry(), rows.idx])
 
 
-@pytest.mark.parametrize("batch_rank", ["raw", "relative"])
+@pytest.mark.parametrize("batch_rank", ["raw", "relative", "floor"])
 @pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_sparse_paths_have_the_dense_loss_and_gradients(
@@ -140,13 +140,17 @@ def test_sparse_paths_have_the_dense_loss_and_gradients(
 
 
 def token_scale(sae: SAE, x_centered: torch.Tensor) -> torch.Tensor:
-    """s of each token by the definition: 1 for raw ranking, else the centred norm."""
+    """s of each token by the definition: 1 for raw ranking, the centred norm for relative, the
+    token's (2k)-th largest pre-activation for floor."""
     if sae.card.options.batch_rank == "raw":
         return torch.ones(len(x_centered))
-    return x_centered.norm(dim=1)
+    if sae.card.options.batch_rank == "relative":
+        return x_centered.norm(dim=1)
+    preacts = dense_preacts(x_centered, sae.w_enc.detach(), sae.b_enc.detach())
+    return preacts.sort(dim=1, descending=True).values[:, 2 * sae.k - 1]
 
 
-@pytest.mark.parametrize("batch_rank", ["raw", "relative"])
+@pytest.mark.parametrize("batch_rank", ["raw", "relative", "floor"])
 def test_threshold_is_the_running_mean_of_the_smallest_kept_key(batch_rank: str):
     sae = new_sae("batchtopk", batch_rank=batch_rank)
     smallest = []
@@ -163,7 +167,7 @@ def test_threshold_is_the_running_mean_of_the_smallest_kept_key(batch_rank: str)
     assert float(sae.get_buffer("threshold")) == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("batch_rank", ["raw", "relative"])
+@pytest.mark.parametrize("batch_rank", ["raw", "relative", "floor"])
 @pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka"])
 def test_inference_codes_of_a_vector_do_not_depend_on_its_neighbours(
     architecture: str, batch_rank: str, monkeypatch: pytest.MonkeyPatch

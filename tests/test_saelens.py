@@ -52,11 +52,13 @@ def test_an_sae_that_keeps_raw_values_is_not_exported_as_a_different_function(
     assert not (tmp_path / "out").exists()
 
 
-def test_a_relative_batch_rule_is_not_exported_as_a_jumprelu(tmp_path: Path):
-    """θ · ‖x − b_pre‖ is no per-latent threshold: refused in one line naming the fix."""
-    options = ARCHITECTURES["batchtopk"].Options(k=4, batch_rank="relative")
+@pytest.mark.parametrize("batch_rank", ["relative", "floor"])
+def test_a_relative_batch_rule_is_not_exported_as_a_jumprelu(batch_rank: str, tmp_path: Path):
+    """θ · s, s each token's own, is no per-latent threshold: refused in one line naming the
+    fix."""
+    options = ARCHITECTURES["batchtopk"].Options(k=4, batch_rank=batch_rank)
     sae = build_sae(SAECard(16, 128, options), seed=1)
-    with pytest.raises(BadSetting, match="train with --batch-rank raw"):
+    with pytest.raises(BadSetting, match=f"batch_rank {batch_rank}.*train with --batch-rank raw"):
         export_saelens(sae, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
