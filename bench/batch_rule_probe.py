@@ -12,9 +12,9 @@ Five questions, one row (or table) each:
   (does removing the norm's advantage stop the starvation?);
 - from the planted dictionary (encoder = decoder = the true directions): the held-out FVU of
   each keep rule at the same L0 when the dictionary is already right;
-- at the dictionaries trained from scratch (TopK's, and the batch rules' with relative keys): the
-  held-out FVU of each rule with that SAE's own encoder and decoder, so that what a rule costs
-  and what the dictionary it learnt costs can be told apart.
+- at the dictionaries trained from scratch (TopK's, and the batch rules' with relative and floor
+  keys): the held-out FVU of each rule with that SAE's own encoder and decoder, so that what a
+  rule costs and what the dictionary it learnt costs can be told apart.
 
     .venv/bin/python bench/batch_rule_probe.py --out BENCHMARKS-probe.md
 """
@@ -31,7 +31,12 @@ from pathlib import Path
 import torch
 from common import command_line, md_table, publish
 
-from vitscope.saes.architectures.batchtopk import BatchTopKSAE, batch_topk_rule
+from vitscope.saes.architectures.batchtopk import (
+    BatchRank,
+    BatchTopKSAE,
+    TokenScale,
+    batch_topk_rule,
+)
 from vitscope.saes.kernels import KeepRule
 from vitscope.saes.sae import SAE
 from vitscope.train.config import TrainConfig
@@ -59,10 +64,11 @@ def keep_rule(choose: Callable[[BatchTopKSAE, int], KeepRule | None]) -> Iterato
     original = BatchTopKSAE._rule
     steps = {"done": 0}
 
-    def rule(sae: BatchTopKSAE, scale_B: torch.Tensor | None) -> KeepRule:
+    def rule(sae: BatchTopKSAE, x_centered: torch.Tensor) -> tuple[KeepRule, TokenScale]:
         steps["done"] += sae.training
         chosen = choose(sae, steps["done"])
-        return original(sae, scale_B) if chosen is None else chosen
+        keep, scale = original(sae, x_centered)
+        return (keep if chosen is None else chosen), scale  # a chosen rule's keys are raw
 
     BatchTopKSAE._rule = rule  # type: ignore[method-assign]
     try:
@@ -215,9 +221,9 @@ def type_of(name: str) -> type:
 
 
 def fixed_rows(args, world, train_ND, heldout_ND, steps: int) -> tuple[list[str], list[str]]:
-    """Each architecture from scratch (the batch rules ranking raw and relative keys), the two
+    """Each architecture from scratch (the batch rules ranking each kind of key), the two
     rule experiments on raw keys, the planted starts; and each rule at the dictionaries trained
-    from scratch with relative keys or TopK's rule."""
+    from scratch with TopK's rule or keys other than raw."""
     trained = {"topk": row(args, world, train_ND, heldout_ND, "topk, from scratch", "topk", False)}
     for arch in ("batchtopk", "matryoshka"):
         for rank in RANKS:
@@ -234,7 +240,7 @@ def fixed_rows(args, world, train_ND, heldout_ND, steps: int) -> tuple[list[str]
         rows.append(row(args, world, train_ND, heldout_ND, label, "batchtopk", False, **RAW)[0])
     short = train_ND[: args.planted_tokens]
     args.tokens = args.planted_tokens
-    for arch, rank in (("topk", "raw"), ("batchtopk", "raw"), ("batchtopk", "relative")):
+    for arch, rank in (("topk", "raw"), *(("batchtopk", rank) for rank in RANKS)):
         name = arch if arch == "topk" else f"{arch} ({rank})"
         label = f"{name}, from the planted dictionary, {args.planted_tokens:,} tokens"
         rows.append(row(args, world, short, heldout_ND, label, arch, True, batch_rank=rank)[0])
@@ -242,13 +248,14 @@ def fixed_rows(args, world, train_ND, heldout_ND, steps: int) -> tuple[list[str]
     at_trained = [
         f"{name} | " + " | ".join(rules_at_dictionary(sae, heldout_ND, args.k, args.batch))
         for name, (_, sae) in trained.items()
-        if name == "topk" or "relative" in name
+        if "raw" not in name
     ]
     return rows, at_trained
 
 
-RANKS = ("raw", "relative")
-"""The batch rule's keys: raw pre-activations (Bussmann et al., SAELens) or relative ones."""
+RANKS: tuple[BatchRank, ...] = ("raw", "relative", "floor")
+"""The batch rule's keys: raw pre-activations (Bussmann et al., SAELens), or over each token's
+centred norm or floor."""
 RAW = {"batch_rank": "raw"}
 
 
@@ -267,6 +274,9 @@ def oracle_rows(world: PlantedWorld, heldout_ND: torch.Tensor, k: int) -> list[s
         "batch rule, relative keys (pre / ‖x − b_pre‖)": _batch_support(
             preacts_NF / scale_N[:, None], n_keep
         ),
+        "batch rule, floor keys (pre / the token's 2k-th largest pre)": _batch_support(
+            preacts_NF / TokenScale("floor", k, centred_ND)(preacts_NF)[:, None], n_keep
+        ),
     }
     total = (centred_ND - centred_ND.mean(dim=0)).pow(2).sum()
     rows = []
@@ -284,12 +294,11 @@ ORACLE_TOKENS = 4096
 """Held-out tokens the oracle decodes one by one."""
 
 
-TRAINED_RULES: dict[str, Callable[[int, torch.Tensor], KeepRule]] = {
-    "each token's top k": lambda k, scale_B: per_token_topk(k),
-    "batch rule, raw keys": lambda k, scale_B: batch_topk_rule(k),
-    "batch rule, relative keys": batch_topk_rule,
+TRAINED_RULES: dict[str, BatchRank | None] = {
+    "each token's top k": None,
+    **{f"batch rule, {rank} keys": rank for rank in RANKS},
 }
-"""The keep rules compared at each trained dictionary: (k, each token's centred norm) -> rule."""
+"""The keep rules compared at each trained dictionary: TopK's, and the batch rule on each key."""
 
 
 def rules_at_dictionary(sae: SAE, heldout_ND: torch.Tensor, k: int, batch: int) -> list[str]:
@@ -303,8 +312,12 @@ def rules_at_dictionary(sae: SAE, heldout_ND: torch.Tensor, k: int, batch: int) 
         for x_BD in x_ND.split(batch):
             centred_BD = x_BD - sae.b_pre
             product_BF = centred_BD @ sae.w_enc.T + sae.b_enc
-            for name, make in TRAINED_RULES.items():
-                kept_N = make(k, centred_BD.norm(dim=1))(product_BF)
+            for name, rank in TRAINED_RULES.items():
+                if rank is None:
+                    kept_N = per_token_topk(k)(product_BF)
+                else:
+                    scale_B = TokenScale(rank, k, centred_BD)(product_BF)
+                    kept_N = batch_topk_rule(k, scale_B)(product_BF)
                 codes_BF = torch.zeros_like(product_BF).view(-1)
                 codes_BF[kept_N] = product_BF.view(-1)[kept_N].relu()
                 recon_BD = codes_BF.view_as(product_BF) @ sae.w_dec + sae.b_pre
