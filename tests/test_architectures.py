@@ -21,7 +21,12 @@ from vitscope.analysis.files import load_analysis
 from vitscope.analysis.sorteval import feature_peaks
 from vitscope.cache_spec import open_cache
 from vitscope.saes.architectures import ARCHITECTURES, build_sae
-from vitscope.saes.architectures.batchtopk import batch_topk_rule, threshold_rule
+from vitscope.saes.architectures.batchtopk import (
+    TokenScale,
+    batch_topk_rule,
+    floor_batch_rule,
+    threshold_rule,
+)
 from vitscope.saes.architectures.topk import TopKSAE
 from vitscope.saes.card import SAECard, SAEFormatError
 from vitscope.saes.folder import load_sae_folder, save_sae_folder
@@ -93,6 +98,21 @@ def test_kept_preacts_apply_the_rule_to_every_latent(rank: str, rule: str, n_lat
         assert int((expected > 0).sum()) == 8 * len(x)
     preacts_N, rows = kept_preacts(x, w, b, keep, "bfloat16")
     torch.testing.assert_close(preacts_N, dense_BF[rows.token_of_entry(), rows.idx])
+
+
+@pytest.mark.parametrize("shift", [0.0, 2.5])
+def test_the_floor_rule_from_each_tokens_candidates_is_the_batch_rule_on_the_whole_product(
+    shift: float,
+):
+    """Ranking only each token's 2k largest pre-activations keeps what ranking all of them on
+    the same keys keeps, also when fewer than B·k are positive (shift 2.5)."""
+    product = torch.randn(64, 300, generator=torch.Generator().manual_seed(3)) - shift
+    scale = TokenScale("floor", 6, torch.zeros(64, 8))
+    kept = floor_batch_rule(6, scale)(product)
+    floor = product.topk(12, dim=1).values[:, -1].clamp_min(torch.finfo(torch.float32).tiny)
+    torch.testing.assert_close(scale.scale_B, floor)
+    assert torch.equal(kept, batch_topk_rule(6, floor)(product))
+    assert (len(kept) == 6 * 64) == (shift == 0.0)
 
 
 @pytest.mark.parametrize("batch_rank", ["raw", "relative", "floor"])

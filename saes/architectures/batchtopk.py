@@ -140,12 +140,33 @@ class TokenScale:
         if self.rank == "raw":
             return None
         if self.rank == "relative":
-            scale_B = self.x_centered.detach().norm(dim=1)
-        else:
-            rank = min(FLOOR_RANK * self.k, product_BF.shape[1])
-            scale_B = product_BF.detach().topk(rank, dim=1, sorted=False).values.amin(dim=1)
+            return self.record(self.x_centered.detach().norm(dim=1))
+        rank = min(FLOOR_RANK * self.k, product_BF.shape[1])
+        return self.record(product_BF.detach().topk(rank, dim=1, sorted=False).values.amin(dim=1))
+
+    def record(self, scale_B: Tensor) -> Tensor:
+        """Keep `scale_B`, made positive, as the tokens' s."""
         self.scale_B = scale_B.clamp_min(torch.finfo(scale_B.dtype).tiny)
         return self.scale_B
+
+
+def floor_batch_rule(k: int, scale: TokenScale) -> KeepRule:
+    """The batch rule on floor keys, exactly, from each token's FLOOR_RANK · k largest
+    pre-activations alone: those keys are all at least 1 and every other is at most 1 (its
+    pre-activation is at most the floor), so the B·k largest keys are among them. One per-token
+    top-(2k) pass, as TopK's per-token top k, replaces the pass over the whole product."""
+
+    def keep(product_BF: Tensor) -> Tensor:
+        n_tokens, width = product_BF.shape
+        top_BM, idx_BM = product_BF.topk(min(FLOOR_RANK * k, width), dim=1, sorted=False)
+        floor_B = scale.record(top_BM.amin(dim=1))
+        keys_N = torch.where(top_BM > 0, top_BM / floor_B[:, None], float("-inf")).view(-1)
+        best_N = keys_N.topk(min(k * n_tokens, len(keys_N)), sorted=False).indices
+        best_N = best_N[keys_N[best_N] > float("-inf")]  # positive pre-activations only
+        token_N = best_N // top_BM.shape[1]
+        return (token_N * width + idx_BM.view(-1)[best_N]).sort().values
+
+    return keep
 
 
 class BatchTopKSAE(SAE):
@@ -184,9 +205,11 @@ class BatchTopKSAE(SAE):
         scale = TokenScale(self.card.options.batch_rank, self.k, x_centered)
 
         def keep(product_BF: Tensor) -> Tensor:
-            if self.training:
-                return batch_topk_rule(self.k, scale(product_BF))(product_BF)
-            return threshold_rule(self.threshold, scale(product_BF))(product_BF)
+            if not self.training:
+                return threshold_rule(self.threshold, scale(product_BF))(product_BF)
+            if scale.rank == "floor":
+                return floor_batch_rule(self.k, scale)(product_BF)
+            return batch_topk_rule(self.k, scale(product_BF))(product_BF)
 
         return keep, scale
 
