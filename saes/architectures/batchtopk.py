@@ -49,9 +49,10 @@ from vitscope.support.errors import BadSetting
 
 BatchRank = Literal["floor", "relative", "raw"]
 FLOOR_RANK = 2
-"""floor: s is each token's (FLOOR_RANK · k)-th largest pre-activation. At the dictionaries
-trained on planted features, ranking by it beat TopK's per-token rule at 2k, 3k and 4k alike
-(bench/batch_rule_probe.py)."""
+"""floor: s is each token's (FLOOR_RANK · k)-th largest pre-activation. At every dictionary
+trained on planted features, floor keys at 2k kept sets at least as good as TopK's per-token
+rule (bench/batch_rule_probe.py); a lower floor, at 4k, trained worse on planted features and
+on SynthSAEBench (BENCHMARKS.md, issue 23)."""
 
 
 @dataclass(frozen=True)
@@ -141,13 +142,18 @@ class TokenScale:
             return None
         if self.rank == "relative":
             return self.record(self.x_centered.detach().norm(dim=1))
-        rank = min(FLOOR_RANK * self.k, product_BF.shape[1])
-        return self.record(product_BF.detach().topk(rank, dim=1, sorted=False).values.amin(dim=1))
+        return self.record(floor_candidates(product_BF.detach(), self.k)[0].amin(dim=1))
 
     def record(self, scale_B: Tensor) -> Tensor:
         """Keep `scale_B`, made positive, as the tokens' s."""
         self.scale_B = scale_B.clamp_min(torch.finfo(scale_B.dtype).tiny)
         return self.scale_B
+
+
+def floor_candidates(product_BF: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Each token's FLOOR_RANK · k largest pre-activations and their latents, unsorted; the
+    smallest of them is the token's floor."""
+    return product_BF.topk(min(FLOOR_RANK * k, product_BF.shape[1]), dim=1, sorted=False)
 
 
 def floor_batch_rule(k: int, scale: TokenScale) -> KeepRule:
@@ -158,7 +164,7 @@ def floor_batch_rule(k: int, scale: TokenScale) -> KeepRule:
 
     def keep(product_BF: Tensor) -> Tensor:
         n_tokens, width = product_BF.shape
-        top_BM, idx_BM = product_BF.topk(min(FLOOR_RANK * k, width), dim=1, sorted=False)
+        top_BM, idx_BM = floor_candidates(product_BF, k)
         floor_B = scale.record(top_BM.amin(dim=1))
         keys_N = torch.where(top_BM > 0, top_BM / floor_B[:, None], float("-inf")).view(-1)
         best_N = keys_N.topk(min(k * n_tokens, len(keys_N)), sorted=False).indices
