@@ -51,7 +51,7 @@ def bench_sae(
     args: argparse.Namespace, architecture: str = "topk", selection: SelectionPrecision = "float32"
 ) -> SAE:
     """The benchmark's SAE of `architecture`, seed 0, with the options `vitscope train` gives it
-    (the batch rules' relative keys, Matryoshka's prefixes 1/16 and 1/4)."""
+    (the batch rules' floor keys, Matryoshka's prefixes 1/16 and 1/4)."""
     cfg = TrainConfig(
         cache="(tensors)", layer=0, architecture=architecture, k=args.k, n_latents=args.latents
     )
