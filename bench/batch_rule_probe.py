@@ -266,16 +266,17 @@ def oracle_rows(world: PlantedWorld, heldout_ND: torch.Tensor, k: int) -> list[s
     Apart from the dictionary's learning, this is what the rule costs."""
     centred_ND = heldout_ND[:ORACLE_TOKENS] - world.offset_D
     preacts_NF = centred_ND @ world.dirs_FD.T
-    scale_N = centred_ND.norm(dim=1)
     n_keep = k * len(preacts_NF)
+
+    def keys(rank: BatchRank) -> torch.Tensor:
+        return preacts_NF / TokenScale(rank, k, centred_ND)(preacts_NF)[:, None]
+
     supports = {
         "topk (each token's k largest)": preacts_NF.topk(k, dim=1).indices,
         "batch rule, raw keys": _batch_support(preacts_NF, n_keep),
-        "batch rule, relative keys (pre / ‖x − b_pre‖)": _batch_support(
-            preacts_NF / scale_N[:, None], n_keep
-        ),
+        "batch rule, relative keys (pre / ‖x − b_pre‖)": _batch_support(keys("relative"), n_keep),
         "batch rule, floor keys (pre / the token's 2k-th largest pre)": _batch_support(
-            preacts_NF / TokenScale("floor", k, centred_ND)(preacts_NF)[:, None], n_keep
+            keys("floor"), n_keep
         ),
     }
     total = (centred_ND - centred_ND.mean(dim=0)).pow(2).sum()
@@ -318,9 +319,9 @@ def rules_at_dictionary(sae: SAE, heldout_ND: torch.Tensor, k: int, batch: int) 
                 else:
                     scale_B = TokenScale(rank, k, centred_BD)(product_BF)
                     kept_N = batch_topk_rule(k, scale_B)(product_BF)
-                codes_BF = torch.zeros_like(product_BF).view(-1)
-                codes_BF[kept_N] = product_BF.view(-1)[kept_N].relu()
-                recon_BD = codes_BF.view_as(product_BF) @ sae.w_dec + sae.b_pre
+                codes_N = torch.zeros_like(product_BF).view(-1)
+                codes_N[kept_N] = product_BF.view(-1)[kept_N].relu()
+                recon_BD = codes_N.view_as(product_BF) @ sae.w_dec + sae.b_pre
                 errors[name] += float((recon_BD - x_BD).pow(2).sum())
     return [f"{error / float(total):.4f}" for error in errors.values()]
 
