@@ -239,8 +239,9 @@ def test_browser_shows_the_labels_and_finds_features_by_text(scored_run: Path, c
 
     chromium.get((site / "index.html").as_uri())
     cells = wait_for(chromium, '#features tbody td[data-col="label"]')
-    # (feature, rank, label, score), the score to the 4 decimals of data/labels.js
-    rows = [(*row[:3], round(row[3], 4)) for row in zip(*stored.values(), strict=True)]
+    # (feature, rank, label, score), the score to the 4 decimals of data/labels.js; + 0.0
+    # turns a -0.0 into 0.0, as JavaScript's toFixed writes it
+    rows = [(*row[:3], round(row[3], 4) + 0.0) for row in zip(*stored.values(), strict=True)]
     best = {f: (label, score) for f, rank, label, score in rows if rank == 0}
     assert [c.text for c in cells] == [
         f"{best[f][0]} {best[f][1]:.3f}" if f in best else "–" for f in range(len(cells))
