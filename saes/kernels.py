@@ -83,10 +83,15 @@ class Rows:
     def n_tokens(self) -> int:
         return len(self.crow) - 1
 
-    def subset(self, chosen_N: Tensor) -> Rows:
-        """The chosen entries (a boolean mask over N), still in CSR order."""
-        tokens = self.token_of_entry()[chosen_N]
-        return Rows(_row_pointers(tokens, self.n_tokens), self.idx[chosen_N])
+    def split_by_latent(self, bounds: tuple[int, ...]) -> Rows:
+        """Each token's entries cut at the latent `bounds` (ascending) into len(bounds) + 1
+        consecutive bags, bag b·(len(bounds) + 1) + i holding token b's latents of band i: a
+        token's latents ascend, so each band is a run of its entries and the CSR order stays."""
+        bounds_M = torch.tensor(bounds, dtype=self.idx.dtype, device=self.idx.device)
+        n_bands = len(bounds) + 1
+        band_N = torch.bucketize(self.idx, bounds_M, right=True)
+        bag_N = self.token_of_entry() * n_bands + band_N
+        return Rows(_row_pointers(bag_N, self.n_tokens * n_bands), self.idx)
 
     def token_of_entry(self) -> Tensor:
         """(N,) the token each entry belongs to."""

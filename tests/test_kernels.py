@@ -69,6 +69,21 @@ def test_sparse_primitives_equal_their_dense_formulas(kernels: Kernels):
     torch.testing.assert_close(gather_dot(rows, x, w, kernels.gather_dot), (x @ w.T)[kept])
 
 
+def test_rows_split_by_latent_sum_to_each_band():
+    """Bag b·3 + i holds token b's latents in band i of [0, 10), [10, 25), [25, 40): its sum is
+    the band's slice of the dense product, empty bands and tokens included."""
+    _, w, _ = random_problem(1, 16, 40, 0)
+    kept = torch.rand(50, 40) < torch.rand(50, 1) * 0.3
+    kept[0], kept[1, :25] = False, False
+    values_BF = torch.randn(50, 40) * kept
+    rows = Rows.from_flat(kept.view(-1).nonzero().squeeze(1), 50, 40)
+    bands = rows.split_by_latent((10, 25))
+    assert bands.n_tokens == 150 and torch.equal(bands.idx, rows.idx)
+    sums = gather_sum(bands, values_BF[kept], w).view(50, 3, 16)
+    for i, (low, high) in enumerate([(0, 10), (10, 25), (25, 40)]):
+        torch.testing.assert_close(sums[:, i], values_BF[:, low:high] @ w[low:high])
+
+
 @pytest.mark.parametrize("kernels", EVERY_KERNEL, ids=str)
 @pytest.mark.parametrize("n_latents", [512, 500])
 def test_sparse_sae_has_the_dense_loss_and_gradients(n_latents: int, kernels: Kernels):

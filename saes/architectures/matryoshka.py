@@ -3,13 +3,14 @@
 dictionary must each reconstruct too. The loss adds w · ‖x − (W_dec[:m]ᵀ z[:m] + b_pre)‖² for
 every inner width m of `matryoshka_widths` to the full reconstruction's, w = `prefix_weight`
 (SAELens: 1, unweighted). With the codes' indices ascending, a band of latents [m_i-1, m_i) is a
-slice of each token's entries: each band is decoded once by SparseDecode and the prefixes are
-their running sums. At inference it is a BatchTopK SAE.
+run of each token's entries: one SparseDecode decodes every (token, band) bag and the prefixes
+are the bands' running sums. At inference it is a BatchTopK SAE.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Annotated, Any, ClassVar
 
 from torch import Tensor
@@ -51,19 +52,16 @@ class MatryoshkaSAE(BatchTopKSAE):
     saelens_training_architecture = "matryoshka_batchtopk"
 
     def _reconstructions(self, z_N: Tensor, rows: Rows, dense: bool) -> list[Tensor]:
-        """Each prefix's reconstruction, the full one last: the sum of the bands [m_i-1, m_i)
-        up to it, each entry decoded once (its latents are ascending, so a band is a slice of
-        every token's entries)."""
+        """Each prefix's reconstruction, the full one last: the running sums of the bands
+        [m_i-1, m_i), all decoded by one SparseDecode over each token's entries cut into bands
+        (its latents ascend, so a band is a run of its entries)."""
         widths = self.card.options.matryoshka_widths
         if dense:
             z_BF = dense_codes(z_N, rows, self.n_latents)
             return [z_BF[:, :m] @ self.w_dec[:m] for m in widths]
-        recons: list[Tensor] = []
-        for low, high in zip((0, *widths[:-1]), widths, strict=True):
-            band_N = (rows.idx >= low) & (rows.idx < high)
-            part = SparseDecode.apply(z_N[band_N], rows.subset(band_N), self.w_dec, self.kernels)
-            recons.append(recons[-1] + part if recons else part)
-        return recons
+        bands = rows.split_by_latent(widths[:-1])
+        parts = SparseDecode.apply(z_N, bands, self.w_dec, self.kernels)
+        return list(accumulate(parts.view(rows.n_tokens, len(widths), -1).unbind(dim=1)))
 
     def extra_losses(self, out: SAEOutput, x_BD: Tensor) -> dict[str, Tensor]:
         """prefix_mse: the inner prefixes' reconstruction MSEs, summed, times `prefix_weight`."""
