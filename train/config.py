@@ -98,12 +98,13 @@ class TrainConfig(RunOptions, Device):
     matryoshka_prefixes: tuple[float, ...] = (1 / 16, 1 / 4)
     """matryoshka: the inner prefixes' sizes as fractions of n_latents, ascending (all of it is
     the outermost); their reconstruction losses are summed with the full one."""
-    prefix_weight: Annotated[float, AtLeast(0)] = 0.03
+    prefix_weight: Annotated[float, AtLeast(0)] = 0.05
     """matryoshka: the weight of each inner prefix's reconstruction loss (SAELens: 1). At 1 the
     inner prefixes pull the dictionary toward a few broad latents: on planted features 0.1
-    recovered 92% of the directions where 1 recovered 80%; with floor keys at TopK's rate, 0.03
-    recovered the rarest quarter at 64-68% where 0.1 did at 53-59% and TopK at 57-60% (the
-    steepest Zipf world, three seeds; BENCHMARKS.md, issue 23)."""
+    recovered 92% of the directions where 1 recovered 80%; with floor keys at TopK's rate, 0.05
+    recovers the rarest quarter of the steepest Zipf world at 58.6-67.2% where 0.1 did at
+    52.7-59.0% and TopK at 57.0-59.8% (three seeds), its first 128 of 2,048 latents alone still
+    explaining 28% of the variance (0.1: 39%, TopK's: 5%; BENCHMARKS.md, issue 23)."""
     batch_rank: BatchRank = "floor"
     """batchtopk, matryoshka: what the batch rule ranks (and θ thresholds at inference): each
     pre-activation over its token's floor, the token's (2k)-th largest pre-activation; relative,
