@@ -199,6 +199,54 @@ def gather_sum(rows: Rows, values_N: Tensor, m_FD: Tensor) -> Tensor:
     )
 
 
+TOPK_GROUP = 32
+"""Columns per group of `topk_by_group_maxima`: the fastest of 8, 16, 32 and 64 at F = 2,048
+and 4,096 (one thread, BENCHMARKS.md, issue 23)."""
+GROUPED_TOPK_SPAN = 128
+"""`top_per_row` takes the group maxima's route while F ≤ this · m: PyTorch's CPU top-m is a
+heap whose replacements grow with m / F (top-64 of 4,096 cost 1.8x top-32's); at F = 65,536
+and m = 64 the plain heap was 1.4x faster than the grouped route."""
+
+
+def top_per_row(values_BF: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """Each row's m largest values and their columns, unsorted, as `topk(m, dim=1,
+    sorted=False)` up to the order of ties: by `topk_by_group_maxima` on the CPU where m is
+    large against the row, else by `topk`."""
+    width = values_BF.shape[1]
+    if (
+        values_BF.device.type == "cpu"
+        and width % TOPK_GROUP == 0
+        and m * TOPK_GROUP <= width <= GROUPED_TOPK_SPAN * m
+    ):
+        return topk_by_group_maxima(values_BF, m)
+    return values_BF.topk(m, dim=1, sorted=False)
+
+
+def topk_by_group_maxima(
+    values_BF: Tensor, m: int, group: int = TOPK_GROUP
+) -> tuple[Tensor, Tensor]:
+    """Each row's m largest values and their columns, unsorted, exactly, without a heap over
+    the whole row. Cut each row into groups of `group` columns; the m-th largest group maximum
+    is a cut below which none of the row's m largest lies (the m best groups' maxima are m
+    values at or above it), and only ~1.5m values per row pass it. Those are gathered into a
+    (B, most passing) matrix, padded with -inf, whose top m is the row's. F must be a multiple
+    of `group` with at least m groups."""
+    n_rows, width = values_BF.shape
+    maxima_BG = values_BF.view(n_rows, width // group, group).amax(dim=2)
+    cut_B1 = maxima_BG.topk(m, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    flat_N = (values_BF >= cut_B1).view(-1).nonzero().squeeze(1)
+    passed = Rows.from_flat(flat_N, n_rows, width)
+    tokens = passed.token_of_entry()
+    slot = torch.arange(len(flat_N), device=values_BF.device) - passed.crow[tokens]
+    most = int(passed.crow.diff().max())
+    candidates_BC = values_BF.new_full((n_rows, most), float("-inf"))
+    candidates_BC[tokens, slot] = values_BF.view(-1)[flat_N]
+    columns_BC = torch.zeros(n_rows, most, dtype=torch.long, device=values_BF.device)
+    columns_BC[tokens, slot] = passed.idx
+    top_BM, position_BM = candidates_BC.topk(m, dim=1, sorted=False)
+    return top_BM, columns_BC.gather(1, position_BM)
+
+
 def dense_preacts(x_BD: Tensor, w_enc_FD: Tensor, b_enc_F: Tensor) -> Tensor:
     return torch.addmm(b_enc_F, x_BD, w_enc_FD.T)
 
@@ -214,8 +262,8 @@ def topk_preacts(
     """
     product_BF = selection_product(x_BD, w_enc_FD, b_enc_F, precision)
     if precision == "float32":
-        return _sorted_by_latent(*product_BF.topk(k, dim=1))
-    idx = product_BF.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        return _sorted_by_latent(*top_per_row(product_BF, k))
+    idx = top_per_row(product_BF, k)[1].sort(dim=1).values
     return _rescored(idx, x_BD, w_enc_FD, b_enc_F), idx
 
 

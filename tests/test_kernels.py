@@ -19,6 +19,8 @@ from vitscope.saes.kernels import (
     gather_dot,
     gather_sum,
     scatter_outer,
+    top_per_row,
+    topk_by_group_maxima,
     topk_preacts,
 )
 from vitscope.saes.sae import losses
@@ -48,6 +50,24 @@ def test_topk_preacts_select_as_the_dense_product(n_latents: int):
         torch.testing.assert_close(values, dense_BF.gather(1, idx), rtol=1e-5, atol=1e-5)
         agree = (idx[:, :, None] == dense_idx[:, None, :]).any(dim=2).float().mean()
         assert agree > 0.97
+
+
+@pytest.mark.parametrize(("m", "group"), [(4, 32), (16, 8), (64, 16), (8, 64)])
+def test_topk_by_group_maxima_is_each_rows_top_m(m: int, group: int):
+    """The same values as topk's, at distinct columns holding them: rows of any offset, rows of
+    few distinct values (ties at the cut), a constant row (every value passes the cut)."""
+    generator = torch.Generator().manual_seed(m)
+    values_BF = torch.randn(60, 1024, generator=generator) + torch.randn(60, 1, generator=generator)
+    values_BF[:20] = values_BF[:20].round()
+    values_BF[20] = 3.0
+    top, columns = topk_by_group_maxima(values_BF, m, group)
+    expected = values_BF.topk(m, dim=1).values
+    assert torch.equal(top.sort(dim=1, descending=True).values, expected)
+    assert torch.equal(values_BF.gather(1, columns), top)
+    assert (columns.sort(dim=1).values.diff(dim=1) > 0).all()
+    top, columns = top_per_row(values_BF, m)
+    assert torch.equal(top.sort(dim=1, descending=True).values, expected)
+    assert torch.equal(values_BF.gather(1, columns), top)
 
 
 EVERY_KERNEL = [Kernels(*pair) for pair in itertools.product(GATHER_DOT, SCATTER_OUTER)]

@@ -42,6 +42,7 @@ from vitscope.saes.kernels import (
     SelectionPrecision,
     SparseEncode,
     kept_preacts,
+    top_per_row,
 )
 from vitscope.saes.sae import SAE, SAELensLayout
 from vitscope.support.configs import Above
@@ -153,7 +154,7 @@ class TokenScale:
 def floor_candidates(product_BF: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Each token's FLOOR_RANK · k largest pre-activations and their latents, unsorted; the
     smallest of them is the token's floor."""
-    return product_BF.topk(min(FLOOR_RANK * k, product_BF.shape[1]), dim=1, sorted=False)
+    return top_per_row(product_BF, min(FLOOR_RANK * k, product_BF.shape[1]))
 
 
 def floor_batch_rule(k: int, scale: TokenScale) -> KeepRule:
