@@ -204,7 +204,7 @@ TOPK_GROUP = 32
 and 4,096 (one thread, BENCHMARKS.md, issue 23)."""
 GROUPED_TOPK_SPAN = 128
 """`top_per_row` takes the group maxima's route while F ≤ this · m: PyTorch's CPU top-m is a
-heap whose replacements grow with m / F (top-64 of 4,096 cost 1.8x top-32's); at F = 65,536
+heap whose replacements grow with m / F (top-64 of 4,096 cost 1.4-1.7x top-32's); at F = 65,536
 and m = 64 the plain heap was 1.4x faster than the grouped route."""
 
 
