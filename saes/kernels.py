@@ -200,8 +200,8 @@ def gather_sum(rows: Rows, values_N: Tensor, m_FD: Tensor) -> Tensor:
 
 
 TOPK_GROUP = 32
-"""Columns per group of `topk_by_group_maxima`: the fastest of 8, 16, 32 and 64 at F = 2,048
-and 4,096 (one thread, BENCHMARKS.md, issue 23)."""
+"""Columns per group of `topk_by_group_maxima`: the fastest of 8, 16 and 32 at F = 2,048 and
+4,096, and faster than 64 at 4,096 (one thread, BENCHMARKS.md, issue 23)."""
 GROUPED_TOPK_SPAN = 128
 """`top_per_row` takes the group maxima's route while F ≤ this · m: PyTorch's CPU top-m is a
 heap whose replacements grow with m / F (top-64 of 4,096 cost 1.4-1.7x top-32's); at F = 65,536
@@ -228,21 +228,21 @@ def topk_by_group_maxima(
     """Each row's m largest values and their columns, unsorted, exactly, without a heap over
     the whole row. Cut each row into groups of `group` columns; the m-th largest group maximum
     is a cut below which none of the row's m largest lies (the m best groups' maxima are m
-    values at or above it), and only ~1.5m values per row pass it. Those are gathered into a
-    (B, most passing) matrix, padded with -inf, whose top m is the row's. F must be a multiple
-    of `group` with at least m groups."""
+    values at or above it), and only ~1.4m values per row pass it (87 of 4,096 for m = 64).
+    Those are gathered into a (B, most passing) matrix, padded with -inf, whose top m is the
+    row's. F must be a multiple of `group` with at least m groups."""
     n_rows, width = values_BF.shape
     maxima_BG = values_BF.view(n_rows, width // group, group).amax(dim=2)
     cut_B1 = maxima_BG.topk(m, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
     flat_N = (values_BF >= cut_B1).view(-1).nonzero().squeeze(1)
-    passed = Rows.from_flat(flat_N, n_rows, width)
-    tokens = passed.token_of_entry()
-    slot = torch.arange(len(flat_N), device=values_BF.device) - passed.crow[tokens]
-    most = int(passed.crow.diff().max())
+    rows_N = flat_N // width
+    crow = _row_pointers(rows_N, n_rows)
+    slot = torch.arange(len(flat_N), device=values_BF.device) - crow[rows_N]
+    most = int(crow.diff().max())
     candidates_BC = values_BF.new_full((n_rows, most), float("-inf"))
-    candidates_BC[tokens, slot] = values_BF.view(-1)[flat_N]
+    candidates_BC[rows_N, slot] = values_BF.view(-1)[flat_N]
     columns_BC = torch.zeros(n_rows, most, dtype=torch.long, device=values_BF.device)
-    columns_BC[tokens, slot] = passed.idx
+    columns_BC[rows_N, slot] = flat_N - rows_N * width
     top_BM, position_BM = candidates_BC.topk(m, dim=1, sorted=False)
     return top_BM, columns_BC.gather(1, position_BM)
 
