@@ -5,6 +5,7 @@
 #   CPU dry run first: DRY=1 PYTHON=.venv/bin/python bash bench/gpu.sh (same scripts, tiny sizes)
 # A script runs only while BUDGET seconds last and it gets its whole share (one stopped midway
 # writes nothing), so a slow start costs the least wanted rows, never a half-written one.
+# ROWS="aux step_dead" runs only the rows named (each `within` call's first word; default all).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
 OUT=${OUT:-bench/results}
@@ -25,9 +26,12 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 fi
 END=$((SECONDS + ${BUDGET:-510} * T))
-# within SECS (times T): run the command under that timeout if the budget still holds it, else skip
+ROWS=" ${ROWS:-all} "
+# within ROW SECS (times T): run the command under that timeout if ROWS names the row and the
+# budget still holds it, else skip
 within() {
-  local secs=$(($1 * T)); shift
+  local row=$1 secs=$(($2 * T)); shift 2
+  [[ $ROWS == " all " || $ROWS == *" $row "* ]] || return 0
   if ((SECONDS + secs > END)); then
     echo "skipped (budget): $*"
     return
@@ -37,23 +41,24 @@ within() {
 }
 $PY -c "import torch, zarr; from vitscope.pipeline.model import import_open_clip as o
 print(torch.__version__, zarr.__version__, o().__version__)"
-within 90 $PY bench/train_step.py --device $DEV --latents $LATENTS --repeats $STEPS \
+within step 90 $PY bench/train_step.py --device $DEV --latents $LATENTS --repeats $STEPS \
     --out "$OUT/train_step_gpu.md"
-within 60 $PY bench/gradcheck.py --device $DEV
+within aux 60 $PY bench/aux_recon.py --device $DEV --latents $LATENTS --out "$OUT/aux_recon_gpu.md"
+within gradcheck 60 $PY bench/gradcheck.py --device $DEV
 for codec in none zstd-1; do
-  within 75 $PY bench/cache_throughput.py --model $MODEL --device $DEV \
+  within cache 75 $PY bench/cache_throughput.py --model $MODEL --device $DEV \
       --images $((IMAGES / 2)) --batch-size 128 --num-workers $WORKERS --write-threads $WORKERS \
       --shard-size 32 --repeats 1 --max-repeats 1 --quiet-wait 0 --codec "$codec" --append \
       --out "$OUT/cache_throughput_gpu.md" --workdir "/tmp/cache-bench-$codec"
 done
-within 90 $PY bench/train_throughput.py --device $DEV --latents $LATENTS \
+within throughput 150 $PY bench/train_throughput.py --device $DEV --latents $LATENTS \
     --tokens $TOKENS --images $IMAGES --readers ${READERS##*,} --out "$OUT/train_throughput_gpu.md"
-within 60 $PY bench/decode_paths.py --device $DEV --model $MODEL --layers $LAYERS \
+within decode 60 $PY bench/decode_paths.py --device $DEV --model $MODEL --layers $LAYERS \
     --images $((IMAGES / 4)) --out "$OUT/decode_paths_gpu.md"
-within 60 $PY bench/loader_rate.py --images $((IMAGES / 2)) --readers $READERS \
+within loader 60 $PY bench/loader_rate.py --images $((IMAGES / 2)) --readers $READERS \
     --repeats 1 --out "$OUT/loader_rate_gpu_host.md"
-within 40 $PY bench/train_step.py --device $DEV --latents $LATENTS --repeats $((STEPS / 2)) \
+within step_dead 40 $PY bench/train_step.py --device $DEV --latents $LATENTS --repeats $((STEPS / 2)) \
     --dead 0.25 --out "$OUT/train_step_dead_gpu.md"
-within 50 $PY bench/sweep.py --device $DEV --latents $LATENTS --images $((IMAGES / 2)) \
+within sweep 100 $PY bench/sweep.py --device $DEV --latents $LATENTS --images $((IMAGES / 2)) \
     --tokens $((TOKENS / 4)) --out "$OUT/sweep_gpu.md"
 ls -la "$OUT"

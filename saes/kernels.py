@@ -43,6 +43,7 @@ from torch.nn import functional
 SelectionPrecision = Literal["float32", "bfloat16"]
 GatherDotImpl = Literal["sddmm", "rows"]
 ScatterOuterImpl = Literal["csr", "index_add"]
+AuxImpl = Literal["sparse", "dense_dead"]
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -165,6 +166,8 @@ class Kernels:
 
     gather_dot: GatherDotImpl | None = None
     scatter_outer: ScatterOuterImpl | None = None
+    aux: AuxImpl | None = None
+    """AuxK's reconstruction (saes/aux.py); None = by the dead latents' count against k_aux."""
 
 
 def gather_dot(rows: Rows, a_BD: Tensor, m_FD: Tensor, impl: GatherDotImpl | None = None) -> Tensor:

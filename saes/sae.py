@@ -24,13 +24,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from vitscope.saes.aux import aux_recon
 from vitscope.saes.card import Activation, InputNorm, Options, SAECard
 from vitscope.saes.kernels import (
     Kernels,
     Rows,
     SelectionPrecision,
     SparseDecode,
-    SparseEncode,
     padded,
 )
 from vitscope.support.errors import BadSetting
@@ -257,27 +257,17 @@ class SAE(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} has no SAELens layout")
 
     def _aux_recon(self, x_centered: Tensor, dead_F: Tensor, k_aux: int, dense: bool) -> Tensor:
-        """Reconstruct with the top k_aux dead latents only, by their raw pre-activations: no
-        ReLU, so a latent whose pre-activations went negative everywhere (the usual way to die)
-        still gets a gradient that moves it back towards the data (as SAELens' AuxK)."""
-        dead_idx = dead_F.nonzero().squeeze(1)
-        k_aux = min(k_aux, len(dead_idx))
-        if dense:
-            preacts_BF = x_centered @ self.w_enc.T + self.b_enc
-            masked = preacts_BF.masked_fill(~dead_F, float("-inf"))
-            values, idx = masked.topk(k_aux, dim=1)
-            z_BF = torch.zeros_like(preacts_BF).scatter(1, idx, values)
-            return z_BF @ self.w_dec
-        with torch.no_grad():
-            dead_preacts = torch.addmm(self.b_enc[dead_idx], x_centered, self.w_enc[dead_idx].T)
-            values, position = dead_preacts.topk(k_aux, dim=1)
-            idx, order = dead_idx[position].sort(dim=1)
-            values = values.gather(1, order).flatten()
-        rows = Rows.uniform(idx)
-        z_N = SparseEncode.apply(
-            x_centered, self.w_enc, self.b_enc, values, rows, False, self.kernels
-        )
-        return SparseDecode.apply(z_N, rows, self.w_dec, self.kernels)
+        """AuxK's reconstruction from the top k_aux dead latents (saes/aux.py); `dense` is the
+        reference formula over all F latents that tests hold the implementations to."""
+        if not dense:
+            return aux_recon(
+                x_centered, self.w_enc, self.b_enc, self.w_dec, dead_F, k_aux, self.kernels
+            )
+        preacts_BF = x_centered @ self.w_enc.T + self.b_enc
+        masked = preacts_BF.masked_fill(~dead_F, float("-inf"))
+        values, idx = masked.topk(min(k_aux, int(dead_F.sum())), dim=1)
+        z_BF = torch.zeros_like(preacts_BF).scatter(1, idx, values)
+        return z_BF @ self.w_dec
 
     # ------------------------------------------------------------ the recipe's rules
     @torch.no_grad()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vitscope.saes.architectures import build_sae
+from vitscope.saes.aux import AUX_RECON, choose_aux
 from vitscope.saes.architectures.topk import TopKOptions
 from vitscope.saes.card import SAECard
 from vitscope.saes.kernels import (
@@ -70,7 +71,9 @@ def test_topk_by_group_maxima_is_each_rows_top_m(m: int, group: int):
     assert torch.equal(values_BF.gather(1, columns), top)
 
 
-EVERY_KERNEL = [Kernels(*pair) for pair in itertools.product(GATHER_DOT, SCATTER_OUTER)]
+EVERY_KERNEL = [
+    Kernels(*combo) for combo in itertools.product(GATHER_DOT, SCATTER_OUTER, AUX_RECON)
+]
 """Every implementation of each product, the CUDA ones included: all run on the CPU."""
 
 
@@ -102,6 +105,13 @@ def test_rows_split_by_latent_sum_to_each_band():
     sums = gather_sum(bands, values_BF[kept], w).view(50, 3, 16)
     for i, (low, high) in enumerate([(0, 10), (10, 25), (25, 40)]):
         torch.testing.assert_close(sums[:, i], values_BF[:, low:high] @ w[low:high])
+
+
+def test_aux_route_follows_the_dead_count_against_k_aux():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_aux(64, 16, cpu) == "dense_dead" and choose_aux(100_000, 16, cpu) == "sparse"
+    assert choose_aux(16 * 128, 16, cuda) == "dense_dead"
+    assert choose_aux(16 * 128 + 1, 16, cuda) == "sparse"
 
 
 @pytest.mark.parametrize("kernels", EVERY_KERNEL, ids=str)
