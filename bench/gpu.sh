@@ -39,11 +39,12 @@ within() {
   echo "== $(date -u +%T) $*"
   timeout "$secs" "$@" || echo "exit $? after $((SECONDS))s: $*"
 }
-$PY -c "import torch, zarr; from vitscope.pipeline.model import import_open_clip as o
+$PY -P -c "import torch, zarr; from vitscope.pipeline.model import import_open_clip as o
 print(torch.__version__, zarr.__version__, o().__version__)"
 within step 90 $PY bench/train_step.py --device $DEV --latents $LATENTS --repeats $STEPS \
     --out "$OUT/train_step_gpu.md"
 within aux 60 $PY bench/aux_recon.py --device $DEV --latents $LATENTS --out "$OUT/aux_recon_gpu.md"
+within profile 60 $PY bench/step_profile.py --device $DEV --latents $LATENTS --out "$OUT/step_profile_gpu.md"
 within gradcheck 60 $PY bench/gradcheck.py --device $DEV
 for codec in none zstd-1; do
   within cache 75 $PY bench/cache_throughput.py --model $MODEL --device $DEV \
