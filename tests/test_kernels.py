@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from vitscope.saes.architectures import build_sae
-from vitscope.saes.aux import AUX_RECON, choose_aux
 from vitscope.saes.architectures.topk import TopKOptions
+from vitscope.saes.aux import AUX_RECON, choose_aux
 from vitscope.saes.card import SAECard
 from vitscope.saes.kernels import (
     GATHER_DOT,
