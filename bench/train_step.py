@@ -29,10 +29,11 @@ from vitscope.saes.card import SAECard
 from vitscope.saes.kernels import SelectionPrecision
 from vitscope.saes.sae import SAE, losses
 from vitscope.train.config import TrainConfig
+from vitscope.train.trainer import new_adam
 
 
 def make_step(sae: SAE, dense: bool, dead_F: torch.Tensor | None, k_aux: int):
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, eps=6.25e-10)
+    optimizer = new_adam(sae.parameters(), lr=1e-4, eps=6.25e-10)
 
     def step(x_BD: torch.Tensor) -> torch.Tensor:
         out = sae.autoencode(x_BD, dead_F, k_aux, dense)
