@@ -3,7 +3,8 @@ on disk and in memory, whoever made it. It imports only `vitscope.support` (and 
 
 Modules: `sae` (the `SAE` base: weights, encode/decode, AuxK, losses, the recipe's rules),
 `architectures/` (the registry and one module per architecture: topk, batchtopk, matryoshka),
-`kernels` (the sparse products, one named function per implementation), `card` (`SAECard`, the
+`kernels` (the sparse products, one named function per implementation), `aux` (AuxK's
+reconstruction, sparse or dense over the dead latents), `card` (`SAECard`, the
 cfg.json record), `folder` (cfg.json + sae.safetensors, every format version; SAE_FORMAT.md),
 `load` (`load_sae`), `clipscope` (CLIP-Scope's checkpoints), `saelens` (export to SAELens),
 `hub` (push and pull), `model_card` (the README.md a pushed SAE carries).
