@@ -8,26 +8,18 @@ this names the kernels that take the rest. Same SAE and step as bench/train_step
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 from common import command_line, publish
 from torch.profiler import ProfilerActivity, profile
-from train_step import bench_sae, make_step
+from train_step import bench_sae, dead_latents, make_step, step_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu")
+    parser = step_parser(__doc__)
     parser.add_argument("--architecture", default="topk")
     parser.add_argument("--selection", default="bfloat16")
-    parser.add_argument("--d", type=int, default=1024)
-    parser.add_argument("--latents", type=int, default=65536)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--k-aux", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--dead", type=float, default=0.0, help="share of latents marked dead")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rows", type=int, default=20, help="kernels listed")
     parser.add_argument("--out", type=Path, default=Path("bench/results/step_profile.md"))
@@ -35,10 +27,7 @@ def main() -> None:
     device = torch.device(args.device)
     x_BD = torch.randn(args.batch, args.d, generator=torch.Generator().manual_seed(0)) / args.d**0.5
     x_BD = x_BD.to(device)
-    dead_F = None
-    if args.dead:
-        dead_F = torch.rand(args.latents, generator=torch.Generator().manual_seed(1)) < args.dead
-        dead_F = dead_F.to(device)
+    dead_F = dead_latents(args, device)
     sae = bench_sae(args, args.architecture, args.selection).to(device)
     step = make_step(sae, False, dead_F, args.k_aux)
     for _ in range(3):

@@ -86,16 +86,30 @@ def gradient_agreement(args: argparse.Namespace, x_BD: torch.Tensor, dead_F) -> 
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def step_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The step's shape and device, as this script and bench/step_profile.py take them."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--d", type=int, default=1024)
     parser.add_argument("--latents", type=int, default=65536)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--k-aux", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dead", type=float, default=0.0, help="share of latents marked dead")
+    return parser
+
+
+def dead_latents(args: argparse.Namespace, device: torch.device) -> torch.Tensor | None:
+    """A seeded `--dead` share of the latents marked dead (AuxK then runs), or None."""
+    if not args.dead:
+        return None
+    dead_F = torch.rand(args.latents, generator=torch.Generator().manual_seed(1)) < args.dead
+    return dead_F.to(device)
+
+
+def main() -> None:
+    parser = step_parser(__doc__)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, default=8, help="distinct batches cycled")
     parser.add_argument("--out", type=Path, default=Path("bench/results/train_step.md"))
     args = parser.parse_args()
@@ -105,10 +119,7 @@ def main() -> None:
         (torch.randn(args.batch, args.d, generator=generator) / args.d**0.5).to(device)
         for _ in range(args.batches)
     ]
-    dead_F = None
-    if args.dead:
-        dead_F = torch.rand(args.latents, generator=torch.Generator().manual_seed(1)) < args.dead
-        dead_F = dead_F.to(device)
+    dead_F = dead_latents(args, device)
     error = gradient_agreement(args, batches[0], dead_F)
     floor = bench_sae(args).w_enc.detach().to(device)
     timings = {"bfloat16 encoder product": product_seconds(batches[0], floor, args.repeats)}
