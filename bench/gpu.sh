@@ -6,6 +6,8 @@
 # A script runs only while BUDGET seconds last and it gets its whole share (one stopped midway
 # writes nothing), so a slow start costs the least wanted rows, never a half-written one.
 # ROWS="aux step_dead" runs only the rows named (each `within` call's first word; default all).
+# All rows need ~830 s, more than one call's 600: the first call gets the first rows, and a second
+# with ROWS naming those skipped gets the rest. At most 8 files come back: the step rows share one.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
 OUT=${OUT:-bench/results}
@@ -44,7 +46,7 @@ print(torch.__version__, zarr.__version__, o().__version__)"
 within step 90 $PY bench/train_step.py --device $DEV --latents $LATENTS --repeats $STEPS \
     --out "$OUT/train_step_gpu.md"
 within aux 60 $PY bench/aux_recon.py --device $DEV --latents $LATENTS --out "$OUT/aux_recon_gpu.md"
-within profile 60 $PY bench/step_profile.py --device $DEV --latents $LATENTS --out "$OUT/step_profile_gpu.md"
+within profile 60 $PY bench/step_profile.py --device $DEV --latents $LATENTS --out "$OUT/train_step_gpu.md"
 within gradcheck 60 $PY bench/gradcheck.py --device $DEV
 for codec in none zstd-1; do
   within cache 75 $PY bench/cache_throughput.py --model $MODEL --device $DEV \
@@ -59,7 +61,7 @@ within decode 60 $PY bench/decode_paths.py --device $DEV --model $MODEL --layers
 within loader 60 $PY bench/loader_rate.py --images $((IMAGES / 2)) --readers $READERS \
     --repeats 1 --out "$OUT/loader_rate_gpu_host.md"
 within step_dead 40 $PY bench/train_step.py --device $DEV --latents $LATENTS --repeats $((STEPS / 2)) \
-    --dead 0.25 --out "$OUT/train_step_dead_gpu.md"
+    --dead 0.25 --out "$OUT/train_step_gpu.md"
 within sweep 100 $PY bench/sweep.py --device $DEV --latents $LATENTS --images $((IMAGES / 2)) \
     --tokens $((TOKENS / 4)) --out "$OUT/sweep_gpu.md"
 ls -la "$OUT"
