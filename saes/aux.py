@@ -27,7 +27,7 @@ from vitscope.saes.kernels import AuxImpl, Kernels, Rows, SparseDecode, SparseEn
 
 AUX_DENSE_SPAN = {"cpu": 8, "cuda": 128}
 """`choose_aux` takes the dense route while F_dead ≤ this · k_aux, per device type (measured:
-BENCHMARKS.md)."""
+BENCHMARKS.md); other devices take CUDA's, unmeasured there."""
 
 
 def aux_recon_sparse(
