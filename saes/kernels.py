@@ -27,6 +27,9 @@ The two products behind the gradients have one named implementation per device f
 `gather_dot_sddmm` and `scatter_outer_csr` (the CPU's sparse products), `gather_dot_rows` and
 `scatter_outer_index_add` (what CUDA runs). `Kernels` chooses them, by default by device; tests
 run every one on the CPU, so CI checks the code a GPU runs.
+
+Flat gathers use `index_select`, not `t[idx]`: on the CPU, advanced indexing with 10^5 indices
+took 3-10x longer (178,000 values of a (4,096, 2,048) product: 3.7 ms against 0.33 ms).
 """
 
 from __future__ import annotations
@@ -240,14 +243,18 @@ def topk_by_group_maxima(
     flat_N = (values_BF >= cut_B1).view(-1).nonzero().squeeze(1)
     rows_N = flat_N // width
     crow = _row_pointers(rows_N, n_rows)
-    slot = torch.arange(len(flat_N), device=values_BF.device) - crow[rows_N]
     most = int(crow.diff().max())
-    candidates_BC = values_BF.new_full((n_rows, most), float("-inf"))
-    candidates_BC[rows_N, slot] = values_BF.view(-1)[flat_N]
-    columns_BC = torch.zeros(n_rows, most, dtype=torch.long, device=values_BF.device)
-    columns_BC[rows_N, slot] = flat_N - rows_N * width
-    top_BM, position_BM = candidates_BC.topk(m, dim=1, sorted=False)
-    return top_BM, columns_BC.gather(1, position_BM)
+    place_N = (
+        torch.arange(len(flat_N), device=values_BF.device)
+        + rows_N * most
+        - crow.index_select(0, rows_N)
+    )
+    candidates_BC = values_BF.new_full((n_rows * most,), float("-inf"))
+    candidates_BC.scatter_(0, place_N, values_BF.view(-1).index_select(0, flat_N))
+    columns_BC = torch.zeros(n_rows * most, dtype=torch.long, device=values_BF.device)
+    columns_BC.scatter_(0, place_N, flat_N - rows_N * width)
+    top_BM, position_BM = candidates_BC.view(n_rows, most).topk(m, dim=1, sorted=False)
+    return top_BM, columns_BC.view(n_rows, most).gather(1, position_BM)
 
 
 def dense_preacts(x_BD: Tensor, w_enc_FD: Tensor, b_enc_F: Tensor) -> Tensor:
@@ -313,8 +320,8 @@ def kept_preacts(
     kept_N = keep(product_BF)
     rows = Rows.from_flat(kept_N, *product_BF.shape)
     if precision == "float32":
-        return product_BF.view(-1)[kept_N], rows
-    return gather_dot(rows, x_BD, w_enc_FD) + b_enc_F[rows.idx], rows
+        return product_BF.view(-1).index_select(0, kept_N), rows
+    return gather_dot(rows, x_BD, w_enc_FD) + b_enc_F.index_select(0, rows.idx), rows
 
 
 def padded(values_N: Tensor, rows: Rows) -> tuple[Tensor, Tensor]:

@@ -109,8 +109,10 @@ def batch_topk_rule(k: int, scale_B: Tensor | None = None) -> KeepRule:
 def keys(product_BF: Tensor, flat_N: Tensor, scale_B: Tensor | None) -> Tensor:
     """The batch rule's keys at flat positions of the product: pre-activations, over their
     token's scale when there is one."""
-    values_N = product_BF.view(-1)[flat_N]
-    return values_N if scale_B is None else values_N / scale_B[flat_N // product_BF.shape[1]]
+    values_N = product_BF.view(-1).index_select(0, flat_N)
+    if scale_B is None:
+        return values_N
+    return values_N / scale_B.index_select(0, flat_N // product_BF.shape[1])
 
 
 def above(
@@ -169,9 +171,9 @@ def floor_batch_rule(k: int, scale: TokenScale) -> KeepRule:
         floor_B = scale.record(top_BM.amin(dim=1))
         keys_N = torch.where(top_BM > 0, top_BM / floor_B[:, None], float("-inf")).view(-1)
         best_N = keys_N.topk(min(k * n_tokens, len(keys_N)), sorted=False).indices
-        best_N = best_N[keys_N[best_N] > float("-inf")]  # positive pre-activations only
+        best_N = best_N[keys_N.index_select(0, best_N) > float("-inf")]  # positive only
         token_N = best_N // top_BM.shape[1]
-        return (token_N * width + idx_BM.view(-1)[best_N]).sort().values
+        return (token_N * width + idx_BM.view(-1).index_select(0, best_N)).sort().values
 
     return keep
 
@@ -202,7 +204,10 @@ class BatchTopKSAE(SAE):
         rule, scale = self._rule(x_centered)
         z_N, rows = self._kept(x_centered, rule, dense)
         if self.training:
-            keys_N = z_N if scale.scale_B is None else z_N / scale.scale_B[rows.token_of_entry()]
+            scale_B = scale.scale_B
+            keys_N = (
+                z_N if scale_B is None else z_N / scale_B.index_select(0, rows.token_of_entry())
+            )
             self._update_threshold(keys_N.detach())
         return z_N, rows
 
