@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional
 
 from vitscope.saes.aux import aux_recon
 from vitscope.saes.card import Activation, InputNorm, Options, SAECard
@@ -313,19 +314,25 @@ def losses(
 ) -> dict[str, Tensor]:
     """Reconstruction MSE (sum over D, mean over B), normalised AuxK loss, the architecture's
     own terms (`sae.extra_losses`, e.g. Matryoshka's prefix MSE), and their total."""
-    mse = (out.recon_BD - x_BD).pow(2).sum(dim=1).mean()
+    mse = squared_error(out.recon_BD, x_BD)
     extra = sae.extra_losses(out, x_BD)
     aux = torch.zeros((), device=x_BD.device)
     if out.aux_recon_BD is not None:
         residual = (x_BD - out.recon_BD).detach()
-        aux = (out.aux_recon_BD - residual).pow(2).sum(dim=1).mean() / residual.pow(2).sum(
-            dim=1
-        ).mean().clamp_min(1e-12)
+        spread = residual.square().sum() / len(residual)
+        aux = squared_error(out.aux_recon_BD, residual) / spread.clamp_min(1e-12)
     total = mse
     for term in extra.values():
         total = total + term
     total = total + aux_coefficient * aux
     return {"mse": mse, **extra, "aux": aux, "loss": total}
+
+
+def squared_error(a_BD: Tensor, b_BD: Tensor) -> Tensor:
+    """‖a − b‖² summed over D, averaged over B, as one fused kernel each way (`mse_loss`): the
+    chain (a − b).pow(2).sum(dim=1).mean() makes four (B, D) temporaries, and Matryoshka pays
+    one such loss per prefix."""
+    return functional.mse_loss(a_BD, b_BD, reduction="sum") / len(a_BD)
 
 
 @torch.no_grad()

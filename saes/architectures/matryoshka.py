@@ -17,7 +17,7 @@ from torch import Tensor
 
 from vitscope.saes.architectures.batchtopk import BatchTopKOptions, BatchTopKSAE
 from vitscope.saes.kernels import Rows, SparseDecode
-from vitscope.saes.sae import SAEOutput, dense_codes
+from vitscope.saes.sae import SAEOutput, dense_codes, squared_error
 from vitscope.support.configs import AtLeast
 from vitscope.support.errors import BadSetting
 
@@ -67,7 +67,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         """prefix_mse: the inner prefixes' reconstruction MSEs, summed, times `prefix_weight`."""
         prefix_mse = x_BD.new_zeros(())
         for recon in out.prefix_recons:
-            prefix_mse = prefix_mse + (recon - x_BD).pow(2).sum(dim=1).mean()
+            prefix_mse = prefix_mse + squared_error(recon, x_BD)
         return {"prefix_mse": self.card.options.prefix_weight * prefix_mse}
 
     def _saelens_details(self) -> dict[str, Any]:
