@@ -16,6 +16,14 @@ through its real path (the tokens written as a cache on disk, read by its shuffl
 matryoshka
     .venv/bin/python bench/planted.py --runs fit --outliers 0.01:30 \
         --variant exclude_outlier_tokens=5
+    .venv/bin/python bench/planted.py --runs fit,batchtopk,matryoshka --lockstep
+
+Rows trained one after another in one process are not measured alike: the host drifts, and the
+allocator's history favours later rows (Matryoshka at 0.92x and 0.79x TopK's tokens/s by the
+order alone, BENCHMARKS.md). `--lockstep` trains the vitscope fit rows together instead, every
+batch through each row's step in turn, each step timed alone: their tokens/s comes from their
+own steps, under the same conditions. `--as-command` first sets the allocator as the `vitscope`
+command does (support/memory.py).
 """
 
 from __future__ import annotations
@@ -32,17 +40,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import command_line, md_table, publish, timed, write_single_shard_cache
+from common import Timing, command_line, md_table, publish, timed, write_single_shard_cache
 
 from vitscope.cache_spec.outliers import OUTLIER_RATIO
 from vitscope.pipeline.model import import_open_clip
 from vitscope.saes.folder import load_sae_folder
 from vitscope.support.configs import load_config
+from vitscope.support.memory import return_large_buffers
 from vitscope.train.config import TrainConfig
 from vitscope.train.loader import tensor_batches
+from vitscope.train.outliers import TokenNorms
 from vitscope.train.run import INIT_SAMPLE_TOKENS, train
 from vitscope.train.synthetic import planted_tokens, planted_world, recovery
-from vitscope.train.trainer import fit, new_member
+from vitscope.train.trainer import fit, new_member, train_step
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 import_open_clip()  # sae_lens imports transformers, which imports torchvision: the CPU-torch fix
@@ -206,6 +216,53 @@ def vitscope_fit_run(args, world, train_ND, heldout_ND, work: Path, **settings) 
     return vitscope_scores(member.sae.eval(), world, heldout_ND, timing, args.tokens)
 
 
+def vitscope_lockstep_runs(
+    args, world, train_ND, heldout_ND, work: Path, rows: list[dict[str, str]]
+) -> list[list[str]]:
+    """fit's steps for several rows' settings at once: each batch of the stream goes through
+    every row's `train_step` in turn (as `fit` trains a sweep), each step timed alone, so each
+    row's tokens/s is its own steps' under the same host and allocator as the others'."""
+    sample = torch.cat([b.acts_BD for b in first_batches(train_ND, args)])
+    heldout_NTD = heldout_ND[:4096].view(16, TOKENS_PER_IMAGE, args.d_in)
+    members = [
+        new_member(
+            vitscope_cfg(args, cache="(tensors)", out=str(work / f"lockstep{i}"), **settings),
+            args.d_in,
+            sample,
+            torch.device("cpu"),
+        )
+        for i, settings in enumerate(rows)
+    ]
+    norms = [
+        TokenNorms.of(heldout_NTD, slice(None), member.cfg.exclude_outlier_tokens)
+        for member in members
+    ]
+    seconds = [0.0] * len(members)
+
+    def steps() -> None:
+        batches = tensor_batches(train_ND, args.batch, seed=args.seed)
+        for _ in range(-(-args.tokens // args.batch)):  # fit's steps to cfg.tokens
+            acts_BD = next(batches).acts_BD.float()
+            for i, member in enumerate(members):
+                started = time.perf_counter()
+                x_BD = norms[i].kept(acts_BD)
+                train_step(member, member.sae.training_inputs(x_BD), consumed=len(acts_BD))
+                seconds[i] += time.perf_counter() - started
+
+    whole = timed(steps)
+    share = None if whole.others is None else whole.others / whole.wall
+    return [
+        vitscope_scores(
+            member.sae.eval(),
+            world,
+            heldout_ND,
+            Timing(own, own, None if share is None else share * own, None),
+            args.tokens,
+        )
+        for member, own in zip(members, seconds, strict=True)
+    ]
+
+
 def vitscope_cache_run(args, world, train_ND, heldout_ND, work: Path, **settings) -> list[str]:
     """The real path: cache on disk, loader, `train([TrainConfig])`; one chunk (16 images) held
     out by the loader, so its epoch is 4,096 tokens short and the run wraps into epoch two."""
@@ -261,6 +318,16 @@ WORLDS = {
 """The worlds a recipe must win in: issue 11's, then one knob moved each (a mean offset 4x as
 large, 3x the noise, as many planted directions as latents, a steeper Zipf law)."""
 
+FIT_ROWS = {
+    "fit": ("vitscope fit, defaults", {}),
+    "clip-scope": ("vitscope fit, --preset clip-scope", {"preset": "clip-scope"}),
+    **{
+        name: (f"vitscope fit, --architecture {name}", {"architecture": name})
+        for name in ("batchtopk", "matryoshka")
+    },
+}
+"""The vitscope fit rows, untuned (`--lockstep` trains them together): label, settings."""
+
 TUNED = ("saelens", "saelens-mean", "saelens-batchtopk", "saelens-matryoshka", "fit-tuned")
 """Rows trained once per point of their grid (`grid`); the table shows the best (most
 directions matched, then the lowest held-out FVU) and names its settings."""
@@ -283,25 +350,17 @@ def trainers(data, work: Path) -> dict[str, tuple[str, Callable[..., list[str]]]
             f"{peer} Matryoshka-BatchTopK, b_dec at data mean",
             lambda **s: saelens_run(*data, work, True, "matryoshka", **s),
         ),
-        "fit": ("vitscope fit, defaults", lambda **s: vitscope_fit_run(*data, work, **s)),
         "fit-tuned": (
             "vitscope fit, defaults but lr",
             lambda **s: vitscope_fit_run(*data, work, **s),
-        ),
-        "clip-scope": (
-            "vitscope fit, --preset clip-scope",
-            lambda **s: vitscope_fit_run(*data, work, preset="clip-scope", **s),
         ),
         "cache": (
             "vitscope train, defaults, real cache + loader",
             lambda **s: vitscope_cache_run(*data, work, **s),
         ),
         **{
-            name: (
-                f"vitscope fit, --architecture {name}",
-                lambda name=name, **s: vitscope_fit_run(*data, work, architecture=name, **s),
-            )
-            for name in ("batchtopk", "matryoshka")
+            name: (label, lambda fixed=fixed, **s: vitscope_fit_run(*data, work, **fixed, **s))
+            for name, (label, fixed) in FIT_ROWS.items()
         },
     }
 
@@ -355,9 +414,17 @@ def world_section(args, name: str, world_knobs: World, started: float) -> list[s
     rows, tuning = [], []
     try:
         table = trainers((args, world, train_ND, heldout_ND), work)
-        for run in filter(None, args.runs.split(",")):
+        runs = list(filter(None, args.runs.split(",")))
+        together = [run for run in runs if args.lockstep and run in FIT_ROWS]
+        if together:
+            settings = [FIT_ROWS[run][1] for run in together]
+            numbers = vitscope_lockstep_runs(args, world, train_ND, heldout_ND, work, settings)
+            stepped = dict(zip(together, numbers, strict=True))
+        for run in runs:
             label, train_row = table[run]
-            if run in TUNED:
+            if run in together:
+                rows.append(f"{label}, lockstep | " + " | ".join(stepped[run]))
+            elif run in TUNED:
                 tried = [(setting, train_row(**point)) for setting, point in grid(args, run)]
                 tuning += [f"{label}, {setting} | " + " | ".join(row) for setting, row in tried]
                 setting, numbers = best(tried)
@@ -418,15 +485,27 @@ def main() -> None:
         default=None,
         help="FRACTION:SCALE, e.g. 0.01:30: inject register-like high-norm tokens",
     )
+    parser.add_argument(
+        "--lockstep",
+        action="store_true",
+        help="train the vitscope fit rows together, each step timed alone (their pace)",
+    )
+    parser.add_argument(
+        "--as-command", action="store_true", help="set the allocator as `vitscope` does first"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/planted.md"))
     args = parser.parse_args()
+    if args.as_command:
+        return_large_buffers()
     args.tokens -= args.tokens % (16 * TOKENS_PER_IMAGE)  # whole cache chunks
     started = time.perf_counter()
     body = [
         f"SAEs: {args.latents:,} latents, k = {args.k}, batch {args.batch}, {args.tokens:,} "
         f"training tokens, {args.heldout:,} held out, torch threads {torch.get_num_threads()}; "
         f"tuned rows: the best of lr {args.lrs} (SAELens: and dead window "
-        f"{args.peer_windows} steps).",
+        f"{args.peer_windows} steps)."
+        + (" Fit rows in lockstep: tokens/s over each row's own steps." if args.lockstep else "")
+        + (" Allocator set as the `vitscope` command sets it." if args.as_command else ""),
         "",
     ]
     for name in args.worlds.split(","):
