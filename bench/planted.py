@@ -22,8 +22,8 @@ Rows trained one after another in one process are not measured alike: the host d
 allocator's history favours later rows (Matryoshka at 0.92x and 0.79x TopK's tokens/s by the
 order alone, BENCHMARKS.md). `--lockstep` trains the vitscope fit rows together instead, every
 batch through each row's step in turn, each step timed alone: their tokens/s comes from their
-own steps, under the same conditions. `--as-command` first sets the allocator as the `vitscope`
-command does (support/memory.py).
+own steps, under the same conditions. `--as-command` first sets the allocator as `vitscope train`
+does (support/memory.py).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from vitscope.cache_spec.outliers import OUTLIER_RATIO
 from vitscope.pipeline.model import import_open_clip
 from vitscope.saes.folder import load_sae_folder
 from vitscope.support.configs import load_config
-from vitscope.support.memory import return_large_buffers
+from vitscope.support.memory import set_allocator_for
 from vitscope.train.config import TrainConfig
 from vitscope.train.loader import tensor_batches
 from vitscope.train.outliers import TokenNorms
@@ -491,12 +491,12 @@ def main() -> None:
         help="train the vitscope fit rows together, each step timed alone (their pace)",
     )
     parser.add_argument(
-        "--as-command", action="store_true", help="set the allocator as `vitscope` does first"
+        "--as-command", action="store_true", help="set the allocator as `vitscope train` does first"
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/planted.md"))
     args = parser.parse_args()
     if args.as_command:
-        return_large_buffers()
+        set_allocator_for("train")
     args.tokens -= args.tokens % (16 * TOKENS_PER_IMAGE)  # whole cache chunks
     started = time.perf_counter()
     body = [
@@ -505,7 +505,7 @@ def main() -> None:
         f"tuned rows: the best of lr {args.lrs} (SAELens: and dead window "
         f"{args.peer_windows} steps)."
         + (" Fit rows in lockstep: tokens/s over each row's own steps." if args.lockstep else "")
-        + (" Allocator set as the `vitscope` command sets it." if args.as_command else ""),
+        + (" Allocator set as `vitscope train` sets it." if args.as_command else ""),
         "",
     ]
     for name in args.worlds.split(","):

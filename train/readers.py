@@ -21,6 +21,7 @@ from torch import Tensor
 
 from vitscope.cache_spec.chunk_files import ChunkFile, read_chunk_file
 from vitscope.support.lifetime import die_with_parent
+from vitscope.support.memory import return_large_buffers
 
 TASKS_PER_READER = 2
 """Tasks a window's reads are split into, per reader: few, for little messaging; more than one,
@@ -92,6 +93,7 @@ def _start_reader(buffer: Tensor, parent_pid: int) -> None:
     global _buffer
     die_with_parent(parent_pid)  # a reader outliving a killed trainer would wait for ever
     _buffer = buffer
+    return_large_buffers()  # chunks of every size pass through here: hand them back
     torch.set_num_threads(1)  # no OpenMP pool in a forked child; the readers are the parallelism
 
 

@@ -29,7 +29,7 @@ from vitscope.pipeline.config import CacheConfig, DownloadConfig
 from vitscope.saes.config import ExportConfig, PullConfig, PushConfig
 from vitscope.support.errors import BadSetting, UserError
 from vitscope.support.extras import require
-from vitscope.support.memory import return_large_buffers
+from vitscope.support.memory import set_allocator_for
 from vitscope.support.outputs import check_output_path
 from vitscope.train.config import SweepConfig, TrainConfig
 
@@ -42,9 +42,9 @@ app = typer.Typer(
 
 
 @app.callback()
-def _every_command() -> None:
-    """Before any command: large buffers as mmaps, so streaming passes keep a flat footprint."""
-    return_large_buffers()
+def _every_command(ctx: typer.Context) -> None:
+    """Before any command: the allocator for its work (support/memory.py)."""
+    set_allocator_for(ctx.invoked_subcommand)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
