@@ -220,8 +220,9 @@ def vitscope_lockstep_runs(
     args, world, train_ND, heldout_ND, work: Path, rows: list[dict[str, str]]
 ) -> list[list[str]]:
     """fit's steps for several rows' settings at once: each batch of the stream goes through
-    every row's `train_step` in turn (as `fit` trains a sweep), each step timed alone, so each
-    row's tokens/s is its own steps' under the same host and allocator as the others'."""
+    every row's `train_step` in turn (as `fit` trains a sweep), the first row changing every
+    step, each step timed alone, so each row's tokens/s is its own steps' under the same host
+    and allocator as the others'."""
     sample = torch.cat([b.acts_BD for b in first_batches(train_ND, args)])
     heldout_NTD = heldout_ND[:4096].view(16, TOKENS_PER_IMAGE, args.d_in)
     members = [
@@ -241,11 +242,13 @@ def vitscope_lockstep_runs(
 
     def steps() -> None:
         batches = tensor_batches(train_ND, args.batch, seed=args.seed)
-        for _ in range(-(-args.tokens // args.batch)):  # fit's steps to cfg.tokens
+        for step in range(-(-args.tokens // args.batch)):  # fit's steps to cfg.tokens
             acts_BD = next(batches).acts_BD.float()
-            for i, member in enumerate(members):
+            for turn in range(len(members)):  # each row first in turn (the order moved ratios 4%)
+                i = (step + turn) % len(members)
                 started = time.perf_counter()
                 x_BD = norms[i].kept(acts_BD)
+                member = members[i]
                 train_step(member, member.sae.training_inputs(x_BD), consumed=len(acts_BD))
                 seconds[i] += time.perf_counter() - started
 
